@@ -1,0 +1,347 @@
+"""LMPolicy: a Hugging Face causal LM + tokenizer (+ optional peft LoRA) as a text policy.
+
+Sequences are ``prompt_ids ++ completion_ids ++ [eos]``, with prompt and completion tokenized *separately*: the
+completion tokens are exactly what the policy would emit after the prompt, so training (encode), scoring
+(token_logprobs) and sampling (generate) all see one tokenization.
+
+    log π(c | p) = Σ_t log softmax(f_θ(p ++ c_<t))[c_t]        (labels = -100 on prompt and padding)
+
+``generate`` is our own KV-cached decoding loop rather than ``model.generate`` because HF generate samples with the
+global RNG; here every draw comes from the ``torch.Generator`` passed in, so rollouts are reproducible without
+touching the training RNG. Greedy decoding (temperature 0) matches ``model.generate(do_sample=False)`` token for token.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+# LoRA targets used when LoRASpec.targets is empty. GPT-NeoX: every linear map in attention and MLP. Other
+# architectures fall back to peft's own per-architecture default (target_modules=None).
+DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+}
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """peft LoRA parameterization: W = W0 + (alpha / rank) · B A with A: rank×d_in, B: d_out×rank (B = 0 at init).
+
+    rank 0 means full fine-tuning (no adapters)."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ()
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ValueError(f"LoRASpec.rank must be >= 0, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"LoRASpec.alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRASpec.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class Generation:
+    """Result of LMPolicy.generate, one entry per prompt.
+
+    completion_ids include the EOS token when the sequence finished (finished[i] True); texts are the decoded
+    completions without EOS/pad."""
+
+    texts: list[str]
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    finished: list[bool] = field(default_factory=list)
+
+
+def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16' or a torch.dtype")
+    return resolved
+
+
+class LMPolicy:
+    """Causal LM policy. ``model`` is a PreTrainedModel, or a peft PeftModel when LoRA is on."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos_token; LMPolicy needs one to end completions")
+        if tokenizer.pad_token_id is None:
+            # Padding positions are always masked out, so reusing EOS as pad changes no number.
+            tokenizer.pad_token = tokenizer.eos_token
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_name: str | os.PathLike,
+        lora: LoRASpec = LoRASpec(),
+        dtype: torch.dtype | str = torch.float32,
+        attn_implementation: str = "eager",
+        device: str | torch.device | None = None,
+    ) -> "LMPolicy":
+        """Load with AutoModelForCausalLM / AutoTokenizer (local files only when HF_HUB_OFFLINE is set).
+
+        attn_implementation defaults to "eager" because the probes take double-backward Hessian-vector products,
+        which the CPU SDPA kernel does not support. A directory saved by ``save`` under LoRA (adapter_config.json)
+        is reloaded as base model + trainable adapters."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = str(path_or_name)
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+        kwargs = dict(local_files_only=offline)
+        torch_dtype = _resolve_dtype(dtype)
+        adapter_dir = Path(path) / "adapter_config.json"
+        if adapter_dir.is_file():
+            from peft import PeftConfig, PeftModel
+
+            peft_cfg = PeftConfig.from_pretrained(path)
+            base = AutoModelForCausalLM.from_pretrained(
+                peft_cfg.base_model_name_or_path, dtype=torch_dtype, attn_implementation=attn_implementation, **kwargs
+            )
+            model = PeftModel.from_pretrained(base, path, is_trainable=True)
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype, attn_implementation=attn_implementation, **kwargs
+            )
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+            if lora.rank > 0:
+                model = apply_lora(model, lora)
+        if device is not None:
+            model.to(device)
+        return cls(model, tokenizer)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def max_length(self) -> int | None:
+        """Model context in tokens (max_position_embeddings), or None when the config does not say."""
+        cfg = self.model.config
+        return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+    def trainable_parameters(self) -> dict[str, torch.Tensor]:
+        """Named parameters with requires_grad (LoRA adapters only under LoRA)."""
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    # ------------------------------------------------------------------ batching
+    def _prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        # add_special_tokens=True on the prompt only: a BOS-using tokenizer gets its BOS, never a stray EOS.
+        return [list(x) for x in self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+
+    def _completion_ids(self, completions: Sequence[str]) -> list[list[int]]:
+        return [list(x) for x in self.tokenizer(list(completions), add_special_tokens=False)["input_ids"]]
+
+    def encode(
+        self, prompts: Sequence[str], completions: Sequence[str], max_length: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Tokenize prompt/completion pairs into a right-padded training batch; see ``collate``."""
+        if isinstance(prompts, str) or isinstance(completions, str):
+            raise TypeError("encode takes lists of prompts and completions, not a single string")
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        return self.collate(
+            self._prompt_ids(prompts), self._completion_ids(completions), max_length=max_length, add_eos=True
+        )
+
+    def collate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        completion_ids: Sequence[Sequence[int]],
+        max_length: int | None = None,
+        add_eos: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """Token ids -> {input_ids, attention_mask, labels} [B, T], right padding, labels -100 on prompt and pad.
+
+        add_eos appends EOS after each completion (use False for Generation.completion_ids, which already end in
+        EOS when finished). Truncation rule when len(prompt) + len(completion) exceeds max_length (default: the
+        model context): the prompt is kept whole and the completion is cut from the right, so a truncated
+        sequence loses its EOS label. A prompt that leaves no room for one completion token is an error."""
+        if len(prompt_ids) != len(completion_ids):
+            raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
+        if len(prompt_ids) == 0:
+            raise ValueError("empty batch")
+        limit = max_length if max_length is not None else self.max_length
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        rows, n_prompt = [], []
+        for p, c in zip(prompt_ids, completion_ids):
+            p, c = list(p), list(c) + ([eos] if add_eos else [])
+            if limit is not None:
+                if len(p) >= limit:
+                    raise ValueError(
+                        f"prompt of {len(p)} tokens leaves no room for a completion within max_length={limit}"
+                    )
+                c = c[: limit - len(p)]
+            rows.append(p + c)
+            n_prompt.append(len(p))
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for i, (r, k) in enumerate(zip(rows, n_prompt)):
+            t = torch.tensor(r, dtype=torch.long)
+            input_ids[i, : len(r)] = t
+            attention_mask[i, : len(r)] = 1
+            labels[i, k : len(r)] = t[k:]
+        dev = self.device
+        return {"input_ids": input_ids.to(dev), "attention_mask": attention_mask.to(dev), "labels": labels.to(dev)}
+
+    # ------------------------------------------------------------------ scoring
+    def token_logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """logp[b, t] = log p_θ(labels[b, t+1] | input_ids[b, :t+1]); mask[b, t] = labels[b, t+1] != -100.
+
+        Shapes [B, T-1]; logp is 0 where mask is False. Differentiable (no no_grad here): the SFT loss is
+        -Σ logp·mask / Σ mask and the PPO ratio is exp(logp - logp_old). Cost: one forward pass."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        logits = out.logits[:, :-1].float()
+        target = labels[:, 1:]
+        mask = target != -100
+        safe = target.masked_fill(~mask, 0)
+        # log_softmax via gather - logsumexp: avoids materialising a second [B, T, V] tensor.
+        picked = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+        logp = (picked - torch.logsumexp(logits, dim=-1)) * mask
+        return logp, mask
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Generation:
+        """Sample completions, batched with left padding and a KV cache; stop at EOS (or max_new_tokens).
+
+        temperature 0 = greedy (argmax); otherwise x_t ~ softmax(logits / temperature), drawn with
+        torch.multinomial(generator=generator) so the result is a function of (weights, prompts, generator state).
+        The model runs in eval mode (no dropout) and its mode is restored afterwards."""
+        if isinstance(prompts, str):
+            raise TypeError("generate takes a list of prompts, not a single string")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        prompt_ids = self._prompt_ids(prompts)
+        if any(len(p) == 0 for p in prompt_ids):
+            raise ValueError("generate needs non-empty prompts (the tokenizer adds no BOS to condition on)")
+        limit = self.max_length
+        longest = max(len(p) for p in prompt_ids)
+        if limit is not None and longest + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model context {limit}"
+            )
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        dev = self.device
+        B = len(prompt_ids)
+        ids = torch.full((B, longest), pad, dtype=torch.long)
+        mask = torch.zeros((B, longest), dtype=torch.long)
+        for i, p in enumerate(prompt_ids):
+            ids[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, longest - len(p):] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        # Left padding: positions count real tokens only, so each row sees the positions it would see alone.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            cache_kw = self._cache_kwarg()
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+            past, logits = _cache_of(out), out.logits[:, -1]
+            next_pos = positions[:, -1:] + 1
+            finished = torch.zeros(B, dtype=torch.bool, device=dev)
+            new_tokens: list[torch.Tensor] = []
+            for step in range(max_new_tokens):
+                tok = self._pick(logits.float(), temperature, generator)
+                tok = torch.where(finished, torch.full_like(tok, pad), tok)
+                new_tokens.append(tok)
+                finished = finished | (tok == eos)
+                if bool(finished.all()) or step == max_new_tokens - 1:
+                    break
+                mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=dev)], dim=1)
+                out = self.model(
+                    input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
+                    use_cache=True, **{cache_kw: past},
+                )
+                past, logits = _cache_of(out), out.logits[:, -1]
+                next_pos = next_pos + 1
+        finally:
+            self.model.train(was_training)
+
+        gen = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in range(B)]
+        completion_ids, texts, done = [], [], []
+        for row in gen:
+            if eos in row:
+                row = row[: row.index(eos) + 1]
+                done.append(True)
+                body = row[:-1]
+            else:
+                done.append(False)
+                body = row
+            completion_ids.append(row)
+            texts.append(self.tokenizer.decode(body, skip_special_tokens=True))
+        return Generation(texts=texts, prompt_ids=prompt_ids, completion_ids=completion_ids, finished=done)
+
+    def _cache_kwarg(self) -> str:
+        # transformers >= 5.2x renamed past_key_values -> cache; support both so older installs keep working.
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+        if temperature == 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if generator is not None and generator.device != probs.device:
+            return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> Path:
+        """save_pretrained model (adapters only under LoRA) and tokenizer into path; reload with from_pretrained."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        return path
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def apply_lora(model: torch.nn.Module, spec: LoRASpec) -> torch.nn.Module:
+    """Wrap model with peft LoRA adapters; base weights get requires_grad=False and are never written."""
+    from peft import LoraConfig, get_peft_model
+
+    if spec.rank <= 0:
+        raise ValueError("apply_lora needs LoRASpec.rank > 0")
+    targets = spec.targets or DEFAULT_LORA_TARGETS.get(getattr(model.config, "model_type", ""), None)
+    config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        target_modules=list(targets) if targets else None,
+        lora_dropout=spec.dropout,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
