@@ -1,0 +1,142 @@
+"""Optimizers, learning-rate schedules and exact gradient accumulation.
+
+The optimizers are torch's own (``torch.optim.SGD`` / ``Adam`` / ``AdamW``); this module only maps a frozen config
+onto them. Schedules are ``LambdaLR`` multipliers and default to a constant LR, because Edge-of-Stability analysis
+compares λ_max against 2/η and a moving η blurs that threshold.
+
+Accumulation contract (shared with the probes). An effective batch is a list of *chunks* (micro-batches). Each
+regime builds every chunk with the denominator of the whole effective batch, so that
+
+    L(batch) = Σ_c L_c,   L_c = Σ_{tokens t in c} ℓ_t / N_batch,
+
+where N_batch is the number of loss tokens in the effective batch (token-mean CE for SFT, token-mean surrogate for
+PPO). Hence ``Σ_c ∇L_c = ∇L(batch)`` exactly: accumulation is not an approximation of the one-shot gradient, and
+full-batch gradient descent over a fixed dataset is simply "one effective batch = the whole dataset". The probes
+receive the same chunks and the same ``loss_fn``, so they measure the very loss the optimizer steps on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer hyper-parameters.
+
+    ``name="sgd"`` with ``momentum=0`` is plain (stochastic or full-batch) gradient descent; ``momentum>0`` is
+    heavy-ball (Nesterov with ``nesterov=True``), stable up to λ_max = (2 + 2β)/η. ``weight_decay`` is L2 added to the
+    gradient for SGD/Adam and decoupled for AdamW (torch semantics). ``schedule`` multiplies ``lr`` by 1 (constant),
+    a linear decay to 0, or a cosine decay to 0 over the run, after ``warmup_steps`` of linear warm-up.
+    ``grad_clip`` clips the global gradient L2 norm (None = off).
+    """
+
+    name: str = "sgd"
+    lr: float = 1e-2
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    grad_clip: float | None = None
+
+
+def config_errors(cfg: OptimConfig) -> list[str]:
+    """Human-readable problems with ``cfg`` (empty list = valid)."""
+    errors = []
+    if cfg.name not in OPTIMIZERS:
+        errors.append(f"optim.name={cfg.name!r} is unknown; choose one of {OPTIMIZERS}")
+    if not (isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0):
+        errors.append(f"optim.lr={cfg.lr!r} must be a finite number > 0")
+    if not 0 <= cfg.momentum < 1:
+        errors.append(f"optim.momentum={cfg.momentum} must be in [0, 1)")
+    if cfg.nesterov and (cfg.name != "sgd" or cfg.momentum == 0):
+        errors.append("optim.nesterov=True needs name='sgd' and momentum > 0")
+    if cfg.weight_decay < 0:
+        errors.append(f"optim.weight_decay={cfg.weight_decay} must be >= 0")
+    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
+        errors.append(f"optim.betas={cfg.betas} must be two numbers in [0, 1)")
+    if cfg.eps <= 0:
+        errors.append(f"optim.eps={cfg.eps} must be > 0")
+    if cfg.schedule not in SCHEDULES:
+        errors.append(f"optim.schedule={cfg.schedule!r} is unknown; choose one of {SCHEDULES}")
+    if cfg.warmup_steps < 0:
+        errors.append(f"optim.warmup_steps={cfg.warmup_steps} must be >= 0")
+    if cfg.grad_clip is not None and not cfg.grad_clip > 0:
+        errors.append(f"optim.grad_clip={cfg.grad_clip} must be > 0 or None")
+    return errors
+
+
+def build_optimizer(params: Iterable[torch.Tensor] | Iterable[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """torch optimizer for ``params`` (tensors or param-group dicts) as configured by ``cfg``."""
+    errors = config_errors(cfg)
+    if errors:
+        raise ValueError("; ".join(errors))
+    params = list(params)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def lr_multiplier(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
+    """Step -> LR multiplier: linear warm-up over ``warmup_steps``, then constant / linear / cosine decay to 0."""
+    warm, total = cfg.warmup_steps, max(1, total_steps)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        frac = min(1.0, (step - warm) / max(1, total - warm))
+        if cfg.schedule == "linear":
+            return 1.0 - frac
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """``LambdaLR`` with :func:`lr_multiplier`; call ``.step()`` once per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, total_steps))
+
+
+def accumulate_gradients(loss_fn: Callable[[Any], Any], chunks: Sequence[Any]) -> tuple[torch.Tensor, dict]:
+    """Backpropagate every chunk loss into ``.grad``; return the summed (effective-batch) loss, detached, and the
+    summed stats.
+
+    ``loss_fn(chunk)`` returns the chunk loss, or ``(loss, stats)`` with float stats normalised like the loss
+    (so their sum over chunks is the batch value). Cost: one forward + backward per chunk; memory of one chunk.
+    Because chunk losses are normalised by the effective batch's token count (see module docstring), the
+    accumulated ``.grad`` equals the gradient of the one-shot batch loss. Callers zero the gradients first.
+    """
+    total = torch.zeros((), dtype=torch.float64)
+    stats: dict[str, float] = {}
+    for chunk in chunks:
+        out = loss_fn(chunk)
+        loss, chunk_stats = out if isinstance(out, tuple) else (out, {})
+        loss.backward()
+        total = total + loss.detach().double()
+        for k, v in chunk_stats.items():
+            stats[k] = stats.get(k, 0.0) + float(v)
+    return total, stats
+
+
+def split(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    """Consecutive slices of ``items`` of length ``size`` (the last may be shorter)."""
+    if size < 1:
+        raise ValueError(f"chunk size must be >= 1, got {size}")
+    return [items[i:i + size] for i in range(0, len(items), size)]
