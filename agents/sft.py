@@ -1,0 +1,124 @@
+"""Supervised fine-tuning = behaviour cloning on the env's demonstrations.
+
+Loss of an effective batch B (token-mean cross-entropy on completion tokens only; prompt and padding are masked):
+
+    L(B) = -(1 / N_B) Σ_{i∈B} Σ_{t∈completion_i} log π_θ(c_{i,t} | p_i, c_{i,<t}),   N_B = # completion tokens in B
+
+(EOS after the completion counts as a completion token). The batch is cut into chunks of ``micro_batch`` examples and
+every chunk carries N_B as its ``normalizer``, so chunk losses sum to L(B) (see agents/optim.py).
+
+Data order: an infinite stream that concatenates per-epoch permutations of the training set, permutation e drawn
+from a generator seeded with (seed, e). Step t consumes the next ``micro_batch * grad_accum`` examples, so the whole
+data-order state is one integer (``cursor``, examples consumed); changing the batch size on resume continues the
+same stream. ``full_batch=True`` makes every step the whole training set in index order (exact full-batch GD).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from agents.optim import split
+
+Chunk = dict[str, Any]  # input_ids, attention_mask, labels [b, T]; normalizer: float (N_B); n_tokens: int
+
+
+def make_chunks(policy, prompts: Sequence[str], completions: Sequence[str], micro_batch: int,
+                max_length: int | None) -> list[Chunk]:
+    """Encode (prompt, completion) pairs into chunks whose token-sum losses, divided by the batch's total
+    completion-token count, sum to the batch's token-mean loss."""
+    pairs = list(zip(prompts, completions))
+    chunks = []
+    for part in split(pairs, micro_batch):
+        enc = policy.encode([p for p, _ in part], [c for _, c in part], max_length=max_length)
+        enc["n_tokens"] = int((enc["labels"][:, 1:] != -100).sum())
+        chunks.append(enc)
+    total = sum(c["n_tokens"] for c in chunks)
+    if total == 0:
+        raise ValueError("the batch has no completion tokens (all truncated away?)")
+    for c in chunks:
+        c["normalizer"] = float(total)
+    return chunks
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
+    """Permutation of range(n) for one epoch, a pure function of (seed, epoch)."""
+    state = np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint64)
+    gen = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+    return torch.randperm(n, generator=gen).tolist()
+
+
+def stream_indices(n: int, seed: int, start: int, count: int) -> list[int]:
+    """Items [start, start + count) of the infinite stream perm_0 ++ perm_1 ++ ... over range(n)."""
+    out = []
+    pos = start
+    while len(out) < count:
+        epoch, offset = divmod(pos, n)
+        perm = epoch_permutation(n, seed, epoch)
+        take = perm[offset: offset + count - len(out)]
+        out.extend(take)
+        pos += len(take)
+    return out
+
+
+@dataclass
+class SFTRegime:
+    """Behaviour cloning on ``tasks`` (anything with ``.prompt`` and ``.demonstration``, e.g. envs.core.Task)."""
+
+    tasks: Sequence[Any]
+    micro_batch: int = 4
+    grad_accum: int = 4
+    full_batch: bool = False
+    seed: int = 0
+    max_length: int | None = 128
+    cursor: int = 0                      # examples consumed so far (data-order state)
+    _full: list[Chunk] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.tasks) == 0:
+            raise ValueError("SFTRegime needs at least one training task")
+        if self.micro_batch < 1 or self.grad_accum < 1:
+            raise ValueError("micro_batch and grad_accum must be >= 1")
+
+    @property
+    def batch_size(self) -> int:
+        """Examples per optimizer step."""
+        return len(self.tasks) if self.full_batch else self.micro_batch * self.grad_accum
+
+    def loss(self, policy, batch: Chunk) -> torch.Tensor:
+        """Σ_{completion tokens in chunk} -log π_θ / N_B  (N_B = batch["normalizer"])."""
+        logp, mask = policy.token_logprobs(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return -(logp * mask).sum() / batch["normalizer"]
+
+    def chunks_for(self, policy, indices: Sequence[int]) -> list[Chunk]:
+        tasks = [self.tasks[i] for i in indices]
+        return make_chunks(policy, [t.prompt for t in tasks], [t.demonstration for t in tasks],
+                           self.micro_batch, self.max_length)
+
+    def next_batch(self, policy, step: int) -> tuple[list[Chunk], dict[str, float]]:
+        """Chunks of step ``step``'s effective batch; advances the data cursor."""
+        if self.full_batch:
+            if self._full is None:  # the same fixed chunks every step: encode once
+                self._full = self.chunks_for(policy, range(len(self.tasks)))
+            chunks = self._full
+        else:
+            idx = stream_indices(len(self.tasks), self.seed, self.cursor, self.batch_size)
+            self.cursor += len(idx)
+            chunks = self.chunks_for(policy, idx)
+        return chunks, {"train/tokens": float(chunks[0]["normalizer"])}
+
+    def sample_batch(self, policy, generator: torch.Generator) -> list[Chunk]:
+        """A fresh training minibatch of the training batch size (without replacement), drawn with ``generator``
+        only; for batch sharpness. Under full-batch GD it is a random batch of micro_batch * grad_accum."""
+        size = min(self.micro_batch * self.grad_accum, len(self.tasks))
+        idx = torch.randperm(len(self.tasks), generator=generator)[:size].tolist()
+        return self.chunks_for(policy, idx)
+
+    def state_dict(self) -> dict:
+        return {"cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursor = int(state["cursor"])
