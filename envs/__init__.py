@@ -1,0 +1,86 @@
+"""Verifiable text-task environments; importing this package registers every env id (this file is the registry).
+
+>>> import gymnasium as gym, envs
+>>> env = gym.make("ArithRLVR-v0")
+>>> prompt, info = env.reset(seed=0)
+>>> env.step(info["demonstration"])[1]
+1.0
+
+Ids (``gym.make(id, **kwargs)`` overrides any knob; also reachable as ``gym.make("envs:<id>")``):
+
+* ``ArithRLVR-v0``       1-2 digit addition/subtraction, one operation (easy enough for a tiny model's SFT).
+* ``ArithRLVR-hard-v0``  1-3 digits, ``+ - *``, 1-3 operations, parentheses, 20% word problems, negatives.
+* ``InstructRLVR-v0``    programmatically checked instruction following (7 families).
+* ``AlpacaSFT-v0``       Alpaca-format instruction data, soft token-F1 reward (NOT exactly verifiable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from functools import lru_cache
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from envs.core import Task, TextTaskEnv
+
+# No max_episode_steps: episodes are single-step and terminate themselves; a TimeLimit(1) would also set
+# truncated=True on the terminating step.
+_IDS = {
+    "ArithRLVR-v0": ("envs.arith:ArithEnv", {}),
+    "ArithRLVR-hard-v0": ("envs.arith:ArithEnv", "HARD"),
+}
+
+
+def _register() -> None:
+    from envs.arith import HARD
+
+    for env_id, (entry_point, kwargs) in _IDS.items():
+        if kwargs == "HARD":
+            kwargs = asdict(HARD)
+        if env_id not in gym.registry:
+            gym.register(id=env_id, entry_point=entry_point, kwargs=kwargs)
+
+
+_register()
+
+ENV_IDS = tuple(_IDS)
+
+
+def make_unwrapped(env_id: str, **env_kwargs: Any) -> TextTaskEnv:
+    """``gym.make(env_id, **env_kwargs).unwrapped`` with a clear error for unknown ids."""
+    if env_id not in gym.registry:
+        raise ValueError(f"unknown env id {env_id!r}; registered text-task ids: {', '.join(ENV_IDS)}")
+    env = gym.make(env_id, disable_env_checker=True, **env_kwargs).unwrapped
+    if not isinstance(env, TextTaskEnv):
+        raise ValueError(f"{env_id!r} is not a TextTaskEnv")
+    return env
+
+
+def load_tasks(env_id: str, split: str = "train", n: int | None = None, **env_kwargs: Any) -> list[Task]:
+    """Dataset-mode tasks of ``env_id``: the first ``n`` distinct problems of ``split`` (see TextTaskEnv.tasks)."""
+    return make_unwrapped(env_id, **env_kwargs).tasks(split, n)
+
+
+@lru_cache(maxsize=16)
+def _cached_env(env_id: str) -> TextTaskEnv:
+    return make_unwrapped(env_id)
+
+
+def score_batch(env_id_or_env: str | gym.Env, completions: list, answers: list[str]) -> np.ndarray:
+    """Verifier rewards (float64 array in [0, 1]) of ``completions[i]`` against ``answers[i]``; never raises on
+    bad completions. An id uses that id's default verifier; pass an env to use its own settings."""
+    if len(completions) != len(answers):
+        raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
+    if isinstance(env_id_or_env, str):
+        env = _cached_env(env_id_or_env)
+    else:
+        env = env_id_or_env.unwrapped
+        if not isinstance(env, TextTaskEnv):
+            raise ValueError(f"expected a TextTaskEnv (or its id), got {type(env).__name__}")
+    score = env.score
+    return np.fromiter((score(c, a) for c, a in zip(completions, answers)), dtype=np.float64, count=len(answers))
+
+
+__all__ = ["ENV_IDS", "Task", "TextTaskEnv", "load_tasks", "make_unwrapped", "score_batch"]

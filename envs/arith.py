@@ -1,0 +1,202 @@
+"""Procedurally generated arithmetic with exact integer answers -> ``ArithRLVR-v0`` and presets.
+
+Problems are integer expressions over ``+ - *`` (``n_ops`` operators, operands of ``min_digits..max_digits``
+digits, optionally one parenthesised sub-expression) or one-operation word problems. No division, so every answer
+is an exact integer.
+
+Format (marker documented in :mod:`envs.verify`)::
+
+    prompt:        "Compute 37+45. End with 'Answer: <number>'.\\n"
+    demonstration: "37+45=82\\nAnswer: 82"
+    multi-step:    "3+4*5=3+20=23\\nAnswer: 23"     (one operation reduced per "=", '*' before '+/-')
+
+The canonical problem (the split key) is the expression, so a word problem and the bare expression with the
+same numbers always land in the same split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from envs.core import SPLITS, ProceduralTaskEnv, Task, Uniforms, split_of
+from envs.verify import Verdict, check_number
+
+INSTRUCTION = "End with 'Answer: <number>'."
+_NAMES = ("Ann", "Ben", "Cara", "Dan", "Eva", "Finn", "Gus", "Hana")
+_ITEMS = ("apples", "pens", "cards", "coins", "books", "eggs", "shells", "stamps")
+_WORD_TEMPLATES = {
+    "+": "{n} has {a} {i} and gets {b} more. How many {i} does {n} have now?",
+    "-": "{n} has {a} {i} and gives away {b}. How many {i} are left?",
+    "*": "{n} buys {a} bags with {b} {i} in each. How many {i} in total?",
+}
+
+
+@dataclass(frozen=True)
+class ArithConfig:
+    """Difficulty knobs. The defaults are the easy ``ArithRLVR-v0`` setting (1-2 digit add/sub, one operation)."""
+
+    min_digits: int = 1
+    max_digits: int = 2
+    ops: str = "+-"  # operators to draw from, a subset of "+-*"
+    min_ops: int = 1  # operations per expression
+    max_ops: int = 1
+    parens: float = 0.0  # probability of one parenthesised sub-expression (when there are >= 2 operations)
+    word_problems: float = 0.0  # probability that a problem is a one-operation word problem
+    nonnegative: bool = True  # redraw problems with a negative intermediate or final value
+
+    def __post_init__(self):
+        if not 1 <= self.min_digits <= self.max_digits <= 9:
+            raise ValueError(f"need 1 <= min_digits <= max_digits <= 9, got {self.min_digits}, {self.max_digits}")
+        if not self.ops or set(self.ops) - set("+-*"):
+            raise ValueError(f"ops must be a non-empty subset of '+-*', got {self.ops!r}")
+        if not 1 <= self.min_ops <= self.max_ops <= 6:
+            raise ValueError(f"need 1 <= min_ops <= max_ops <= 6, got {self.min_ops}, {self.max_ops}")
+        for name in ("parens", "word_problems"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+
+
+HARD = ArithConfig(min_digits=1, max_digits=3, ops="+-*", min_ops=1, max_ops=3, parens=0.5, word_problems=0.2,
+                   nonnegative=False)
+
+
+# ---- expressions as token lists: ints, operator chars, "(" and ")" ----
+def _render(tokens: list) -> str:
+    out = []
+    for k, t in enumerate(tokens):
+        if isinstance(t, int) and t < 0 and k > 0 and tokens[k - 1] in ("+", "-", "*"):
+            out.append(f"({t})")  # "3*(-2)", not "3*-2"
+        else:
+            out.append(str(t))
+    return "".join(out)
+
+
+def _reduce_once(tokens: list) -> list:
+    """Apply one operation: innermost parentheses first, then '*' before '+/-', leftmost first."""
+    lo, hi = 0, len(tokens)
+    if "(" in tokens:
+        close = tokens.index(")")
+        lo = close - 1 - tokens[close - 1 :: -1].index("(")  # the "(" that matches the first ")"
+        if close - lo == 2:  # "(x)" -> "x"
+            return tokens[:lo] + [tokens[lo + 1]] + tokens[close + 1 :]
+        lo, hi = lo + 1, close
+    span = tokens[lo:hi]
+    k = span.index("*") if "*" in span else 1
+    a, op, b = span[k - 1], span[k], span[k + 1]
+    value = a + b if op == "+" else a - b if op == "-" else a * b
+    i = lo + k - 1
+    out = tokens[:i] + [value] + tokens[i + 3 :]
+    if "(" in out and i - 1 >= 0 and out[i - 1] == "(" and out[i + 1] == ")":
+        out = out[: i - 1] + [value] + out[i + 2 :]  # drop the parentheses around a finished value
+    return out
+
+
+def solve(tokens: list) -> tuple[list[str], int, bool]:
+    """(rendered steps from the expression to its value, value, whether every intermediate value is >= 0)."""
+    steps, nonneg = [_render(tokens)], True
+    while len(tokens) > 1:
+        tokens = _reduce_once(tokens)
+        nonneg = nonneg and all(t >= 0 for t in tokens if isinstance(t, int))
+        steps.append(_render(tokens))
+    return steps, tokens[0], nonneg
+
+
+def draw_problem(cfg: ArithConfig, r: Uniforms) -> dict:
+    """One problem: {"key", "word", "steps", "value", "n_ops", "text"}; ``key`` is the canonical expression."""
+    for _ in range(1000):
+        word = cfg.word_problems > 0.0 and r.u() < cfg.word_problems
+        n_ops = 1 if word or cfg.min_ops == cfg.max_ops == 1 else r.int(cfg.min_ops, cfg.max_ops)
+        values = []
+        for _ in range(n_ops + 1):
+            d = cfg.min_digits if cfg.min_digits == cfg.max_digits else r.int(cfg.min_digits, cfg.max_digits)
+            values.append(r.int(0 if d == 1 else 10 ** (d - 1), 10**d - 1))
+        ops = [r.pick(cfg.ops) for _ in range(n_ops)]
+        if n_ops == 1:
+            a, op, b = values[0], ops[0], values[1]
+            if op == "-" and a < b and (cfg.nonnegative or word):  # "gives away" never exceeds what one has
+                a, b = b, a
+            key = f"{a}{op}{b}"
+            value = a + b if op == "+" else a - b if op == "-" else a * b
+            steps = [key, str(value)]
+        else:
+            tokens: list = [values[0]]
+            for op, v in zip(ops, values[1:]):
+                tokens += [op, v]
+            if cfg.parens > 0.0 and r.u() < cfg.parens:
+                i = r.int(0, n_ops - 1)  # first operand inside; the span has >= 2 operands, never all of them
+                j = r.int(i + 1, n_ops - 1 if i == 0 else n_ops)
+                tokens = tokens[: 2 * i] + ["("] + tokens[2 * i : 2 * j + 1] + [")"] + tokens[2 * j + 1 :]
+            steps, value, nonneg = solve(tokens)
+            if cfg.nonnegative and not nonneg:
+                continue
+            key = steps[0]
+        if word:
+            text = _WORD_TEMPLATES[op].format(n=r.pick(_NAMES), i=r.pick(_ITEMS), a=a, b=b)
+        else:
+            text = f"Compute {key}."
+        return {"key": key, "word": word, "steps": steps, "value": value, "n_ops": n_ops, "text": text}
+    raise RuntimeError(f"no valid problem in 1000 draws for {cfg}")  # unreachable for validated configs
+
+
+class ArithEnv(ProceduralTaskEnv):
+    """Arithmetic RLVR env (``ArithRLVR-v0``: 1-2 digit add/sub; ``ArithRLVR-hard-v0``: see :data:`HARD`).
+
+    ## Description
+    One problem per episode; the completion must end with ``Answer: <integer>``; reward 1 for the exact value
+    after the last marker (all markers agreeing), else 0. ``info["meta"]`` holds the expression, the operation
+    count and the knobs.
+
+    ## Action / Observation Space
+    ``Text(max_completion_chars, charset=CHARSET, min_length=0)`` / ``Text(512, charset=CHARSET, min_length=0)``.
+
+    ## Arguments
+    The :class:`ArithConfig` fields as keyword arguments, plus the :class:`~envs.core.TextTaskEnv` arguments.
+
+    ## Version History
+    * v0: initial version.
+    """
+
+    family = "arith"
+
+    def __init__(self, *, min_digits=1, max_digits=2, ops="+-", min_ops=1, max_ops=1, parens=0.0,
+                 word_problems=0.0, nonnegative=True, **kwargs):
+        self.config = ArithConfig(min_digits, max_digits, ops, min_ops, max_ops, parens, word_problems, nonnegative)
+        self._knobs = asdict(self.config)
+        super().__init__(**kwargs)
+
+    def draw(self, r):
+        p = draw_problem(self.config, r)
+        return p["key"], p
+
+    def build(self, key, p, task_id):
+        answer = str(p["value"])
+        return Task(
+            prompt=f"{p['text']} {INSTRUCTION}\n",
+            answer=answer,
+            demonstration="=".join(p["steps"]) + "\nAnswer: " + answer,
+            task_id=task_id,
+            family=self.family,
+            meta={"key": key, "word": p["word"], "n_ops": p["n_ops"], **self._knobs},
+        )
+
+    def check(self, completion, answer) -> Verdict:
+        return check_number(completion, answer, self.max_completion_chars)
+
+
+def arithmetic_corpus(n: int, seed: int = 0, config: ArithConfig = ArithConfig()) -> list[str]:
+    """``n`` plain expression lines such as ``"37+45=82"`` (multi-step: ``"3+4*5=3+20=23"``) for pre-training text.
+
+    Only train-split problems (under the default test_fraction 0.1 partition) are used, so no test problem of the
+    envs leaks into pre-training. Line ``i`` comes from ``Uniforms((seed, 2, i))`` (stream 2 = corpus).
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    lines, corpus_stream = [], len(SPLITS)
+    for i in range(n):
+        r = Uniforms((seed, corpus_stream, i))
+        while True:
+            p = draw_problem(config, r)
+            if split_of(p["key"], 0.1) == "train":
+                break
+        lines.append("=".join(p["steps"]))
+    return lines

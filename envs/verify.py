@@ -1,0 +1,158 @@
+"""Answer extraction and scoring: pure functions, usable outside gymnasium (RL rewards, eval, TRL).
+
+Marker rule (every exactly-verifiable env): the answer is the text after the explicit marker ``Answer:`` up to the
+end of that line, read from the LAST marker in the completion. Every marker in the completion must carry the same
+(canonical) answer: a completion that hedges with several different answers scores 0. A right number anywhere else
+(in the working, in a list of numbers, in an echo of the prompt) earns nothing. Text after the answer line is allowed
+(a small model may run on past its answer) as long as it holds no conflicting marker.
+
+Every scorer returns a :class:`Verdict` and never raises: non-``str`` input, over-long input and strings that are
+not valid unicode (lone surrogates) give reward 0 with ``error`` set.
+
+>>> check_number("37+45=82\\nAnswer: 82", "82").reward
+1.0
+>>> check_number("Answer: 81\\nAnswer: 82", "82").reward   # conflicting markers
+0.0
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, NamedTuple
+
+MARKER = "Answer:"
+MAX_COMPLETION_CHARS = 4096  # longer completions are rejected (reward 0, error) rather than scanned
+
+_MARKER_LINES = re.compile(re.escape(MARKER) + r"([^\n]*)")
+# An integer with optional sign, optional thousands commas (only proper 3-digit groups, so "8,2" is NOT 82),
+# optional ".0…" and one optional sentence-final period. 40 digits caps int() cost (CPython limits int(str) size).
+_INTEGER = re.compile(r"([+-]?)(\d{1,3}(?:,\d{3}){1,13}|\d{1,40})(?:\.0*)?\.?")
+_WORD = re.compile(r"[0-9a-z]+")
+
+
+class Verdict(NamedTuple):
+    """Outcome of scoring one completion (NamedTuple: cheap to build on the env's hot path)."""
+
+    reward: float  # in [0, 1]
+    correct: bool  # the extracted answer equals the reference (soft scorers: score == 1)
+    format_ok: bool  # a single, parseable answer was found after the marker
+    parsed: str | None  # the canonical extracted answer, None if none
+    error: str | None  # malformed input (not str, too long, invalid unicode); None otherwise
+
+
+def completion_error(completion: Any, max_chars: int = MAX_COMPLETION_CHARS) -> str | None:
+    """Why ``completion`` cannot be scored, or None if it is a scorable string."""
+    if not isinstance(completion, str):
+        return f"completion must be str, got {type(completion).__name__}"
+    if len(completion) > max_chars:
+        return f"completion has {len(completion)} chars, more than the limit {max_chars}"
+    if not completion.isascii():
+        try:
+            completion.encode("utf-8")
+        except UnicodeEncodeError:
+            return "completion is not valid unicode (lone surrogate)"
+    return None
+
+
+def marker_answers(completion: str) -> list[str]:
+    """The stripped text after each ``Answer:`` marker, in order (up to the end of its line)."""
+    return [m.strip() for m in _MARKER_LINES.findall(completion)]
+
+
+def parse_integer(text: str) -> int | None:
+    """Canonical integer from an answer string, or None: "82", "+82", "082", "82.0", "82.", "1,234" -> int."""
+    m = _INTEGER.fullmatch(text.strip())
+    if m is None:
+        return None
+    value = int(m.group(2).replace(",", ""))
+    return -value if m.group(1) == "-" else value
+
+
+def _bad(error: str | None = None) -> Verdict:
+    return Verdict(0.0, False, False, None, error)
+
+
+def check_number(completion: Any, answer: str, max_chars: int = MAX_COMPLETION_CHARS) -> Verdict:
+    """Exact integer match of the answer after the last ``Answer:`` marker (all markers must agree)."""
+    error = completion_error(completion, max_chars)
+    if error is not None:
+        return _bad(error)
+    texts = marker_answers(completion)
+    if not texts:
+        return _bad()
+    values = {parse_integer(t) for t in texts}
+    if len(values) != 1 or None in values:  # unparseable or conflicting answers
+        return _bad()
+    value = values.pop()
+    correct = value == parse_integer(answer)
+    return Verdict(1.0 if correct else 0.0, correct, True, str(value), None)
+
+
+def canonical_text(text: str) -> str:
+    """Canonical form of a one-line text answer: JSON objects/arrays re-serialised, else whitespace collapsed."""
+    text = " ".join(text.split())
+    if text[:1] in "{[" and text:
+        try:
+            return json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))
+        except (ValueError, RecursionError):
+            return text
+    return text
+
+
+def check_text(completion: Any, answer: str, max_chars: int = MAX_COMPLETION_CHARS) -> Verdict:
+    """Exact match of the one-line answer after the last ``Answer:`` marker against ``answer``.
+
+    Comparison is on :func:`canonical_text`: case-sensitive, whitespace runs collapsed, and when the reference is a
+    JSON object/array the two are compared as parsed JSON (key order and spacing do not matter).
+    """
+    error = completion_error(completion, max_chars)
+    if error is not None:
+        return _bad(error)
+    texts = marker_answers(completion)
+    if not texts:
+        return _bad()
+    values = {canonical_text(t) for t in texts}
+    if len(values) != 1 or "" in values:
+        return _bad()
+    value = values.pop()
+    correct = value == canonical_text(answer)
+    return Verdict(1.0 if correct else 0.0, correct, True, value, None)
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased alphanumeric word tokens (the unit of :func:`token_f1`)."""
+    return _WORD.findall(text.lower())
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style bag-of-words F1 = 2PR/(P+R) over :func:`words` (multiset overlap); 1.0 when both are empty."""
+    pred, ref = words(prediction), words(reference)
+    if not pred or not ref:
+        return float(pred == ref)
+    counts: dict[str, int] = {}
+    for w in ref:
+        counts[w] = counts.get(w, 0) + 1
+    overlap = 0
+    for w in pred:
+        if counts.get(w, 0) > 0:
+            counts[w] -= 1
+            overlap += 1
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(pred), overlap / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def check_soft(completion: Any, answer: str, marker: str, max_chars: int = MAX_COMPLETION_CHARS) -> Verdict:
+    """NOT exactly verifiable: token-F1 of the response against the reference ``answer``.
+
+    The response is the whole completion (the prompt already ends with ``marker``); if the completion repeats
+    ``marker``, only the text after its last occurrence counts. ``correct`` means F1 == 1 (same bag of words).
+    """
+    error = completion_error(completion, max_chars)
+    if error is not None:
+        return _bad(error)
+    response = completion.rsplit(marker, 1)[-1].strip()
+    f1 = token_f1(response, answer)
+    return Verdict(f1, f1 == 1.0, bool(response), response[:200], None)
