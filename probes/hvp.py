@@ -1,0 +1,282 @@
+"""Hessian-vector products of a chunked loss over a chosen set of parameters.
+
+The operator is H = ∇²_θ Σ_c L_c(θ), the Hessian of the SUM of chunk losses over the parameters given (LoRA
+adapters only under LoRA, so its dimension is the trainable-parameter count). Each chunk loss is already weighted
+so that the chunks sum to the full probe-batch loss, which makes the chunked HVP exact, with the memory of one chunk.
+
+Modes (cost in G = one gradient of the probe batch, measured on CPU, see research/probes-anchors.md §E):
+- ``cache``: one forward + ``grad(create_graph=True)`` per chunk, graphs kept; each HVP is one extra backward
+  through them (≈1.6 G). The graphs are rebuilt when a parameter's ``_version`` changes (an in-place update).
+- ``recompute``: every HVP re-runs forward + double backward per chunk (≈2.8 G), memory of one chunk.
+- ``fd``: central difference (∇L(θ+tv) − ∇L(θ−tv)) / 2t (2 G, bias O(t²)); survives kernels without double
+  backward. Parameters are restored bit for bit from a copy.
+
+Why our own operator rather than hessian-eigenthings/PyHessian: neither keeps the first-order graph across chunks
+(the 1.6 G vs 2.8 G win), weights chunks by their share of the loss, or guards attention kernels (research §F).
+
+Vectors are flat, float64 on the parameter device (reductions in fp64); the HVP itself runs in the parameter dtype.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+
+__all__ = ["HessianOperator", "LinearOperator", "hvp_guard", "check_model", "flatten", "as_named_params"]
+
+MODES = ("cache", "recompute", "fd")
+REDUCE_DTYPE = torch.float64
+_FLASH = ("flash_attention_2", "flash_attention_3", "flash_attention")
+
+
+def as_named_params(params: Mapping[str, torch.Tensor] | Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Names -> tensors; a plain iterable gets names "0", "1", ... Every tensor must require grad."""
+    named = dict(params) if isinstance(params, Mapping) else {str(i): p for i, p in enumerate(params)}
+    if not named:
+        raise ValueError("probes: no parameters given (is every parameter frozen?)")
+    for name, p in named.items():
+        if not isinstance(p, torch.Tensor) or not p.requires_grad:
+            raise ValueError(f"probes: parameter {name!r} must be a tensor with requires_grad=True")
+    return named
+
+
+def flatten(tensors: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor], dtype=REDUCE_DTYPE) -> torch.Tensor:
+    """Concatenate tensors into one flat vector (None -> zeros shaped like the matching parameter)."""
+    return torch.cat([
+        (torch.zeros_like(p, dtype=dtype) if t is None else t.detach().to(dtype)).reshape(-1)
+        for t, p in zip(tensors, like)
+    ])
+
+
+def check_model(model: torch.nn.Module | None) -> None:
+    """Refuse models whose HVP cannot be taken by double backward, with a clear message.
+
+    Flash-attention kernels have no double backward (pytorch #116350); reentrant gradient checkpointing does not
+    support ``torch.autograd.grad`` (pytorch #102223). SDPA is handled by :func:`hvp_guard` (math kernel).
+    """
+    if model is None:
+        return
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if impl in _FLASH:
+        raise RuntimeError(
+            f"probes: the model uses attn_implementation={impl!r}, whose kernel has no double backward, so no "
+            "Hessian-vector product can be taken. Load it with attn_implementation='sdpa' (probes switch SDPA to "
+            "its math kernel automatically) or 'eager', or use HessianOperator(mode='fd').")
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            kwargs = func.keywords if isinstance(func, functools.partial) else {}
+            if kwargs.get("use_reentrant", False):
+                raise RuntimeError(
+                    "probes: reentrant gradient checkpointing is on (use_reentrant=True); it does not support "
+                    "torch.autograd.grad, so HVPs are impossible. Enable checkpointing with "
+                    "gradient_checkpointing_kwargs={'use_reentrant': False}, or disable it.")
+
+
+@contextlib.contextmanager
+def hvp_guard():
+    """Run the enclosed autograd through SDPA's math kernel (the fused CPU/flash/efficient kernels have no double
+    backward) and turn the reentrant-checkpoint autograd error into an explanation."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    except RuntimeError as err:
+        msg = str(err)
+        if "checkpoint" in msg and ("autograd.grad" in msg or "reentrant" in msg):
+            raise RuntimeError(
+                "probes: HVPs need torch.autograd.grad, which reentrant gradient checkpointing does not support; "
+                "use gradient_checkpointing_kwargs={'use_reentrant': False}. Original error: " + msg) from err
+        raise
+
+
+class HessianOperator:
+    """v ↦ H v for H = ∇²_θ Σ_c loss_fn(batches[c]) over ``params``; counts HVPs in ``.hvps``.
+
+    ``matvec`` takes a flat vector (n,) or a block (n, k) (k HVPs) and returns float64 of the same shape.
+    ``gradient()`` returns the flat gradient Σ_c ∇L_c (free in ``cache`` mode, 1 G otherwise).
+    """
+
+    def __init__(self, params: Mapping[str, torch.Tensor] | Iterable[torch.Tensor],
+                 loss_fn: Callable[[Any], torch.Tensor], batches: Sequence[Any], mode: str = "cache",
+                 model: torch.nn.Module | None = None, fd_step: float | None = None):
+        if mode not in MODES:
+            raise ValueError(f"probes: mode must be one of {MODES}, got {mode!r}")
+        if len(batches) == 0:
+            raise ValueError("probes: batches is empty; the operator needs at least one chunk")
+        named = as_named_params(params)
+        self.names = list(named)
+        self.params = list(named.values())
+        self.loss_fn, self.batches, self.mode, self.model = loss_fn, list(batches), mode, model
+        self.dim = sum(p.numel() for p in self.params)
+        self.device = self.params[0].device
+        self.hvps = 0               # Hessian-vector products taken (columns of every matvec)
+        self.gradient_evals = 0     # first-order passes over the probe batch (graph builds, fd, gradient())
+        self.fd_step = fd_step
+        low = sorted({str(p.dtype) for p in self.params if p.dtype in (torch.bfloat16, torch.float16)})
+        if low:
+            warnings.warn(f"probes: parameters in {low}: HVPs lose ~3% accuracy in bf16 (research §E); "
+                          "probe a float32 copy for reliable curvature.", stacklevel=2)
+        check_model(model)
+        self._graph: list[tuple[torch.Tensor, ...]] | None = None
+        self._versions: tuple[int, ...] | None = None
+        self._grad: torch.Tensor | None = None
+
+    # ---- helpers -------------------------------------------------------------------------------------------
+    def _split(self, v: torch.Tensor) -> list[torch.Tensor]:
+        out, i = [], 0
+        for p in self.params:
+            out.append(v[i:i + p.numel()].view_as(p).to(p.dtype))
+            i += p.numel()
+        return out
+
+    def _flat(self, tensors) -> torch.Tensor:
+        return flatten(tensors, self.params)
+
+    def _versions_now(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.params)
+
+    def _chunk_grad(self, batch, create_graph: bool) -> tuple[torch.Tensor, ...]:
+        loss = self.loss_fn(batch)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise ValueError("probes: loss_fn(batch) must return a scalar tensor")
+        return torch.autograd.grad(loss, self.params, create_graph=create_graph, allow_unused=True)
+
+    def _build_graph(self) -> None:
+        graph = []
+        with hvp_guard():
+            for batch in self.batches:
+                grads = self._chunk_grad(batch, create_graph=True)
+                graph.append(grads)
+        self.gradient_evals += 1
+        self._graph = graph
+        self._versions = self._versions_now()
+        self._grad = sum(self._flat(grads) for grads in graph)
+
+    def _graph_valid(self) -> bool:
+        return self._graph is not None and self._versions == self._versions_now()
+
+    def release(self) -> None:
+        """Drop the cached graphs (frees activation memory)."""
+        self._graph, self._grad, self._versions = None, None, None
+
+    # ---- public --------------------------------------------------------------------------------------------
+    def gradient(self) -> torch.Tensor:
+        """Flat float64 gradient Σ_c ∇L_c at the current parameters."""
+        if self.mode == "cache":
+            if not self._graph_valid():
+                self._build_graph()
+            return self._grad.clone()
+        if self._grad is not None and self._versions == self._versions_now():
+            return self._grad.clone()
+        total = torch.zeros(self.dim, dtype=REDUCE_DTYPE, device=self.device)
+        with hvp_guard():
+            for batch in self.batches:
+                total += self._flat(self._chunk_grad(batch, create_graph=False))
+        self.gradient_evals += 1
+        self._grad, self._versions = total, self._versions_now()
+        return total.clone()
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """H v for v of shape (n,) or (n, k); returns float64. Costs k HVPs."""
+        if v.dim() == 2:
+            return torch.stack([self.matvec(v[:, j]) for j in range(v.shape[1])], dim=1)
+        if v.shape != (self.dim,):
+            raise ValueError(f"probes: vector has shape {tuple(v.shape)}, operator dimension is {self.dim}")
+        v = v.to(device=self.device, dtype=REDUCE_DTYPE)
+        self.hvps += 1
+        if self.mode == "fd":
+            return self._fd(v)
+        parts = self._split(v)
+        out = torch.zeros(self.dim, dtype=REDUCE_DTYPE, device=self.device)
+        with hvp_guard():
+            if self.mode == "cache":
+                if not self._graph_valid():
+                    self._build_graph()
+                for grads in self._graph:
+                    out += self._hvp_from_grads(grads, parts, retain=True)
+            else:
+                for batch in self.batches:
+                    out += self._hvp_from_grads(self._chunk_grad(batch, create_graph=True), parts, retain=False)
+        return out
+
+    __matmul__ = matvec
+
+    def _hvp_from_grads(self, grads, parts, retain: bool) -> torch.Tensor:
+        # Only entries with a graph take part; an unused parameter has a zero Hessian row.
+        idx = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        if not idx:
+            return torch.zeros(self.dim, dtype=REDUCE_DTYPE, device=self.device)
+        hv = torch.autograd.grad([grads[i] for i in idx], self.params, grad_outputs=[parts[i] for i in idx],
+                                 retain_graph=retain, allow_unused=True)
+        return self._flat(hv)
+
+    def _fd(self, v: torch.Tensor) -> torch.Tensor:
+        # Central difference; t scaled so that ‖t v‖ ≈ cbrt(eps)·(1 + ‖θ‖) balances truncation O(t²) and
+        # rounding O(eps/t) error (standard Newton–Krylov choice).
+        dtype = self.params[0].dtype
+        vnorm = float(v.norm())
+        if vnorm == 0.0:
+            return torch.zeros_like(v)
+        theta_norm = float(torch.sqrt(sum((p.detach().to(REDUCE_DTYPE) ** 2).sum() for p in self.params)))
+        h = self.fd_step if self.fd_step is not None else torch.finfo(dtype).eps ** (1 / 3)
+        t = h * (1.0 + theta_norm) / vnorm
+        saved = [p.detach().clone() for p in self.params]
+        parts = self._split(v)
+        grads = []
+        try:
+            for sign in (1.0, -1.0):
+                with torch.no_grad():
+                    for p, s, d in zip(self.params, saved, parts):
+                        p.copy_(s + sign * t * d)
+                total = torch.zeros(self.dim, dtype=REDUCE_DTYPE, device=self.device)
+                with hvp_guard():
+                    for batch in self.batches:
+                        total += self._flat(self._chunk_grad(batch, create_graph=False))
+                grads.append(total)
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved):
+                    p.copy_(s)
+        self.gradient_evals += 2
+        return (grads[0] - grads[1]) / (2 * t)
+
+    def dense(self) -> torch.Tensor:
+        """The full n×n Hessian by n HVPs (tests and tiny problems only)."""
+        return self.matvec(torch.eye(self.dim, dtype=REDUCE_DTYPE, device=self.device))
+
+
+class LinearOperator:
+    """A symmetric operator from a function: ``LinearOperator(dim, fn)`` with fn((n,) float64) -> (n,).
+
+    Used for operators composed on top of an HVP (preconditioned, block-restricted) and for explicit matrices in
+    tests; ``.hvps`` counts the HVPs of the wrapped operator where there is one.
+    """
+
+    def __init__(self, dim: int, fn: Callable[[torch.Tensor], torch.Tensor], base: Any = None,
+                 device: torch.device | str = "cpu"):
+        self.dim, self._fn, self.base = dim, fn, base
+        self.device = torch.device(getattr(base, "device", device))
+        self._own_hvps = 0
+
+    @classmethod
+    def from_matrix(cls, a: torch.Tensor) -> "LinearOperator":
+        a = a.to(REDUCE_DTYPE)
+        return cls(a.shape[0], lambda v: a @ v, device=a.device)
+
+    @property
+    def hvps(self) -> int:
+        return self.base.hvps if self.base is not None else self._own_hvps
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        if v.dim() == 2:
+            return torch.stack([self.matvec(v[:, j]) for j in range(v.shape[1])], dim=1)
+        if self.base is None:
+            self._own_hvps += 1
+        return self._fn(v.to(REDUCE_DTYPE))
+
+    __matmul__ = matvec

@@ -1,0 +1,289 @@
+"""Curvature measurements built on :class:`HessianOperator` and :func:`top_eigenvalues`.
+
+Costs are in HVPs of the probe-batch operator unless stated; G = one probe-batch gradient (an HVP ≈ 1.6 G cached).
+- λ_max: largest algebraic eigenvalue of H (Cohen et al. 2021, EoS), warm-started LOBPCG.
+- step / update sharpness: ρ(u) = uᵀHu / uᵀu for u = the probe-batch gradient or the optimizer update Δθ (1 HVP).
+- batch sharpness (Andreyev & Beneventano, arXiv 2412.20553): E_B[g_BᵀH_B g_B] / E_B[‖g_B‖²] (ratio of means) and
+  E_B[g_BᵀH_B g_B / ‖g_B‖²] (mean of ratios), Monte Carlo over fresh minibatches (≈2.8 G_b per draw).
+- GNI (same paper): E_B[g_Bᵀ H g_B] / ‖∇L‖², H and ∇L of the probe batch (1 extra HVP per draw).
+- Adam/AdamW preconditioned sharpness (Cohen et al. 2022, arXiv 2207.14484): λ₁(P^-½ H P^-½) with
+  P = (1 − β₁ᵗ)(√(v/(1 − β₂ᵗ)) + ε), against (2 + 2β₁)/((1 − β₁)η). Decoupled weight decay adds ηλ·I to the update
+  Jacobian outside the preconditioner and is not included.
+- momentum SGD: heavy ball is stable on a quadratic iff λ < (2 + 2β)/η (Nesterov: (2 + 2β)/((1 + 2β)η)).
+- Hutchinson trace E_z[zᵀHz] with Rademacher z; per-block traces tr(H_bb) = E[z_bᵀ(Hz)_b] from the same HVPs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from statistics import NormalDist
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from .blocks import block_operator
+from .eigs import EigResult, top_eigenvalues
+from .hvp import REDUCE_DTYPE, HessianOperator, LinearOperator
+
+__all__ = [
+    "lambda_max", "rayleigh_quotient", "step_sharpness", "update_sharpness", "flat_update",
+    "BatchSharpness", "batch_sharpness", "adam_preconditioner", "preconditioned_operator", "adam_sharpness",
+    "stability_thresholds", "TraceEstimate", "hutchinson_trace", "block_lambda_max", "t_quantile",
+]
+
+
+# ---- eigenvalues -------------------------------------------------------------------------------------------
+def lambda_max(params, loss_fn: Callable[[Any], torch.Tensor], batches: Sequence[Any], k: int = 1,
+               tol: float = 1e-3, mode: str = "cache", init: torch.Tensor | None = None,
+               max_hvps: int | None = None, model: torch.nn.Module | None = None,
+               generator: torch.Generator | None = None) -> EigResult:
+    """Top-k eigenpairs of the Hessian of Σ_c loss_fn(batches[c]) over ``params`` (see :func:`top_eigenvalues`)."""
+    op = HessianOperator(params, loss_fn, batches, mode=mode, model=model)
+    try:
+        return top_eigenvalues(op, k=k, tol=tol, init=init, max_hvps=max_hvps, generator=generator)
+    finally:
+        op.release()
+
+
+def rayleigh_quotient(op, u: torch.Tensor) -> float:
+    """uᵀHu / uᵀu (1 HVP); NaN for u = 0."""
+    u = u.to(device=op.device, dtype=REDUCE_DTYPE)
+    uu = float(u @ u)
+    if uu == 0.0:
+        return math.nan
+    return float(u @ op.matvec(u)) / uu
+
+
+def step_sharpness(op: HessianOperator) -> float:
+    """gᵀHg / gᵀg with g, H of the probe batch (EoSS step sharpness when it is the live batch). 1 HVP."""
+    return rayleigh_quotient(op, op.gradient())
+
+
+def flat_update(update: Mapping[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
+    """Flatten a name -> tensor update in the operator's parameter order."""
+    missing = [n for n in names if n not in update]
+    if missing:
+        raise ValueError(f"probes: update lacks parameters {missing[:3]}{'...' if len(missing) > 3 else ''}")
+    return torch.cat([update[n].detach().to(REDUCE_DTYPE).reshape(-1) for n in names])
+
+
+def update_sharpness(op: HessianOperator, update: Mapping[str, torch.Tensor] | torch.Tensor) -> float:
+    """ΔθᵀHΔθ / ΔθᵀΔθ for the optimizer's last update Δθ. 1 HVP."""
+    u = update if isinstance(update, torch.Tensor) else flat_update(update, op.names)
+    return rayleigh_quotient(op, u)
+
+
+# ---- batch sharpness and GNI --------------------------------------------------------------------------------
+def t_quantile(p: float, df: int) -> float:
+    """Student-t quantile by the Cornish–Fisher expansion (Abramowitz & Stegun 26.7.5); error < 1e-3 for df ≥ 5,
+    so no scipy dependency for a confidence interval."""
+    z = NormalDist().inv_cdf(p)
+    if df <= 0:
+        raise ValueError("probes: degrees of freedom must be positive")
+    g1 = (z ** 3 + z) / 4
+    g2 = (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96
+    g3 = (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384
+    g4 = (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / 92160
+    return z + g1 / df + g2 / df ** 2 + g3 / df ** 3 + g4 / df ** 4
+
+
+def _ratio_of_means_se(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """R = ā / b̄ and its delta-method standard error √((s_a² − 2R s_ab + R² s_b²) / n) / b̄."""
+    n = a.numel()
+    r = float(a.mean() / b.mean())
+    if n < 2:
+        return r, math.inf
+    ca, cb = a - a.mean(), b - b.mean()
+    var = float(((ca - r * cb) ** 2).sum()) / (n - 1)
+    return r, math.sqrt(max(var, 0.0) / n) / abs(float(b.mean()))
+
+
+def _mean_se(x: torch.Tensor) -> tuple[float, float]:
+    n = x.numel()
+    return float(x.mean()), (float(x.std()) / math.sqrt(n) if n > 1 else math.inf)
+
+
+@dataclass
+class BatchSharpness:
+    ratio_of_means: float     # E[gᵀH_B g] / E[‖g‖²]
+    rom_ci: tuple[float, float]
+    mean_of_ratios: float     # E[gᵀH_B g / ‖g‖²]
+    mor_ci: tuple[float, float]
+    n: int                    # minibatches drawn
+    rse: float                # relative standard error of the estimator named by ``estimator``
+    estimator: str
+    hvps: int
+    gni: float = math.nan     # E[g_Bᵀ H g_B] / ‖∇L‖² when a full-batch operator was given
+    gni_ci: tuple[float, float] = (math.nan, math.nan)
+    samples: dict = field(default_factory=dict, repr=False)   # per-draw gHg, gg (and gHfull g)
+
+    @property
+    def value(self) -> float:
+        return self.ratio_of_means if self.estimator == "ratio_of_means" else self.mean_of_ratios
+
+
+ESTIMATORS = ("ratio_of_means", "mean_of_ratios")
+
+
+def batch_sharpness(params, loss_fn: Callable[[Any], torch.Tensor],
+                    sample_batch: Callable[[torch.Generator], Sequence[Any]], generator: torch.Generator, *,
+                    min_samples: int = 20, max_samples: int = 200, rse: float = 0.01,
+                    estimator: str = "ratio_of_means", confidence: float = 0.95, mode: str = "cache",
+                    model: torch.nn.Module | None = None, full_op: HessianOperator | None = None) -> BatchSharpness:
+    """Monte Carlo batch sharpness over minibatches drawn by ``sample_batch(generator)``.
+
+    Each draw B builds the minibatch operator H_B, takes g_B (free with the cached graph) and g_BᵀH_B g_B (1 HVP);
+    with ``full_op`` also g_Bᵀ H g_B for the GNI (1 more HVP). Stops after ``min_samples`` once the relative
+    standard error of ``estimator`` (delta method for the ratio of means) is ≤ ``rse``, or at ``max_samples``.
+    CIs are Student-t at ``confidence``.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"probes: estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if not 1 <= min_samples <= max_samples:
+        raise ValueError(f"probes: need 1 <= min_samples <= max_samples, got {min_samples}, {max_samples}")
+    ghg, gg, gfg = [], [], []
+    hvps = 0
+    grad_full_sq = float(full_op.gradient().pow(2).sum()) if full_op is not None else math.nan
+    full_start = full_op.hvps if full_op is not None else 0
+    rel = math.inf
+    while len(gg) < max_samples:
+        op = HessianOperator(params, loss_fn, sample_batch(generator), mode=mode, model=model)
+        g = op.gradient()
+        ghg.append(float(g @ op.matvec(g)))
+        gg.append(float(g @ g))
+        hvps += op.hvps
+        op.release()
+        if full_op is not None:
+            gfg.append(float(g @ full_op.matvec(g)))
+        if len(gg) >= min_samples:
+            a, b = torch.tensor(ghg, dtype=REDUCE_DTYPE), torch.tensor(gg, dtype=REDUCE_DTYPE)
+            value, se = _ratio_of_means_se(a, b) if estimator == "ratio_of_means" else _mean_se(a / b)
+            rel = se / abs(value) if value != 0 else math.inf
+            if rel <= rse:
+                break
+    a, b = torch.tensor(ghg, dtype=REDUCE_DTYPE), torch.tensor(gg, dtype=REDUCE_DTYPE)
+    n = len(gg)
+    t = t_quantile(0.5 + confidence / 2, max(n - 1, 1))
+    rom, rom_se = _ratio_of_means_se(a, b)
+    mor, mor_se = _mean_se(a / b)
+    out = BatchSharpness(rom, (rom - t * rom_se, rom + t * rom_se), mor, (mor - t * mor_se, mor + t * mor_se),
+                         n, rel, estimator, hvps, samples={"gHg": ghg, "gg": gg})
+    if full_op is not None:
+        c = torch.tensor(gfg, dtype=REDUCE_DTYPE) / grad_full_sq
+        gni, gni_se = _mean_se(c)
+        out.gni, out.gni_ci = gni, (gni - t * gni_se, gni + t * gni_se)
+        out.hvps += full_op.hvps - full_start
+        out.samples["gHfull_g"] = gfg
+    if n == 1:
+        out.rse = math.inf
+    return out
+
+
+# ---- optimizer-aware thresholds and the Adam preconditioner ------------------------------------------------
+def stability_thresholds(optimizer: torch.optim.Optimizer | None, lr: float) -> dict[str, float]:
+    """2/η; for momentum SGD (2 + 2β)/((1 − dampening)η) (Nesterov: divided by 1 + 2β); for Adam/AdamW
+    (2 + 2β₁)/((1 − β₁)η). Hyper-parameters from the first param group, η = ``lr``. No HVPs."""
+    if lr <= 0:
+        raise ValueError(f"probes: lr must be positive, got {lr}")
+    out = {"two_over_eta": 2.0 / lr}
+    if optimizer is None or not optimizer.param_groups:
+        return out
+    group = optimizer.param_groups[0]
+    if "betas" in group:
+        beta1 = float(group["betas"][0])
+        out["adam_threshold"] = (2 + 2 * beta1) / ((1 - beta1) * lr)
+    elif float(group.get("momentum", 0.0) or 0.0) > 0:
+        beta = float(group["momentum"])
+        damp = float(group.get("dampening", 0.0) or 0.0)
+        thr = (2 + 2 * beta) / ((1 - damp) * lr)
+        out["momentum_threshold"] = thr / (1 + 2 * beta) if group.get("nesterov", False) else thr
+    return out
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
+                        lr: float) -> torch.Tensor | None:
+    """Flat P = (1 − β₁ᵗ)(√(v/(1 − β₂ᵗ)) + ε) · η/η_g from Adam/AdamW state, so that the step is
+    θ ← θ − η P⁻¹ m for every group g (per-group lr folded in against the reference η = ``lr``).
+    None when the state is not there yet (before the first step). AMSGrad uses max_exp_avg_sq."""
+    plist = list(params.values()) if isinstance(params, Mapping) else list(params)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    parts = []
+    for p in plist:
+        g = group_of.get(id(p))
+        if g is None:
+            raise ValueError("probes: a probed parameter is not in the optimizer's param groups")
+        if "betas" not in g:
+            raise ValueError("probes: adam_preconditioner needs an Adam-family optimizer (param group has no betas)")
+        st = optimizer.state.get(p, {})
+        v = st.get("max_exp_avg_sq" if g.get("amsgrad", False) else "exp_avg_sq")
+        if v is None or "step" not in st:
+            return None
+        t = float(st["step"])
+        b1, b2 = (float(b) for b in g["betas"])
+        pre = (1 - b1 ** t) * ((v.detach().to(REDUCE_DTYPE) / (1 - b2 ** t)).sqrt() + float(g["eps"]))
+        parts.append((pre * (lr / float(g["lr"]))).reshape(-1))
+    return torch.cat(parts)
+
+
+def preconditioned_operator(op, precond: torch.Tensor) -> LinearOperator:
+    """v ↦ P^-½ H P^-½ v: symmetric, with the spectrum of P⁻¹H (never feed the non-symmetric P⁻¹H to an
+    eigensolver, research §B3). 1 HVP per application."""
+    inv_sqrt = precond.to(device=op.device, dtype=REDUCE_DTYPE).rsqrt()
+    return LinearOperator(op.dim, lambda v: inv_sqrt * op.matvec(inv_sqrt * v), base=op)
+
+
+def adam_sharpness(op: HessianOperator, optimizer: torch.optim.Optimizer, lr: float, k: int = 1,
+                   tol: float = 1e-3, init: torch.Tensor | None = None, max_hvps: int | None = None,
+                   generator: torch.Generator | None = None) -> EigResult | None:
+    """λ₁..λ_k of P^-½ H P^-½ (compare with (2 + 2β₁)/((1 − β₁)η)); None before Adam has state."""
+    precond = adam_preconditioner(optimizer, op.params, lr)
+    if precond is None:
+        return None
+    return top_eigenvalues(preconditioned_operator(op, precond), k=k, tol=tol, init=init, max_hvps=max_hvps,
+                           generator=generator)
+
+
+# ---- trace and per-block quantities ------------------------------------------------------------------------
+@dataclass
+class TraceEstimate:
+    trace: float
+    se: float
+    n: int
+    hvps: int
+    blocks: dict[str, float] = field(default_factory=dict)     # tr(H_bb)
+
+
+def hutchinson_trace(op, generator: torch.Generator, max_probes: int = 64, min_probes: int = 8,
+                     rse: float = 0.05, blocks: Mapping[str, torch.Tensor] | None = None) -> TraceEstimate:
+    """tr H ≈ mean_i z_iᵀ H z_i, z Rademacher (Hutchinson 1990); per-block tr(H_bb) from the same HVPs.
+    Stops once SE/|mean| ≤ ``rse`` after ``min_probes``; one HVP per probe."""
+    if not 1 <= min_probes <= max_probes:
+        raise ValueError(f"probes: need 1 <= min_probes <= max_probes, got {min_probes}, {max_probes}")
+    start = op.hvps
+    blocks = {b: idx.to(op.device) for b, idx in (blocks or {}).items()}
+    samples, block_samples = [], {b: [] for b in blocks}
+    while len(samples) < max_probes:
+        z = (torch.randint(0, 2, (op.dim,), generator=generator, dtype=torch.int8).to(REDUCE_DTYPE) * 2 - 1)
+        z = z.to(op.device)
+        zhz = z * op.matvec(z)
+        samples.append(float(zhz.sum()))
+        for b, idx in blocks.items():
+            block_samples[b].append(float(zhz[idx].sum()))
+        if len(samples) >= min_probes:
+            mean, se = _mean_se(torch.tensor(samples, dtype=REDUCE_DTYPE))
+            if mean != 0 and se / abs(mean) <= rse:
+                break
+    mean, se = _mean_se(torch.tensor(samples, dtype=REDUCE_DTYPE))
+    return TraceEstimate(mean, se, len(samples), op.hvps - start,
+                         {b: sum(s) / len(s) for b, s in block_samples.items()})
+
+
+def block_lambda_max(op, blocks: Mapping[str, torch.Tensor], tol: float = 1e-3, max_hvps: int | None = None,
+                     init: Mapping[str, torch.Tensor] | None = None,
+                     generator: torch.Generator | None = None) -> dict[str, EigResult]:
+    """λ_max(H_bb) for each block by LOBPCG on the restricted operator; one full HVP per block matvec."""
+    out = {}
+    for b, idx in blocks.items():
+        out[b] = top_eigenvalues(block_operator(op, idx), k=1, tol=tol, max_hvps=max_hvps,
+                                 init=(init or {}).get(b), generator=generator)
+    return out
