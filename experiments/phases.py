@@ -17,7 +17,8 @@ Definitions (Cohen et al. 2021, "Gradient Descent on Neural Networks Typically O
 
 The phase label is one of: "eos" (onset and band fraction ≥ `min_band_fraction`), "above-edge" (onset, but r
 stays above the band, e.g. raw λ_max under Adam), "below-edge" (onset, but r falls back below the band),
-"sharpening" (no onset, r gained at least `min_sharpening` over the run), "flat" (neither), "too-short"
+"sharpening" (no onset, λ/θ grew by at least the fraction `min_sharpening` from the first to the last quarter
+of the probes), "flat" (neither), "too-short"
 (fewer than 3 probe points).
 """
 
@@ -33,7 +34,7 @@ class PhaseConfig:
     delta: float = 0.1  # band half-width δ, relative to the threshold: EoS band is r ∈ [1-δ, 1+δ]
     smooth: int = 3  # width of the running median applied to r before detecting the onset (1 = none)
     min_band_fraction: float = 0.5  # "eos" needs at least this fraction of post-onset probes in the band
-    min_sharpening: float = 0.1  # "sharpening" needs r to grow by at least this much (r_last - r_first)
+    min_sharpening: float = 0.2  # "sharpening" needs r to grow by this fraction (median last / first quarter - 1)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.delta < 1.0:
@@ -115,7 +116,7 @@ def detect_phases(
     if onset_idx is None:
         band = above = nan
         loss_from = -np.inf
-        gained = final_ratio - float(np.median(r[: max(1, len(r) // 4)]))
+        gained = final_ratio / float(np.median(r[: max(1, len(r) // 4)])) - 1.0
         phase = "sharpening" if gained >= config.min_sharpening else "flat"
     else:
         post = r[onset_idx:]

@@ -1,0 +1,181 @@
+"""Read-only view of run directories (the layout of CONTRACTS.md), for reports and sweeps.
+
+Reads ``config.json``, ``metrics.jsonl``, ``status.json``/``DONE`` and ``samples.json``; imports no training code,
+so a report can be built on a machine with nothing but numpy and matplotlib. Stability thresholds are taken from
+the logged probe keys when present, else derived from the saved optimizer config:
+GD 2/η; heavy-ball momentum β (2+2β)/η; Adam on the preconditioned Hessian (2+2β₁)/((1-β₁)η).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict  # the "config" entry of config.json (asdict of the run's config)
+    meta: dict  # the rest of config.json: git_hash, argv, resumed
+    status: dict  # status.json ({} if missing)
+    records: list[dict] = field(repr=False)  # metrics.jsonl, one dict per logged step
+    samples: list[dict] | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def done(self) -> bool:
+        return (self.path / "DONE").exists()
+
+    def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of every record that logged ``key`` with a finite number."""
+        pts = [
+            (r["step"], float(r[key]))
+            for r in self.records
+            if isinstance(r.get(key), (int, float)) and "step" in r and math.isfinite(float(r[key]))
+        ]
+        if not pts:
+            return np.zeros(0), np.zeros(0)
+        steps, values = zip(*sorted(pts))
+        return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+
+    def has(self, key: str) -> bool:
+        return len(self.series(key)[0]) > 0
+
+    # ---- config accessors (tolerant of configs that are not a RunConfig, e.g. the Cohen validation) ----
+    def _get(self, *path, default=None):
+        node = self.config
+        for k in path:
+            if not isinstance(node, dict) or k not in node:
+                return default
+            node = node[k]
+        return node
+
+    @property
+    def regime(self) -> str:
+        return str(self._get("regime", default="?"))
+
+    @property
+    def lora_rank(self) -> int:
+        return int(self._get("model", "lora_rank", default=0) or 0)
+
+    @property
+    def label(self) -> str:
+        """Regime as a researcher names it: sft, lora-r8, rl, rl-lora-r8, or the config's own regime."""
+        if self.lora_rank > 0:
+            return f"lora-r{self.lora_rank}" if self.regime == "sft" else f"{self.regime}-lora-r{self.lora_rank}"
+        return self.regime
+
+    @property
+    def optimizer(self) -> str:
+        return str(self._get("optim", "name", default="sgd"))
+
+    @property
+    def lr(self) -> float:
+        lr = self._get("optim", "lr")
+        if lr is None:
+            _, v = self.series("train/lr")
+            return float(v[0]) if len(v) else float("nan")
+        return float(lr)
+
+    @property
+    def momentum(self) -> float:
+        if self.optimizer != "sgd":
+            return 0.0
+        return float(self._get("optim", "momentum", default=0.0) or 0.0)
+
+    @property
+    def beta1(self) -> float:
+        betas = self._get("optim", "betas", default=(0.9, 0.999))
+        return float(betas[0])
+
+    @property
+    def is_adam(self) -> bool:
+        return self.optimizer in ("adam", "adamw")
+
+    @property
+    def edge(self) -> float:
+        """η·θ: the value η·λ must reach at the edge (2, 2+2β, or (2+2β₁)/(1-β₁) for Adam)."""
+        if self.is_adam:
+            return (2 + 2 * self.beta1) / (1 - self.beta1)
+        return 2 + 2 * self.momentum
+
+    def threshold(self, key: str = "probe/lambda_max") -> tuple[np.ndarray, np.ndarray]:
+        """(steps, θ) for the sharpness ``key``: logged threshold if present, else η·θ/η from the config."""
+        steps, _ = self.series(key)
+        if key == "probe/adam_lambda_max":
+            logged = "probe/adam_threshold"
+        elif self.momentum > 0:
+            logged = "probe/momentum_threshold"
+        else:
+            logged = "probe/two_over_eta"
+        ts, tv = self.series(logged)
+        if len(ts):
+            return ts, tv
+        lr_steps, lrs = self.series("train/lr")
+        if len(lr_steps) and len(steps):  # per-step η (schedules): use the η in force at each probe step
+            eta = np.interp(steps, lr_steps, lrs)
+            return steps, self.edge / eta
+        return steps, np.full(len(steps), self.edge / self.lr)
+
+    @property
+    def primary_sharpness(self) -> str:
+        """The sharpness that the optimizer's stability threshold applies to."""
+        if self.is_adam and self.has("probe/adam_lambda_max"):
+            return "probe/adam_lambda_max"
+        return "probe/lambda_max"
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{path} is not a run directory (no config.json)")
+    raw = json.loads(cfg_file.read_text())
+    config = raw.get("config", raw)
+    meta = {k: v for k, v in raw.items() if k != "config"}
+    records = []
+    metrics = path / "metrics.jsonl"
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line
+                continue
+    status = {}
+    for f in (path / "status.json", path / "DONE"):
+        if f.exists():
+            try:
+                status = json.loads(f.read_text() or "{}")
+                break
+            except json.JSONDecodeError:
+                continue
+    samples = None
+    if (path / "samples.json").exists():
+        s = json.loads((path / "samples.json").read_text())
+        samples = s.get("samples", s) if isinstance(s, dict) else s
+    return Run(path, config, meta, status, records, samples)
+
+
+def find_runs(paths) -> list[Run]:
+    """Every run directory at or below ``paths`` (a run dir is one holding config.json), sorted by path."""
+    found: dict[Path, None] = {}
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} does not exist")
+        if (p / "config.json").exists():
+            found[p.resolve()] = None
+        else:
+            for c in sorted(p.rglob("config.json")):
+                if "checkpoints" not in c.parts:
+                    found[c.parent.resolve()] = None
+    return [load_run(p) for p in sorted(found)]
