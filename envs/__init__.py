@@ -30,6 +30,8 @@ from envs.core import Task, TextTaskEnv
 _IDS = {
     "ArithRLVR-v0": ("envs.arith:ArithEnv", {}),
     "ArithRLVR-hard-v0": ("envs.arith:ArithEnv", "HARD"),
+    "InstructRLVR-v0": ("envs.instruct:InstructEnv", {}),
+    "AlpacaSFT-v0": ("envs.alpaca:AlpacaEnv", {}),
 }
 
 

@@ -197,7 +197,7 @@ class TextTaskEnv(gym.Env[str, str]):
             "demonstration": task.demonstration,
             "task_id": task.task_id,
             "family": task.family,
-            "meta": task.meta,
+            "meta": dict(task.meta),  # a copy: tasks may be cached, infos must not share objects
         }
         return task.prompt, info
 
