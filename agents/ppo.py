@@ -1,0 +1,270 @@
+"""PPO on verifiable rewards (RLVR), our own implementation: TRL 1.16 removed ``PPOTrainer`` and its GRPO trainer
+owns the loop, while the probes need the exact surrogate on a frozen rollout buffer.
+
+Rollout (step t, parameters θ_old = θ_t): P prompts from the training stream, each sampled G times with
+``policy.generate`` (temperature τ, a generator seeded by (seed, t)), rewards r ∈ [0, 1] from the env verifier.
+The buffer stores, per completion token, old log-probs log π_old, reference log-probs log π_ref and advantages Â,
+all detached. Loss on the buffer (token mean over its N completion tokens; chunks sum to it, see agents/optim.py):
+
+    L(θ) = (1/N) Σ_tokens [ -min(ρ Â, clip(ρ, 1-ε, 1+ε) Â) + β k3(θ) - c_H H_t(θ) ]  (+ c_V (1/N) Σ ½ (V - R)²)
+    ρ = exp(log π_θ - log π_old),  k3 = exp(log π_ref - log π_θ) - (log π_ref - log π_θ) - 1  (≥ 0, E = KL(π_θ‖π_ref)),
+    H_t = entropy of π_θ(· | prefix) over the vocabulary.
+
+Advantages: ``"group"`` (GRPO / Dr. GRPO baseline) Â_i = r_i - mean_{group}(r) on every token of completion i
+(optionally divided by the group std); ``"value"``: a linear value head on the *detached* last hidden state, GAE(γ, λ)
+with the reward on the final token, returns R = Â + V. Detaching keeps the value fit out of the policy's Hessian:
+∇²_θ L is the Hessian of the policy objective alone. Reference policy: under LoRA the base model with adapters
+disabled (no copy); under full fine-tuning a frozen copy of the initial model (only when β > 0).
+At ρ = 1 (fresh buffer, ``ppo_epochs=1``) clipping is inactive and ∇L is the on-policy policy gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from agents.optim import split
+from agents.sft import stream_indices
+
+ADVANTAGES = ("group", "value")
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """PPO / GRPO-style RLVR settings. Buffer = prompts_per_step * group_size completions per rollout."""
+
+    prompts_per_step: int = 8
+    group_size: int = 4
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    clip_eps: float = 0.2
+    kl_coef: float = 0.05
+    entropy_coef: float = 0.0
+    advantage: str = "group"        # "group" (GRPO-style baseline) | "value" (value head + GAE)
+    scale_by_std: bool = False      # group advantages / group std (GRPO) instead of centred only (Dr. GRPO)
+    ppo_epochs: int = 1             # optimizer steps per rollout buffer (1 = on-policy, ρ = 1 at θ)
+    gamma: float = 1.0              # GAE discount (value advantages)
+    gae_lambda: float = 0.95
+    vf_coef: float = 0.5
+
+
+def config_errors(cfg: PPOConfig) -> list[str]:
+    errors = []
+    for name in ("prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs"):
+        if getattr(cfg, name) < 1:
+            errors.append(f"ppo.{name}={getattr(cfg, name)} must be >= 1")
+    if cfg.advantage not in ADVANTAGES:
+        errors.append(f"ppo.advantage={cfg.advantage!r} is unknown; choose one of {ADVANTAGES}")
+    if cfg.advantage == "group" and cfg.group_size < 2:
+        errors.append("ppo.advantage='group' needs group_size >= 2 (a group of one has zero advantage)")
+    if not cfg.temperature > 0:
+        errors.append(f"ppo.temperature={cfg.temperature} must be > 0 (rollouts are sampled)")
+    if not cfg.clip_eps > 0:
+        errors.append(f"ppo.clip_eps={cfg.clip_eps} must be > 0")
+    for name in ("kl_coef", "entropy_coef", "vf_coef"):
+        if getattr(cfg, name) < 0:
+            errors.append(f"ppo.{name}={getattr(cfg, name)} must be >= 0")
+    if not (0 <= cfg.gamma <= 1 and 0 <= cfg.gae_lambda <= 1):
+        errors.append("ppo.gamma and ppo.gae_lambda must be in [0, 1]")
+    return errors
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = False) -> torch.Tensor:
+    """Â_i = r_i - mean of its group (consecutive blocks of ``group_size``), optionally / (std + 1e-6)."""
+    r = rewards.view(-1, group_size)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        adv = adv / (r.std(dim=1, keepdim=True) + 1e-6)
+    return adv.reshape(-1)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over each row's masked (completion) positions.
+
+    rewards [B] land on the last masked position of each row; values/mask [B, T]. δ_t = r_t + γ V_{t+1} - V_t
+    (V = 0 after the last token), Â_t = δ_t + γ λ Â_{t+1}; returns (Â, R = Â + V), zero off the mask."""
+    B, T = mask.shape
+    adv = torch.zeros_like(values)
+    for b in range(B):
+        pos = mask[b].nonzero().flatten().tolist()
+        running, next_v = 0.0, 0.0
+        for j, t in enumerate(reversed(pos)):
+            r = float(rewards[b]) if j == 0 else 0.0
+            delta = r + gamma * next_v - float(values[b, t])
+            running = delta + gamma * lam * running
+            adv[b, t] = running
+            next_v = float(values[b, t])
+    return adv, (adv + values) * mask
+
+
+def forward_stats(model, chunk: dict, want_hidden: bool = False):
+    """One forward: (log π(label) [B,T-1], entropy [B,T-1], mask [B,T-1], last hidden state [B,T-1,d] or None).
+
+    Same indexing as LMPolicy.token_logprobs: position t predicts labels[:, t+1]."""
+    out = model(input_ids=chunk["input_ids"], attention_mask=chunk["attention_mask"], use_cache=False,
+                output_hidden_states=want_hidden)
+    logits = out.logits[:, :-1].float()
+    target = chunk["labels"][:, 1:]
+    mask = target != -100
+    logz = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(-1, target.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
+    logp = (picked - logz) * mask
+    entropy = logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    hidden = out.hidden_states[-1][:, :-1] if want_hidden else None
+    return logp, entropy, mask, hidden
+
+
+def _mix(*ints: int) -> int:
+    return int(np.random.SeedSequence(list(ints)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+class PPORegime:
+    """RLVR by PPO on ``tasks`` scored by ``score_fn(completions, answers) -> rewards in [0, 1]``."""
+
+    def __init__(self, policy, tasks: Sequence[Any], score_fn: Callable[[list[str], list[str]], Sequence[float]],
+                 config: PPOConfig = PPOConfig(), micro_batch: int = 4, seed: int = 0,
+                 max_length: int | None = 128) -> None:
+        errors = config_errors(config)
+        if errors:
+            raise ValueError("; ".join(errors))
+        if len(tasks) == 0:
+            raise ValueError("PPORegime needs at least one training task")
+        self.tasks, self.score_fn, self.config = list(tasks), score_fn, config
+        self.micro_batch, self.seed, self.max_length = micro_batch, seed, max_length
+        self.cursor = 0                        # prompts consumed (data-order state)
+        self.buffer: list[dict] | None = None  # chunks of the current rollout (reused for ppo_epochs steps)
+        self.lora = hasattr(policy.model, "disable_adapter") and hasattr(policy.model, "peft_config")
+        self.reference = None
+        if config.kl_coef > 0 and not self.lora:
+            self.reference = copy.deepcopy(policy.model).eval().requires_grad_(False)
+        self.value_head = None
+        if config.advantage == "value":
+            hidden = policy.model.config.hidden_size
+            dtype = next(policy.model.parameters()).dtype
+            self.value_head = torch.nn.Linear(hidden, 1, dtype=dtype, device=policy.device)
+            with torch.no_grad():  # zero init: V = 0 at the start, and no draw from the training RNG
+                self.value_head.weight.zero_()
+                self.value_head.bias.zero_()
+
+    @property
+    def has_reference(self) -> bool:
+        return self.config.kl_coef > 0
+
+    # ------------------------------------------------------------------ rollouts
+    def _reference_logprobs(self, policy, chunk: dict) -> torch.Tensor:
+        if self.lora:
+            with policy.model.disable_adapter():
+                return forward_stats(policy.model, chunk)[0]
+        return forward_stats(self.reference, chunk)[0]
+
+    def rollout(self, policy, task_indices: Sequence[int], generator: torch.Generator) -> tuple[list[dict], dict]:
+        """Sample, score and freeze one buffer; returns (chunks, env/rl metrics of the rollout)."""
+        cfg = self.config
+        tasks = [self.tasks[i] for i in task_indices for _ in range(cfg.group_size)]
+        gen = policy.generate([t.prompt for t in tasks], max_new_tokens=cfg.max_new_tokens,
+                              temperature=cfg.temperature, generator=generator)
+        rewards = torch.tensor(np.asarray(self.score_fn(gen.texts, [t.answer for t in tasks]), dtype=np.float64),
+                               dtype=torch.float32)
+        seq_adv = group_advantages(rewards, cfg.group_size, cfg.scale_by_std) if cfg.advantage == "group" else None
+        chunks = []
+        with torch.no_grad():
+            for rows in split(list(range(len(tasks))), self.micro_batch):
+                chunk = policy.collate([gen.prompt_ids[i] for i in rows], [gen.completion_ids[i] for i in rows],
+                                       max_length=self.max_length, add_eos=False)
+                logp, _, mask, hidden = forward_stats(policy.model, chunk, want_hidden=self.value_head is not None)
+                chunk["old_logp"] = logp
+                chunk["ref_logp"] = self._reference_logprobs(policy, chunk) if self.has_reference else None
+                r = rewards[rows]
+                if seq_adv is not None:
+                    chunk["advantages"] = seq_adv[rows][:, None] * mask
+                    chunk["returns"] = None
+                else:
+                    values = self.value_head(hidden.float()).squeeze(-1) * mask
+                    chunk["advantages"], chunk["returns"] = gae(r, values, mask, cfg.gamma, cfg.gae_lambda)
+                chunk["n_tokens"] = int(mask.sum())
+                chunk["rewards"], chunk["texts"] = r, [gen.texts[i] for i in rows]
+                chunks.append(chunk)
+        total = sum(c["n_tokens"] for c in chunks)
+        for c in chunks:
+            c["normalizer"] = float(total)
+        groups = rewards.view(-1, cfg.group_size)
+        metrics = {
+            "env/reward_mean": float(rewards.mean()),
+            "env/reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+            "env/accuracy": float((rewards >= 1.0).float().mean()),
+            "rl/response_len": float(np.mean([len(c) for c in gen.completion_ids])),
+            "rl/finished_frac": float(np.mean(gen.finished)) if gen.finished else float("nan"),
+            "rl/frac_zero_std": float((groups.std(dim=1) == 0).float().mean()) if cfg.group_size > 1 else 1.0,
+        }
+        return chunks, metrics
+
+    def next_batch(self, policy, step: int) -> tuple[list[dict], dict]:
+        """A new rollout every ``ppo_epochs`` steps (sampling generator seeded by (seed, step)), else the same buffer."""
+        if self.buffer is None or step % self.config.ppo_epochs == 0:
+            idx = stream_indices(len(self.tasks), self.seed, self.cursor, self.config.prompts_per_step)
+            self.cursor += len(idx)
+            generator = torch.Generator().manual_seed(_mix(self.seed, step, 7))
+            self.buffer, metrics = self.rollout(policy, idx, generator)
+            return self.buffer, metrics
+        return self.buffer, {}
+
+    def sample_batch(self, policy, generator: torch.Generator) -> list[dict]:
+        """A fresh rollout buffer (prompts and samples drawn with ``generator`` only), for batch sharpness."""
+        idx = torch.randint(len(self.tasks), (self.config.prompts_per_step,), generator=generator).tolist()
+        return self.rollout(policy, idx, generator)[0]
+
+    # ------------------------------------------------------------------ loss
+    def loss_and_stats(self, policy, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """Chunk loss (see module docstring) and its token-sum stats / N (they sum over chunks to buffer means)."""
+        cfg = self.config
+        logp, entropy, mask, hidden = forward_stats(policy.model, batch, want_hidden=self.value_head is not None)
+        n = batch["normalizer"]
+        adv = batch["advantages"]
+        ratio = torch.exp(logp - batch["old_logp"])
+        clipped = torch.clamp(ratio, 1 - cfg.clip_eps, 1 + cfg.clip_eps)
+        per_token = -torch.minimum(ratio * adv, clipped * adv)
+        stats = {}
+        if batch["ref_logp"] is not None:
+            d = batch["ref_logp"] - logp
+            kl = torch.exp(d) - d - 1
+            per_token = per_token + cfg.kl_coef * kl
+            stats["rl/kl"] = float((kl.detach() * mask).sum() / n)
+        if cfg.entropy_coef:
+            per_token = per_token - cfg.entropy_coef * entropy
+        loss = (per_token * mask).sum() / n
+        if self.value_head is not None:
+            values = self.value_head(hidden.detach().float()).squeeze(-1)
+            v_loss = (0.5 * (values - batch["returns"]) ** 2 * mask).sum() / n
+            loss = loss + cfg.vf_coef * v_loss
+            stats["rl/value_loss"] = float(v_loss.detach())
+        stats["rl/entropy"] = float((entropy.detach() * mask).sum() / n)
+        stats["rl/clip_frac"] = float((((ratio.detach() - 1).abs() > cfg.clip_eps) & mask).sum() / n)
+        return loss, stats
+
+    def loss(self, policy, batch: dict) -> torch.Tensor:
+        """The exact objective the optimizer steps on, for one chunk of the buffer."""
+        return self.loss_and_stats(policy, batch)[0]
+
+    # ------------------------------------------------------------------ state
+    def extra_parameters(self) -> dict[str, torch.Tensor]:
+        if self.value_head is None:
+            return {}
+        return {f"value_head.{k}": v for k, v in self.value_head.named_parameters()}
+
+    def state_dict(self) -> dict:
+        return {"cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursor = int(state["cursor"])
+
+    def extra_state(self):
+        """The live rollout buffer, needed to resume in the middle of its ppo_epochs."""
+        return {"buffer": self.buffer} if self.config.ppo_epochs > 1 and self.buffer is not None else None
+
+    def load_extra_state(self, state) -> None:
+        self.buffer = state["buffer"]

@@ -1,0 +1,190 @@
+import pytest
+import torch
+
+import envs
+from agents.optim import OptimConfig, accumulate_gradients, build_optimizer
+from agents.policy import LMPolicy, LoRASpec
+from agents.ppo import PPOConfig, PPORegime, config_errors, gae, group_advantages
+
+
+def digit_fraction(completions, answers):
+    """Partial-credit reward that varies within a group even for a random model (the arith verifier gives 0)."""
+    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return envs.load_tasks("ArithRLVR-v0", "train", 6)
+
+
+def _regime(policy, tasks, **kw):
+    cfg = PPOConfig(**{"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 8, **kw})
+    return PPORegime(policy, tasks, digit_fraction, cfg, micro_batch=3, seed=1)
+
+
+def _by_hand(policy, chunks, old=None, ref=None):
+    """Per-sequence, unpadded recomputation: sum over the buffer of (logp, entropy, A, ratio terms)."""
+    rows = []
+    for c in chunks:
+        for b in range(len(c["input_ids"])):
+            keep = c["attention_mask"][b].bool()
+            ids = c["input_ids"][b][keep][None]
+            lab = c["labels"][b][keep]
+            pos = (lab[1:] != -100).nonzero().flatten()
+            logits = policy.model(input_ids=ids).logits[0, :-1].float()[pos]
+            logq = torch.log_softmax(logits, -1)
+            logp = logq.gather(-1, lab[1:][pos][:, None]).squeeze(-1)
+            ent = -(logq.exp() * logq).sum(-1)
+            adv = c["advantages"][b][c["labels"][b][1:] != -100]
+            rows.append(dict(logp=logp, ent=ent, adv=adv,
+                             old=c["old_logp"][b][c["labels"][b][1:] != -100],
+                             ref=None if c["ref_logp"] is None else c["ref_logp"][b][c["labels"][b][1:] != -100]))
+    return rows
+
+
+def test_group_advantages_and_gae_by_hand():
+    r = torch.tensor([1.0, 0.0, 0.5, 0.5, 0.2, 0.2, 0.2, 0.2])
+    assert torch.allclose(group_advantages(r, 4), torch.tensor([0.5, -0.5, 0, 0, 0, 0, 0, 0.0]))
+    scaled = group_advantages(r, 4, scale_by_std=True)
+    assert scaled[0].item() == pytest.approx(0.5 / r[:4].std().item(), rel=1e-4)
+    mask = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 0]], dtype=torch.bool)
+    values = torch.tensor([[0.0, 0.2, 0.4, 0.6], [0.0, 0.0, 0.3, 0.0]]) * mask
+    adv, ret = gae(torch.tensor([1.0, 0.0]), values, mask, gamma=1.0, lam=0.5)
+    d3 = 1.0 - 0.6
+    d2 = 0.6 - 0.4
+    d1 = 0.4 - 0.2
+    assert torch.allclose(adv[0, 1:], torch.tensor([d1 + 0.5 * (d2 + 0.5 * d3), d2 + 0.5 * d3, d3]))
+    assert adv[1, 2].item() == pytest.approx(-0.3) and adv[0, 0] == 0 and adv[1, 3] == 0
+    assert torch.allclose(ret, (adv + values) * mask)
+
+
+def test_loss_at_ratio_one_equals_policy_gradient_objective_by_hand(tiny_model_dir, tasks):
+    torch.manual_seed(0)
+    policy = LMPolicy.from_pretrained(tiny_model_dir)
+    regime = _regime(policy, tasks, kl_coef=0.1, entropy_coef=0.01)
+    rng = torch.get_rng_state()
+    chunks, metrics = regime.next_batch(policy, 0)
+    assert torch.equal(torch.get_rng_state(), rng)  # rollouts draw from their own generator only
+    assert [len(c["input_ids"]) for c in chunks] == [3, 3, 2]  # groups of 4 straddle chunk boundaries
+    rewards = torch.cat([c["rewards"] for c in chunks])
+    texts = sum((c["texts"] for c in chunks), [])
+    assert torch.allclose(rewards, torch.tensor(digit_fraction(texts, None), dtype=torch.float32))
+    assert rewards.std() > 0, "the test needs rewards that vary"
+    assert metrics["env/reward_mean"] == pytest.approx(rewards.mean().item())
+    expected_adv = rewards - rewards.view(2, 4).mean(1).repeat_interleave(4)
+
+    params = list(policy.trainable_parameters().values())
+    loss, stats = accumulate_gradients(lambda c: regime.loss_and_stats(policy, c), chunks)
+    ours = [p.grad.clone() for p in params]
+    policy.model.zero_grad(set_to_none=True)
+
+    rows = _by_hand(policy, chunks)
+    n = sum(len(r["logp"]) for r in rows)
+    assert n == chunks[0]["normalizer"]
+    for r, a in zip(rows, expected_adv):
+        assert torch.allclose(r["adv"], a.expand_as(r["adv"]))
+        assert torch.allclose(r["logp"].detach(), r["old"], atol=1e-5)  # ratio 1
+    pg = sum(-(r["adv"] * r["logp"]).sum() for r in rows) / n
+    ent = sum(r["ent"].sum() for r in rows) / n
+    hand = pg - 0.01 * ent  # + 0.1 * k3, which is 0 with value and gradient 0 at θ = θ_ref
+    hand.backward()
+    # at ρ = 1 the loss value is -mean(Â) - c_H H (the ratio's value is 1, its gradient is ∇ log π)
+    value_at_one = -sum((r["adv"]).sum() for r in rows) / n - 0.01 * ent
+    assert loss.item() == pytest.approx(value_at_one.item(), abs=1e-5)
+    assert stats["rl/kl"] == pytest.approx(0.0, abs=1e-6) and stats["rl/clip_frac"] == 0.0
+    assert stats["rl/entropy"] == pytest.approx(ent.item(), rel=1e-4)
+    num = sum(((a - p.grad) ** 2).sum() for a, p in zip(ours, params)).sqrt()
+    den = sum((p.grad ** 2).sum() for p in params).sqrt()
+    assert den > 0 and num / den < 1e-4
+
+
+def test_clipped_surrogate_and_kl_after_a_step_by_hand(tiny_model_dir, tasks):
+    policy = LMPolicy.from_pretrained(tiny_model_dir)
+    regime = _regime(policy, tasks, kl_coef=0.2, clip_eps=0.1, ppo_epochs=2)
+    opt = build_optimizer(policy.trainable_parameters().values(), OptimConfig(lr=3.0, momentum=0.0, weight_decay=0))
+    chunks, _ = regime.next_batch(policy, 0)
+    accumulate_gradients(lambda c: regime.loss(policy, c), chunks)
+    opt.step()
+    again, m = regime.next_batch(policy, 1)
+    assert again is chunks and m == {}  # second epoch on the same buffer
+    with torch.no_grad():
+        parts = [regime.loss_and_stats(policy, c) for c in chunks]
+        loss = sum(p[0] for p in parts)
+        stats = {k: sum(p[1][k] for p in parts) for k in parts[0][1]}
+        rows = _by_hand(policy, chunks)
+    n = sum(len(r["logp"]) for r in rows)
+    surr = kl = clipped = 0.0
+    for r in rows:
+        ratio = torch.exp(r["logp"] - r["old"])
+        surr += -torch.minimum(ratio * r["adv"], ratio.clamp(0.9, 1.1) * r["adv"]).sum()
+        d = r["ref"] - r["logp"]
+        kl += (d.exp() - d - 1).sum()
+        clipped += ((ratio - 1).abs() > 0.1).sum()
+    assert clipped > 0 and stats["rl/clip_frac"] == pytest.approx(float(clipped) / n)
+    assert stats["rl/kl"] == pytest.approx(float(kl) / n, rel=1e-4) and stats["rl/kl"] > 0
+    assert loss.item() == pytest.approx(float(surr + 0.2 * kl) / n, rel=1e-4, abs=1e-6)
+
+
+def test_ppo_lora_reference_is_base_and_base_stays_bit_identical(tiny_model_dir, tasks):
+    policy = LMPolicy.from_pretrained(tiny_model_dir, lora=LoRASpec(rank=4, alpha=8.0))
+    base = LMPolicy.from_pretrained(tiny_model_dir)
+    frozen = {k: p.detach().clone() for k, p in policy.model.named_parameters() if not p.requires_grad}
+    regime = _regime(policy, tasks, kl_coef=0.1)
+    assert regime.reference is None  # no copy under LoRA
+    opt = build_optimizer(policy.trainable_parameters().values(), OptimConfig(name="adam", lr=0.05, weight_decay=0))
+    for step in range(2):
+        chunks, _ = regime.next_batch(policy, step)
+        opt.zero_grad()
+        loss, stats = accumulate_gradients(lambda c: regime.loss_and_stats(policy, c), chunks)
+        opt.step()
+    for k, p in policy.model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p.detach(), frozen[k]), k
+    with torch.no_grad():
+        c = chunks[0]
+        ref_now = regime._reference_logprobs(policy, c)
+        base_logp, _ = base.token_logprobs(c["input_ids"], c["attention_mask"], c["labels"])
+        pol_logp, _ = policy.token_logprobs(c["input_ids"], c["attention_mask"], c["labels"])
+    assert torch.allclose(ref_now, base_logp, atol=1e-6) and torch.allclose(c["ref_logp"], base_logp, atol=1e-6)
+    assert not torch.allclose(pol_logp, base_logp, atol=1e-4)  # adapters moved the policy
+    assert stats["rl/kl"] > 0
+
+
+def test_value_head_fits_returns_without_touching_the_policy_gradient(tiny_model_dir, tasks):
+    policy = LMPolicy.from_pretrained(tiny_model_dir)
+    params = list(policy.trainable_parameters().values())
+    grads = {}
+    for vf in (0.0, 1.0):
+        regime = _regime(policy, tasks, advantage="value", vf_coef=vf, kl_coef=0.0)
+        chunks, _ = regime.next_batch(policy, 0)
+        policy.model.zero_grad(set_to_none=True)
+        accumulate_gradients(lambda c: regime.loss(policy, c), chunks)
+        grads[vf] = [p.grad.clone() for p in params]
+    assert all(torch.equal(a, b) for a, b in zip(grads[0.0], grads[1.0]))
+    head = regime.value_head
+    opt = torch.optim.SGD(head.parameters(), lr=0.02)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        _, stats = accumulate_gradients(lambda c: regime.loss_and_stats(policy, c), chunks)
+        losses.append(stats["rl/value_loss"])
+        opt.step()
+    assert losses[-1] < losses[0]
+    # with V = 0 at init and γ = 1, the GAE advantage of every token is λ^(steps to the end) · r
+    c = chunks[0]
+    first = (c["labels"][0, 1:] != -100).nonzero().flatten()
+    r = c["rewards"][0].item()
+    assert c["advantages"][0, first[-1]].item() == pytest.approx(r)
+    assert c["advantages"][0, first[0]].item() == pytest.approx(r * 0.95 ** (len(first) - 1), rel=1e-5)
+
+
+def test_rollouts_are_reproducible_and_config_is_checked(tiny_model_dir, tasks):
+    policy = LMPolicy.from_pretrained(tiny_model_dir)
+    a, _ = _regime(policy, tasks, kl_coef=0.0).next_batch(policy, 3)
+    b, _ = _regime(policy, tasks, kl_coef=0.0).next_batch(policy, 3)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))
+    assert config_errors(PPOConfig()) == []
+    assert any("group_size" in e for e in config_errors(PPOConfig(group_size=1)))
+    assert any("advantage" in e for e in config_errors(PPOConfig(advantage="td")))
+    with pytest.raises(ValueError, match="temperature"):
+        PPORegime(policy, tasks, digit_fraction, PPOConfig(temperature=0.0))
