@@ -134,34 +134,14 @@ def attach_probes(trainer, batches: Sequence[Any], config: ProbeConfig = ProbeCo
 
 
 # ------------------------------------------------------------------------------------------------ rewards
-def _completion_text(completion: Any) -> Any:
-    # TRL passes plain strings for text prompts and [{"role": "assistant", "content": ...}] for chat prompts.
-    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
-        return completion[-1].get("content", "")
-    return completion
-
-
-def env_reward_function(env_id: str, answer_column: str = "answer") -> Callable[..., list[float]]:
+def env_reward_function(env_id: str, **env_kwargs: Any) -> Callable[..., list[float]]:
     """TRL reward function (GRPOTrainer / RLOOTrainer ``reward_funcs``) scoring completions with ``env_id``'s
-    verifier against the dataset column ``answer_column`` (TRL passes extra columns as list kwargs; keep
-    ``remove_unused_columns=False``, the GRPOConfig default). Rewards in [0, 1]; malformed completions score 0."""
-    import envs
+    verifier against the dataset column ``answer`` (TRL passes extra columns as list kwargs; keep
+    ``remove_unused_columns=False``, the GRPOConfig default). Rewards in [0, 1]; malformed completions score 0.
+    This is ``envs.verify.make_trl_reward``, re-exported so TRL users find rewards next to the probe callback."""
+    from envs.verify import make_trl_reward
 
-    env = envs.make_unwrapped(env_id)  # fails now, with gymnasium's message, on an unknown id
-
-    def reward(prompts=None, completions=None, **kwargs) -> list[float]:
-        if completions is None:
-            raise ValueError("reward function called without completions")
-        if answer_column not in kwargs:
-            raise KeyError(
-                f"reward for {env_id} needs a dataset column {answer_column!r} (got {sorted(kwargs)}); build the "
-                f"dataset with agents.trl_bridge.env_dataset and keep remove_unused_columns=False"
-            )
-        texts = [_completion_text(c) for c in completions]
-        return [float(r) for r in envs.score_batch(env, texts, list(kwargs[answer_column]))]
-
-    reward.__name__ = f"{env_id.replace('-', '_')}_reward"  # TRL logs rewards/<__name__>/mean
-    return reward
+    return make_trl_reward(env_id, **env_kwargs)
 
 
 def env_rows(env_id: str, split: str = "train", n: int | None = None) -> list[dict[str, str]]:

@@ -89,11 +89,12 @@ def test_env_reward_function_scores_demonstrations():
     rows = env_rows(ENV, n=6)
     answers = [r["answer"] for r in rows]
     assert reward(prompts=None, completions=[r["completion"] for r in rows], answer=answers) == [1.0] * 6
-    assert reward(completions=["garbage", "", "Answer: banana", None, 7, "Answer:"], answer=answers) == [0.0] * 6
+    garbage = ["garbage", "", "Answer: banana", None, 7, "Answer:"]
+    assert reward(prompts=None, completions=garbage, answer=answers) == [0.0] * 6
     chat = [[{"role": "assistant", "content": r["completion"]}] for r in rows]
-    assert reward(completions=chat, answer=answers) == [1.0] * 6
-    with pytest.raises(KeyError, match="answer"):
-        reward(completions=["x"])
+    assert reward(prompts=None, completions=chat, answer=answers) == [1.0] * 6
+    with pytest.raises(TypeError, match="answer"):
+        reward(prompts=None, completions=["x"])
 
 
 def test_env_reward_function_in_grpo_trainer(tiny_model_dir, tmp_path):
