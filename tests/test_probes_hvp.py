@@ -1,0 +1,166 @@
+"""HessianOperator against closed forms and torch.autograd.functional.hessian in float64."""
+import warnings
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from probes import HessianOperator, lambda_max, top_eigenvalues
+from probes.testing import mlp_problem, neox_batch, neox_loss_fn, tiny_neox
+
+D = torch.float64
+
+
+def dense_hessian(model, params, loss_fn, chunks):
+    """Ground truth: autograd.functional.hessian of Σ_c loss over the flat ``params`` (by functional_call)."""
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, chunk):
+            return loss_fn(chunk)
+
+    wrap = Wrap()
+    base = {n: p.detach() for n, p in wrap.named_parameters()}
+    names, sizes = list(params), [p.numel() for p in params.values()]
+
+    def f(flat):
+        d = dict(base)
+        for n, t in zip(names, torch.split(flat, sizes)):
+            d["model." + n] = t.view(params[n].shape)
+        return sum(torch.func.functional_call(wrap, d, (c,)) for c in chunks)
+
+    flat0 = torch.cat([p.detach().reshape(-1) for p in params.values()])
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.autograd.functional.hessian(f, flat0, vectorize=True)
+
+
+def test_linear_regression_closed_form():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 5, generator=g, dtype=D), torch.randn(40, generator=g, dtype=D)
+    w = torch.zeros(5, dtype=D, requires_grad=True)
+    chunks = [(x[i:i + 10], y[i:i + 10]) for i in range(0, 40, 10)]
+    op = HessianOperator([w], lambda c: ((c[0] @ w - c[1]) ** 2).sum() / 40, chunks)
+    torch.testing.assert_close(op.dense(), 2 / 40 * x.T @ x, rtol=1e-12, atol=1e-12)
+    res = top_eigenvalues(op, k=2, tol=1e-10)
+    torch.testing.assert_close(res.values, torch.linalg.eigvalsh(2 / 40 * x.T @ x).flip(0)[:2], rtol=1e-10, atol=0)
+
+
+def test_logistic_regression_closed_form():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(60, 7, generator=g, dtype=D)
+    y = (torch.rand(60, generator=g, dtype=D) < 0.5).to(D)
+    w = (0.3 * torch.randn(7, generator=g, dtype=D)).requires_grad_()
+    loss = lambda c: torch.nn.functional.binary_cross_entropy_with_logits(c[0] @ w, c[1], reduction="sum") / 60
+    op = HessianOperator([w], loss, [(x[:25], y[:25]), (x[25:], y[25:])])
+    s = torch.sigmoid(x @ w.detach())
+    truth = x.T @ torch.diag(s * (1 - s)) @ x / 60
+    torch.testing.assert_close(op.dense(), truth, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(op.gradient(), x.T @ (s - y) / 60, rtol=1e-12, atol=1e-14)
+
+
+def test_mlp_against_autograd_hessian_and_modes_agree():
+    model, params, loss_fn, chunks = mlp_problem()
+    truth = dense_hessian(model, params, loss_fn, chunks)
+    evals = torch.linalg.eigvalsh(truth).flip(0)
+    v = torch.randn(truth.shape[0], generator=torch.Generator().manual_seed(0), dtype=D)
+    for mode, rtol in (("cache", 1e-12), ("recompute", 1e-12), ("fd", 1e-6)):
+        op = HessianOperator(params, loss_fn, chunks, mode=mode)
+        torch.testing.assert_close(op.matvec(v), truth @ v, rtol=rtol, atol=rtol * float((truth @ v).abs().max()))
+        res = top_eigenvalues(op, k=3, tol=1e-6, max_hvps=300)
+        torch.testing.assert_close(res.values, evals[:3], rtol=1e-6, atol=0)
+    op = HessianOperator(params, loss_fn, chunks)
+    torch.testing.assert_close(op.dense().trace(), truth.trace(), rtol=1e-10, atol=0)
+
+
+def test_cache_is_rebuilt_after_inplace_update():
+    model, params, loss_fn, chunks = mlp_problem()
+    op = HessianOperator(params, loss_fn, chunks, mode="cache")
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0), dtype=D)
+    before = op.matvec(v)
+    with torch.no_grad():
+        for p in params.values():
+            p.mul_(1.1)
+    fresh = HessianOperator(params, loss_fn, chunks, mode="recompute").matvec(v)
+    after = op.matvec(v)
+    assert (after - before).norm() > 1e-3 * before.norm()
+    torch.testing.assert_close(after, fresh, rtol=1e-12, atol=1e-12)
+
+
+def test_fd_restores_parameters_bitwise():
+    model, params, loss_fn, chunks = mlp_problem(dtype=torch.float32)
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    op = HessianOperator(params, loss_fn, chunks, mode="fd")
+    op.matvec(torch.ones(op.dim, dtype=D))
+    assert all(torch.equal(saved[n], p) for n, p in params.items())
+
+
+def test_tiny_neox_sdpa_full_model_eigs():
+    """The 28k-parameter Hessian is too big for a dense oracle: check λ₁..λ₃ over the QKV biases (second
+    derivatives through softmax attention), layer 1's attention output and the final norm (SDPA model: HVPs go
+    through the math kernel), and the full-model HVP against finite differences."""
+    model = tiny_neox(dtype=D)
+    lf = neox_loss_fn(model)
+    chunks = neox_batch()
+    sub = {n: p for n, p in model.named_parameters()
+           if "query_key_value.bias" in n or "layers.1.attention.dense" in n or "final_layer_norm" in n}
+    truth = dense_hessian(model, sub, lf, chunks)
+    res = lambda_max(sub, lf, chunks, k=3, tol=1e-7, max_hvps=400, model=model)
+    torch.testing.assert_close(res.values, torch.linalg.eigvalsh(truth).flip(0)[:3], rtol=1e-6, atol=0)
+    full = dict(model.named_parameters())
+    v = torch.randn(sum(p.numel() for p in full.values()), generator=torch.Generator().manual_seed(2), dtype=D)
+    hv = HessianOperator(full, lf, chunks, mode="cache", model=model).matvec(v)
+    fd = HessianOperator(full, lf, chunks, mode="fd", model=model).matvec(v)
+    assert float((hv - fd).norm() / hv.norm()) < 1e-6
+
+
+def test_lora_operator_dimension_and_indefinite_spectrum():
+    model = tiny_neox(hidden=16, heads=2, vocab=20, dtype=D, lora_rank=2)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    lf, chunks = neox_loss_fn(model), neox_batch(vocab=20)
+    op = HessianOperator(trainable, lf, chunks, model=model)
+    assert op.dim == sum(p.numel() for p in model.parameters() if p.requires_grad) == 384
+    assert all("lora_" in n for n in op.names)
+    truth = dense_hessian(model, trainable, lf, chunks)
+    evals = torch.linalg.eigvalsh(truth)
+    assert evals[0] < 0 < evals[-1] and abs(evals[0]) > evals[-1]   # indefinite, most negative is largest |λ|
+    res = top_eigenvalues(op, k=3, tol=1e-7, max_hvps=300)
+    torch.testing.assert_close(res.values, evals.flip(0)[:3], rtol=1e-6, atol=0)
+
+
+def test_flash_attention_and_reentrant_checkpointing_are_refused():
+    model = tiny_neox(dtype=D)
+    lf, chunks = neox_loss_fn(model), neox_batch()
+    params = dict(model.named_parameters())
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(RuntimeError, match="no double backward"):
+        HessianOperator(params, lf, chunks, model=model)
+    model.config._attn_implementation = "sdpa"
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    with pytest.raises(RuntimeError, match="reentrant"):
+        HessianOperator(params, lf, chunks, model=model)
+    # without the model to inspect, the autograd error itself is explained
+    with pytest.raises(RuntimeError, match="reentrant"):
+        HessianOperator(params, lf, chunks).matvec(torch.ones(sum(p.numel() for p in params.values()), dtype=D))
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    op = HessianOperator(params, lf, chunks, model=model)
+    assert torch.isfinite(op.matvec(torch.ones(op.dim, dtype=D))).all()
+
+
+def test_low_precision_warns_and_bad_input_errors():
+    w = torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)
+    with pytest.warns(UserWarning, match="bf16|bfloat16"):
+        HessianOperator([w], lambda c: (w.float() ** 2).sum(), [None])
+    with pytest.raises(ValueError, match="mode"):
+        HessianOperator([w], lambda c: w.sum(), [None], mode="jvp")
+    with pytest.raises(ValueError, match="empty"):
+        HessianOperator([w], lambda c: w.sum(), [])
+    with pytest.raises(ValueError, match="requires_grad"):
+        HessianOperator([torch.zeros(3)], lambda c: 0, [None])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        op = HessianOperator([w], lambda c: w.float().sum()[None], [None])
+    with pytest.raises(ValueError, match="scalar"):
+        op.matvec(torch.ones(3, dtype=D))
