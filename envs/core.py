@@ -77,7 +77,7 @@ class TextTaskEnv(gym.Env[str, str]):
         render_mode: None or "ansi".
     """
 
-    metadata = {"render_modes": ["ansi"]}
+    metadata = {"render_modes": ["ansi"], "render_fps": 1}
     verifiable = True  # False for soft-scored envs (reward is a similarity, not a check)
     max_prompt_chars = 512
 

@@ -9,7 +9,7 @@ family     prompt (before the format instruction)                        answer
 reverse    Reverse the letters of 'apple'.                               elppa
 sort       Sort ascending: 42 7 19.                                      7 19 42
 count      How many times does 'a' occur in 'banana'?                    3
-json       Write name=bob, age=7 as a JSON object.                       {"name": "bob", "age": 7}
+json       Write name=bob, age=7 as a JSON object.                       {"name":"bob","age":7}
 upper      Write 'red fox' in capital letters.                           RED FOX
 acronym    Give the first letter of each word: red fox jumps.            rfj
 repeat     Repeat 'ok' 3 times, separated by spaces.                     ok ok ok
@@ -53,15 +53,14 @@ def draw_instruction(family: str, r: Uniforms, min_items: int, max_items: int) -
         c = r.pick(w) if r.u() < 0.8 else r.pick("abcdefghijklmnopqrstuvwxyz")  # sometimes 0
         return f"How many times does '{c}' occur in '{w}'?", str(w.count(c))
     if family == "json":
-        n = r.int(2, 3)
-        keys = []
-        while len(keys) < n:
+        keys = [r.pick(_KEYS)]
+        while len(keys) < 2:
             k = r.pick(_KEYS)
             if k not in keys:
                 keys.append(k)
         obj = {k: (r.int(1, 99) if k in _INT_KEYS else r.pick(WORDS)) for k in keys}
         spec = ", ".join(f"{k}={v}" for k, v in obj.items())
-        return f"Write {spec} as a JSON object.", json.dumps(obj)
+        return f"Write {spec} as a JSON object.", json.dumps(obj, separators=(",", ":"))
     if family == "upper":
         ws = " ".join(r.pick(WORDS) for _ in range(r.int(1, 2)))
         return f"Write '{ws}' in capital letters.", ws.upper()

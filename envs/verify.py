@@ -27,8 +27,9 @@ MAX_COMPLETION_CHARS = 4096  # longer completions are rejected (reward 0, error)
 _MARKER_LINES = re.compile(re.escape(MARKER) + r"([^\n]*)")
 # An integer with optional sign, optional thousands commas (only proper 3-digit groups, so "8,2" is NOT 82),
 # optional ".0…" and one optional sentence-final period. 40 digits caps int() cost (CPython limits int(str) size).
-_INTEGER = re.compile(r"([+-]?)(\d{1,3}(?:,\d{3}){1,13}|\d{1,40})(?:\.0*)?\.?")
-_WORD = re.compile(r"[0-9a-z]+")
+# re.ASCII: "\d" must not match other scripts' digits (int("８２") == 82).
+_INTEGER = re.compile(r"([+-]?)(\d{1,3}(?:,\d{3}){1,13}|\d{1,40})(?:\.0*)?\.?", re.ASCII)
+_WORD = re.compile(r"[0-9a-z]+")  # lower-cased text: ASCII words only
 
 
 class Verdict(NamedTuple):

@@ -38,7 +38,7 @@ def default_answers(env: TextTaskEnv, n_tasks: int = 500) -> list[str]:
         return answers
 
 
-class AnswerChoiceView(gym.Wrapper):
+class AnswerChoiceView(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """Char-id observations and a Discrete choice among ``answers`` (see module docstring).
 
     Args:
@@ -49,7 +49,8 @@ class AnswerChoiceView(gym.Wrapper):
     """
 
     def __init__(self, env: gym.Env, answers: Sequence[str] | None = None, obs_len: int = 64):
-        super().__init__(env)
+        gym.utils.RecordConstructorArgs.__init__(self, answers=answers, obs_len=obs_len)
+        gym.Wrapper.__init__(self, env)
         text_env = env.unwrapped
         if not isinstance(text_env, TextTaskEnv):
             raise TypeError(f"AnswerChoiceView needs a TextTaskEnv, got {type(text_env).__name__}")
