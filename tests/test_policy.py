@@ -166,3 +166,30 @@ def test_dtype_resolution(tiny_model_dir):
     assert LMPolicy.from_pretrained(tiny_model_dir, dtype="float64").model.dtype == torch.float64
     with pytest.raises(ValueError, match="unknown dtype"):
         LMPolicy.from_pretrained(tiny_model_dir, dtype="float99")
+
+
+def test_sampling_follows_tempered_softmax(policy):
+    """First-token frequencies over 4000 draws match softmax(logits / T) within 4 standard errors."""
+    T, n = 0.5, 4000
+    with torch.no_grad():  # sharpen the random-init output layer so temperature visibly matters
+        policy.model.get_output_embeddings().weight.mul_(40.0)
+    gen = policy.generate([PROMPTS[0]] * n, max_new_tokens=1, temperature=T, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([c[0] for c in gen.completion_ids])
+    with torch.no_grad():
+        logits = policy.model(input_ids=torch.tensor([gen.prompt_ids[0]])).logits[0, -1].double()
+    probs = torch.softmax(logits / T, -1)
+    freq = torch.bincount(ids, minlength=probs.numel()).double() / n
+    se = (probs * (1 - probs) / n).sqrt()
+    assert ((freq - probs).abs() <= 4 * se + 1e-3).all()
+    assert probs.max() > 0.05  # peaked enough that T = 1 would be rejected:
+    wrong = torch.softmax(logits, -1)
+    assert not ((freq - wrong).abs() <= 4 * se + 1e-3).all()
+
+
+def test_lora_generation_starts_at_the_base_model(tiny_model_dir, policy):
+    """LoRA B is zero at init, so the adapted policy generates exactly what the base model does (KV cache and
+    position ids pass through the peft wrapper)."""
+    lora = LMPolicy.from_pretrained(tiny_model_dir, lora=LoRASpec(rank=4, dropout=0.1))
+    g = torch.Generator
+    assert (lora.generate(PROMPTS, 8, temperature=1.0, generator=g().manual_seed(3)).completion_ids
+            == policy.generate(PROMPTS, 8, temperature=1.0, generator=g().manual_seed(3)).completion_ids)
