@@ -1,0 +1,149 @@
+import json
+import math
+
+import pytest
+import torch
+
+import envs
+from agents.optim import OptimConfig, build_optimizer, build_scheduler
+from agents.policy import LMPolicy
+from agents.ppo import PPOConfig, PPORegime
+from agents.sft import SFTRegime
+from agents.trainer import Trainer, TrainConfig, checkpoint_dirs, read_metrics
+from probes import ProbeConfig, Prober
+
+
+def digit_fraction(completions, answers):
+    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return envs.load_tasks("ArithRLVR-v0", "train", 16), envs.load_tasks("ArithRLVR-v0", "test", 3)
+
+
+def make_trainer(model_dir, run_dir, data, *, steps, regime="sft", optim=OptimConfig(name="adam", lr=3e-3),
+                 prober=None, **train_kw):
+    train_tasks, eval_tasks = data
+    policy = LMPolicy.from_pretrained(model_dir)
+    cfg = TrainConfig(**{"steps": steps, "micro_batch": 2, "grad_accum": 2, "eval_every": 0, "retention_every": 0,
+                         "checkpoint_every": 3, "eval_max_new_tokens": 4, "n_samples": 2, **train_kw})
+    if regime == "sft":
+        reg = SFTRegime(train_tasks, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum, seed=cfg.seed)
+        score = lambda c, a: envs.score_batch("ArithRLVR-v0", c, a)  # noqa: E731
+    else:
+        ppo = PPOConfig(prompts_per_step=2, group_size=2, max_new_tokens=4, ppo_epochs=2, kl_coef=0.1)
+        reg = PPORegime(policy, train_tasks, digit_fraction, ppo, micro_batch=2, seed=cfg.seed)
+        score = digit_fraction
+    opt = build_optimizer(policy.trainable_parameters().values(), optim)
+    sched = build_scheduler(opt, optim, steps)
+    return Trainer(policy, reg, opt, cfg, run_dir, scheduler=sched, prober=prober, eval_tasks=eval_tasks,
+                   score_fn=score, progress=False)
+
+
+def _params(trainer):
+    return {k: v.detach().clone() for k, v in trainer.policy.trainable_parameters().items()}
+
+
+def _losses(run_dir):
+    return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+@pytest.mark.parametrize("regime, optim", [
+    ("sft", OptimConfig(name="adam", lr=3e-3)),
+    ("rl", OptimConfig(name="sgd", lr=0.05, momentum=0.9, nesterov=True)),  # resumes mid-buffer (ppo_epochs=2)
+])
+def test_resume_continues_the_same_trajectory_bitwise(tiny_model_dir, tmp_path, data, regime, optim):
+    straight = make_trainer(tiny_model_dir, tmp_path / "a", data, steps=6, regime=regime, optim=optim)
+    assert straight.train() == "completed"
+    first = make_trainer(tiny_model_dir, tmp_path / "b", data, steps=3, regime=regime, optim=optim)
+    first.train()
+    torch.manual_seed(12345)  # scramble the global RNG: the checkpoint must restore it
+    resumed = make_trainer(tiny_model_dir, tmp_path / "b", data, steps=6, regime=regime, optim=optim)
+    assert resumed.train() == "completed"
+    a, b = _params(straight), _params(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b") and len(_losses(tmp_path / "a")) == 6
+    steps = [r["step"] for r in read_metrics(tmp_path / "b")]
+    assert steps == sorted(steps) and steps.count(3) == 1  # the stopped run's final row was replaced
+    assert torch.equal(torch.get_rng_state(), straight_rng(tmp_path / "a"))
+    assert [s for s, _ in checkpoint_dirs(tmp_path / "b")] == [3, 6]
+    status = json.loads((tmp_path / "b" / "status.json").read_text())
+    assert status["status"] == "completed" and status["step"] == 6
+    assert (tmp_path / "b" / "DONE").read_text() == (tmp_path / "b" / "status.json").read_text()
+
+
+def straight_rng(run_dir):
+    return torch.load(run_dir / "checkpoints" / "step_6" / "rng.pt", weights_only=False)["torch"]
+
+
+def test_probes_on_and_off_train_bitwise_identically(tiny_model_dir, tmp_path, data):
+    off = make_trainer(tiny_model_dir, tmp_path / "off", data, steps=4, checkpoint_every=0)
+    off.train()
+    prober = Prober(ProbeConfig(every=1, batch_sharpness_every=2, batch_min_samples=2, batch_max_samples=2,
+                                max_hvps=6))
+    on = make_trainer(tiny_model_dir, tmp_path / "on", data, steps=4, checkpoint_every=0, prober=prober)
+    on.train()
+    a, b = _params(off), _params(on)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _losses(tmp_path / "off") == _losses(tmp_path / "on")
+    rows = [r for r in read_metrics(tmp_path / "on") if "probe/lambda_max" in r]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert all(math.isfinite(r["probe/lambda_max"]) for r in rows)
+    assert "probe/batch_sharpness" in rows[2] and "probe/update_sharpness" in rows[1]
+
+
+def test_update_passed_to_probes_is_the_last_step(tiny_model_dir, tmp_path, data):
+    seen = {}
+
+    class Recorder:  # a prober that records what the trainer hands it
+        def due(self, step):
+            return True
+
+        def __call__(self, ctx):
+            seen[ctx.step] = (ctx.update, {k: v.detach().clone() for k, v in ctx.params.items()},
+                              sum(float(ctx.loss_fn(c).detach()) for c in ctx.batches))
+            return {}
+
+    t = make_trainer(tiny_model_dir, tmp_path, data, steps=3, checkpoint_every=0, prober=Recorder())
+    t.train()
+    assert seen[0][0] is None
+    for s in (1, 2):
+        update, now, loss = seen[s]
+        before = seen[s - 1][1]
+        assert all(torch.equal(update[k], now[k] - before[k]) for k in now)
+    assert _losses(tmp_path)[1] == pytest.approx(seen[1][2], rel=1e-6)  # probes see the loss that is stepped on
+
+
+def test_divergence_ends_cleanly_and_keeps_good_checkpoints(tiny_model_dir, tmp_path, data):
+    sgd = OptimConfig(name="sgd", lr=30.0, momentum=0.9, weight_decay=0.0)
+    t = make_trainer(tiny_model_dir, tmp_path, data, steps=30, checkpoint_every=1, divergence_loss=8.0, optim=sgd)
+    assert t.train() == "diverged"
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["status"] == "diverged" and "train/loss" in status["reason"]
+    assert (tmp_path / "DONE").exists()
+    rows = [r for r in read_metrics(tmp_path) if "train/loss" in r]
+    last = rows[-1]
+    assert last["step"] == status["step"] and (last["train/loss"] is None or last["train/loss"] > 8.0)
+    assert all(r["train/loss"] is not None and r["train/loss"] <= 8.0 for r in rows[:-1])
+    ckpts = checkpoint_dirs(tmp_path)
+    assert ckpts and ckpts[-1][0] == status["step"]  # θ at the diverging step; nothing after it
+    fresh = make_trainer(tiny_model_dir, tmp_path / "x", data, steps=30, optim=sgd)
+    assert fresh.load_checkpoint(ckpts[-1][1]) == status["step"]
+    assert all(torch.isfinite(p).all() for p in fresh.policy.trainable_parameters().values())
+
+
+def test_samples_and_metrics_files(tiny_model_dir, tmp_path, data):
+    t = make_trainer(tiny_model_dir, tmp_path, data, steps=2, checkpoint_every=0)
+    t.retention_fn = lambda pol: {"retention/perplexity": 7.0, "retention/loss": math.log(7.0)}
+    t.train()
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert {"train/loss", "train/lr", "train/grad_norm", "eval/accuracy", "retention/perplexity"} <= set(rows[0])
+    assert "train/loss" not in rows[2] and "eval/accuracy" in rows[2]
+    assert rows[0]["train/lr"] == pytest.approx(3e-3)
+    samples = json.loads((tmp_path / "samples.json").read_text())
+    assert samples["base_step"] == 0 and samples["final_step"] == 2 and len(samples["rows"]) == 2
+    for r in samples["rows"]:
+        assert {"prompt", "answer", "base", "final", "base_correct", "final_correct"} <= set(r)
+        assert r["final_correct"] == (envs.score_batch("ArithRLVR-v0", [r["final"]], [r["answer"]])[0] >= 1)
