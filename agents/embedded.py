@@ -33,7 +33,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from types import MappingProxyType
+from typing import Iterable, Mapping
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -44,7 +45,7 @@ _MIN_DOC_CHARS = 64  # shorter docstrings ("Return x.") are mostly noise
 
 @dataclass(frozen=True)
 class EmbeddedConfig:
-    """Recipe of the embedded model. Defaults: 2×128 GPT-NeoX (≈1.45M params), ~3 min pre-training on one CPU core."""
+    """Recipe of the embedded model. Defaults: 2×128 GPT-NeoX (≈1.45M params), ~3 min pre-training on an idle core."""
 
     seed: int = 0
     # corpus
@@ -134,8 +135,10 @@ def _arith_documents(n_chars: int, seed: int, lines_per_doc: int = 16) -> list[s
 
 
 @functools.lru_cache(maxsize=4)
-def build_corpus(cfg: EmbeddedConfig) -> dict[str, tuple[str, ...]]:
-    """{"train": documents (prose + arithmetic), "retention": held-out prose}; deterministic given cfg + Python."""
+def build_corpus(cfg: EmbeddedConfig) -> Mapping[str, tuple[str, ...]]:
+    """{"train": documents (prose + arithmetic), "retention": held-out prose}; deterministic given cfg + Python.
+
+    Read-only (cached per config)."""
     seen: set[str] = set()
     prose: list[str] = []
     total = 0
@@ -153,7 +156,7 @@ def build_corpus(cfg: EmbeddedConfig) -> dict[str, tuple[str, ...]]:
     retention = [d for d in prose if _sha(d) % 10_000 < threshold]
     train += _arith_documents(int(cfg.arith_fraction * cfg.corpus_chars), cfg.seed)
     train.sort(key=_sha)  # interleave arithmetic and prose in a fixed order
-    return {"train": tuple(train), "retention": tuple(retention)}
+    return MappingProxyType({"train": tuple(train), "retention": tuple(retention)})
 
 
 def retention_texts(cfg: EmbeddedConfig = EmbeddedConfig(), split: str = "retention") -> list[str]:
@@ -323,10 +326,13 @@ def build_embedded(cfg: EmbeddedConfig, out_dir: Path, progress: bool = True) ->
     retention_stream = _token_stream(tokenizer, corpus["retention"])
     # SDPA for pre-training (first-order only, ~1.4x faster than eager on CPU); LMPolicy reloads with eager
     # attention by default because the probes need double backward.
-    model = init_model(tokenizer, cfg.n_layer, cfg.hidden, cfg.heads, cfg.context, cfg.seed, attn_implementation="sdpa")
+    model = init_model(tokenizer, cfg.n_layer, cfg.hidden, cfg.heads, cfg.context, cfg.seed,
+                       attn_implementation="sdpa")
     with torch.random.fork_rng(devices=[]):  # the build never disturbs the caller's global RNG
         initial = _windows_loss(model, retention_stream, cfg.context, cfg.eval_tokens)
+        t_train = time.perf_counter()
         losses = pretrain(model, train_stream, cfg, progress=progress)
+        t_train = time.perf_counter() - t_train
     final = _windows_loss(model, retention_stream, cfg.context, cfg.eval_tokens)
     seconds = time.perf_counter() - t0
     manifest = {
@@ -342,7 +348,8 @@ def build_embedded(cfg: EmbeddedConfig, out_dir: Path, progress: bool = True) ->
         "retention_loss": final,
         "train_loss_last": losses[-1] if losses else None,
         "seconds": seconds,
-        "tokens_per_second": cfg.steps * cfg.batch_size * min(cfg.context, len(train_stream) - 1) / max(seconds, 1e-9),
+        "pretrain_seconds": t_train,
+        "tokens_per_second": cfg.steps * cfg.batch_size * min(cfg.context, len(train_stream) - 1) / max(t_train, 1e-9),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)

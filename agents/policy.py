@@ -96,11 +96,13 @@ class LMPolicy:
 
         attn_implementation defaults to "eager" because the probes take double-backward Hessian-vector products,
         which the CPU SDPA kernel does not support. A directory saved by ``save`` under LoRA (adapter_config.json)
-        is reloaded as base model + trainable adapters."""
+        is reloaded as base model + trainable adapters (``lora`` is then ignored: the saved adapter config wins)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = str(path_or_name)
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+        offline = any(
+            os.environ.get(v, "0").lower() not in ("", "0", "false", "no") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+        )
         kwargs = dict(local_files_only=offline)
         torch_dtype = _resolve_dtype(dtype)
         adapter_dir = Path(path) / "adapter_config.json"
