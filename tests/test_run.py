@@ -1,0 +1,115 @@
+import json
+import time
+
+import pytest
+
+from agents.optim import OptimConfig
+from agents.ppo import PPOConfig
+from agents.trainer import TrainConfig, read_metrics
+from experiments.run import (ConfigError, EnvConfig, ModelConfig, RunConfig, config_changes, replace, run,
+                             run_name, validate)
+from probes import ProbeConfig
+
+
+def tiny_cfg(model_dir, out_dir, **sections) -> RunConfig:
+    base = RunConfig(
+        model=ModelConfig(name=str(model_dir)),
+        env=EnvConfig(n_train=8, n_eval=2),
+        optim=OptimConfig(name="sgd", lr=0.05),
+        train=TrainConfig(steps=2, micro_batch=2, grad_accum=2, eval_every=0, retention_every=0, retention_tokens=0,
+                          checkpoint_every=1, eval_max_new_tokens=4, n_samples=2),
+        ppo=PPOConfig(prompts_per_step=2, group_size=2, max_new_tokens=4),
+        probe=ProbeConfig(every=0),
+        out_dir=str(out_dir),
+    )
+    return replace(base, **sections)
+
+
+def test_default_config_is_valid_and_named():
+    validate(RunConfig())  # must not build or load the embedded model
+    assert run_name(RunConfig()) == "sft-ArithRLVR-v0-sgd-lr0.01-b16-r0-s0"
+    assert run_name(replace(RunConfig(), regime="rl", model={"lora_rank": 8})) == \
+        "rl-ArithRLVR-v0-sgd-lr0.01-p8x4-r8-s0"
+
+
+@pytest.mark.parametrize("sections, fragment", [
+    ({"optim": {"lr": -1.0}}, "optim.lr"),
+    ({"optim": {"name": "rmsprop"}}, "optim.name"),
+    ({"env": {"env_id": "Nope-v0"}}, "env.env_id"),
+    ({"model": {"lora_rank": -2}}, "lora_rank"),
+    ({"model": {"name": "/no/such/dir"}}, "model.name"),
+    ({"model": {"dtype": "int8"}}, "model.dtype"),
+    ({"regime": "dpo"}, "regime"),
+    ({"train": {"full_batch": True, "micro_batch": 3}}, "divisible"),
+    ({"regime": "rl", "train": {"full_batch": True}}, "full_batch"),
+    ({"regime": "rl", "ppo": {"group_size": 1}}, "group_size"),
+    ({"train": {"steps": 0}}, "train.steps"),
+    ({"name": "a/b"}, "name"),
+])
+def test_validate_reports_each_config_error(tmp_path, sections, fragment):
+    cfg = tiny_cfg(tmp_path, tmp_path, **sections)
+    with pytest.raises(ConfigError, match=fragment):
+        validate(cfg)
+    with pytest.raises(ConfigError, match=fragment):
+        run(cfg)  # fails before anything is written
+    assert not (tmp_path / run_name(cfg)).exists() if "/" not in str(cfg.name) else True
+
+
+def test_validate_lists_all_errors_at_once(tmp_path):
+    cfg = tiny_cfg(tmp_path, tmp_path, optim={"lr": 0.0, "name": "x"}, model={"lora_rank": -1})
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert all(s in str(e.value) for s in ("optim.lr", "optim.name", "lora_rank"))
+
+
+def test_sft_run_writes_the_run_dir_and_skips_when_done(tiny_model_dir, tmp_path):
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, train={"retention_tokens": 256})
+    run_dir = run(cfg, progress=False)
+    assert run_dir == tmp_path / run_name(cfg)
+    meta = json.loads((run_dir / "config.json").read_text())
+    assert meta["config"]["optim"]["lr"] == 0.05 and meta["resumed"] == [] and len(meta["git_hash"]) >= 7
+    assert isinstance(meta["argv"], list)
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert rows[0]["retention/perplexity"] > 1 and "retention/loss" in rows[2]
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+    assert (run_dir / "samples.json").exists()
+    stamp = (run_dir / "metrics.jsonl").stat().st_mtime_ns
+    time.sleep(0.01)
+    assert run(cfg, progress=False) == run_dir  # DONE: skipped
+    assert (run_dir / "metrics.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_resume_with_changed_lr_is_recorded_and_used(tiny_model_dir, tmp_path):
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, name="r", train={"steps": 2})
+    run_dir = run(cfg, progress=False)
+    (run_dir / "DONE").unlink()  # pretend it stopped at step 2
+    longer = replace(cfg, optim={"lr": 0.02}, train={"steps": 4})
+    run(longer, progress=False)
+    meta = json.loads((run_dir / "config.json").read_text())
+    assert meta["config"]["optim"]["lr"] == 0.02
+    assert meta["resumed"][-1]["from_step"] == 2
+    assert meta["resumed"][-1]["changes"] == {"optim.lr": [0.05, 0.02], "train.steps": [2, 4]}
+    lrs = {r["step"]: r["train/lr"] for r in read_metrics(run_dir) if "train/lr" in r}
+    assert lrs == {0: 0.05, 1: 0.05, 2: 0.02, 3: 0.02}
+    (run_dir / "DONE").unlink()
+    with pytest.raises(ConfigError, match="train.seed"):
+        run(replace(longer, train={"seed": 1, "steps": 5}), progress=False)
+
+
+def test_rl_lora_run_with_probes_logs_rl_and_probe_metrics(tiny_model_dir, tmp_path):
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, regime="rl", model={"lora_rank": 2},
+                   probe=ProbeConfig(every=1, batch_sharpness_every=0, max_hvps=4))
+    rows = read_metrics(run(cfg, progress=False))
+    step0 = rows[0]
+    for key in ("env/reward_mean", "env/accuracy", "rl/kl", "rl/clip_frac", "rl/entropy", "rl/response_len",
+                "train/loss", "probe/lambda_max", "eval/accuracy"):
+        assert key in step0, key
+    assert step0["rl/clip_frac"] == 0.0 and step0["rl/kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_config_changes_flattens_sections():
+    a, b = RunConfig(), replace(RunConfig(), optim={"lr": 0.5}, probe=ProbeConfig(every=3))
+    from dataclasses import asdict
+
+    assert config_changes(asdict(a), asdict(b)) == {"optim.lr": [0.01, 0.5], "probe.every": [10, 3]}
