@@ -31,7 +31,9 @@ import numpy as np
 
 @dataclass(frozen=True)
 class PhaseConfig:
-    delta: float = 0.1  # band half-width δ, relative to the threshold: EoS band is r ∈ [1-δ, 1+δ]
+    # band half-width δ relative to the threshold: EoS band is r ∈ [1-δ, 1+δ]. 0.15 because at EoS λ_max hovers a
+    # few % above 2/η (Cohen et al. 2021 Fig. 1; +5-10% in our digits replication, experiments/cohen2021.py)
+    delta: float = 0.15
     smooth: int = 3  # width of the running median applied to r before detecting the onset (1 = none)
     min_band_fraction: float = 0.5  # "eos" needs at least this fraction of post-onset probes in the band
     min_sharpening: float = 0.2  # "sharpening" needs r to grow by this fraction (median last / first quarter - 1)

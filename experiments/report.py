@@ -27,7 +27,7 @@ from experiments.rundirs import Run, find_runs
 @dataclass(frozen=True)
 class ReportConfig:
     out: Path = Path("runs/report")  # output directory (index.html + PNGs)
-    delta: float = 0.1  # EoS band half-width δ relative to the threshold
+    delta: float = PhaseConfig.delta  # EoS band half-width δ relative to the threshold
     title: str = "Edge of Stability in LM post-training"
 
 
@@ -234,7 +234,7 @@ def write_report(paths, config: ReportConfig = ReportConfig()) -> Path:
 if __name__ == "__main__":
     import tyro
 
-    def _main(paths: tuple[Path, ...], out: Path = Path("runs/report"), delta: float = 0.1) -> None:
+    def _main(paths: tuple[Path, ...], out: Path = Path("runs/report"), delta: float = PhaseConfig.delta) -> None:
         """Build the HTML report for the run dirs (or directories holding run dirs) ``paths``."""
         print(write_report(paths, ReportConfig(out=out, delta=delta)))
 

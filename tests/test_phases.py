@@ -10,6 +10,7 @@ from experiments.phases import PhaseConfig, detect_phases, running_median
 ETA = 0.01
 THETA = 2 / ETA  # 200
 STEPS = np.arange(0, 1001, 10)
+D10 = PhaseConfig(delta=0.1)  # the expected onsets below are for a band of ±10%
 
 
 def saturating_ramp(steps, lam0=20.0, slope=0.5, cap=THETA, wiggle=0.03):
@@ -30,7 +31,7 @@ def test_ramp_that_saturates_at_two_over_eta_is_eos():
     lam = saturating_ramp(STEPS)
     # r = λ/θ first reaches 1 - δ = 0.9 at λ = 180, i.e. 20 + 0.5 t = 180 → t = 320
     loss_steps = np.arange(0, 1001)
-    p = detect_phases(STEPS, lam, THETA, loss_steps, eos_loss(loss_steps, 360))
+    p = detect_phases(STEPS, lam, THETA, loss_steps, eos_loss(loss_steps, 360), D10)
     assert p.phase == "eos"
     assert p.onset_step == 320
     assert p.sharpening_slope == pytest.approx(0.5, rel=1e-6)
@@ -58,7 +59,7 @@ def test_noisy_ramp_with_an_early_outlier():
     rng = np.random.default_rng(0)
     lam = saturating_ramp(STEPS, wiggle=0.0) * np.exp(0.04 * rng.standard_normal(len(STEPS)))
     lam[5] = 2.5 * THETA  # one bad eigen-solve at t = 50 must not declare EoS
-    p = detect_phases(STEPS, lam, THETA)
+    p = detect_phases(STEPS, lam, THETA, config=D10)
     assert p.phase == "eos"
     assert 290 <= p.onset_step <= 350
     assert p.band_fraction > 0.9
@@ -69,14 +70,14 @@ def test_noisy_ramp_with_an_early_outlier():
 def test_without_smoothing_the_outlier_triggers_onset():
     lam = saturating_ramp(STEPS, wiggle=0.0)
     lam[5] = 2.5 * THETA
-    assert detect_phases(STEPS, lam, THETA, config=PhaseConfig(smooth=1)).onset_step == 50
-    assert detect_phases(STEPS, lam, THETA).onset_step == 320
+    assert detect_phases(STEPS, lam, THETA, config=PhaseConfig(delta=0.1, smooth=1)).onset_step == 50
+    assert detect_phases(STEPS, lam, THETA, config=D10).onset_step == 320
 
 
 def test_flat_and_above_edge():
     assert detect_phases(STEPS, np.full(len(STEPS), 50.0), THETA).phase == "flat"
     # raw λ_max under Adam keeps rising past the threshold
-    p = detect_phases(STEPS, 100.0 + 0.5 * STEPS, THETA)
+    p = detect_phases(STEPS, 100.0 + 0.5 * STEPS, THETA, config=D10)
     assert p.phase == "above-edge"
     assert p.onset_step == 160  # 100 + 0.5 t ≥ 180
     assert p.above_fraction == pytest.approx(76 / 85)  # t = 160..1000; in band while λ ≤ 220 (t ≤ 240)

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from experiments.phases import PhaseConfig
 from experiments.report import ReportConfig, forgetting_rows, phase_rows, write_report
 from experiments.rundirs import find_runs, load_run
 
@@ -67,7 +68,7 @@ def test_loads_runs_and_derives_thresholds(sweep_dir):
 
 
 def test_phase_table_matches_construction(sweep_dir):
-    rows = {row["run"]: row for row in phase_rows(find_runs([sweep_dir]))}
+    rows = {row["run"]: row for row in phase_rows(find_runs([sweep_dir]), PhaseConfig(delta=0.1))}
     eos = rows["sft-lr1e-02"]
     assert eos["phase"] == "eos"
     assert eos["onset_step"] == 320  # 20 + 0.5 t ≥ 0.9·200

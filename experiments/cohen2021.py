@@ -1,0 +1,160 @@
+"""Validation against the literature: Cohen et al. 2021 (ICLR), "Gradient Descent on Neural Networks Typically
+Occurs at the Edge of Stability", headline result at laptop scale.
+
+Setup (their fc-tanh / MSE experiment, scaled down): full-batch gradient descent θ ← θ - η∇L(θ) on a tanh MLP
+(2 hidden layers) with the square loss L(θ) = (1/2n) Σ_i ||f_θ(x_i) - e_{y_i}||² on n examples of sklearn's
+bundled 8×8 digits (standardised pixels, one-hot targets; no download) or, with ``dataset="synthetic"``, a
+seeded Gaussian-mixture classification set. Expected: λ_max(∇²L) rises (progressive sharpening) until
+λ_max ≈ 2/η, then hovers there while L keeps decreasing, non-monotonically.
+
+λ_max is measured with the project's own probes (``probes.Prober``: warm-started LOBPCG on exact HVPs, here
+≈ 2–6 HVPs per solve after the first), so this experiment also validates the probe stack end to end. Output is a
+run directory in the CONTRACTS.md layout (config.json, metrics.jsonl, status.json, DONE), readable by the report.
+Computation in float64: at EoS, λ_max differences of 1% matter and the network is small (~9k parameters).
+
+    python -m experiments.cohen2021 --lr 0.3
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class CohenConfig:
+    lr: float = 0.3  # η of full-batch GD; 2/η is the predicted λ_max plateau
+    steps: int = 500  # GD steps
+    n_train: int = 250  # examples (full batch)
+    width: int = 64  # hidden width of both tanh layers
+    dataset: str = "digits"  # "digits" (sklearn bundled, 64 features, 10 classes) | "synthetic"
+    eig_every: int = 20  # λ_max every this many steps
+    eig_tol: float = 1e-3  # LOBPCG relative residual of the λ_max solve
+    seed: int = 0
+    out_dir: str = "runs/cohen2021"
+    name: str | None = None  # default: gd-<dataset>-lr<η>-s<seed>
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"gd-{self.dataset}-lr{self.lr:g}-s{self.seed}"
+
+
+def config_errors(cfg: CohenConfig) -> list[str]:
+    errors = []
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        errors.append(f"lr={cfg.lr} must be a finite number > 0")
+    if not cfg.eig_tol > 0:
+        errors.append(f"eig_tol={cfg.eig_tol} must be > 0")
+    for name in ("steps", "n_train", "width", "eig_every"):
+        if getattr(cfg, name) < 1:
+            errors.append(f"{name}={getattr(cfg, name)} must be >= 1")
+    if cfg.dataset not in ("digits", "synthetic"):
+        errors.append(f"dataset={cfg.dataset!r} must be 'digits' or 'synthetic'")
+    elif cfg.dataset == "digits" and cfg.n_train > 1797:
+        errors.append(f"n_train={cfg.n_train} exceeds the 1797 digits examples")
+    return errors
+
+
+def load_data(cfg: CohenConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X [n, d] standardised, Y [n, 10] one-hot), float64, deterministic in cfg.seed."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.dataset == "digits":
+        from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+
+        x_all, y_all = load_digits(return_X_y=True)
+        idx = torch.randperm(len(y_all), generator=gen)[: cfg.n_train]
+        x = torch.as_tensor(x_all, dtype=torch.float64)[idx]
+        y = torch.as_tensor(y_all)[idx]
+    else:  # 10 Gaussian blobs in 32 dimensions, unit noise around centres of norm ~3
+        centres = 3.0 * torch.randn(10, 32, generator=gen, dtype=torch.float64) / math.sqrt(32) * math.sqrt(10)
+        y = torch.randint(0, 10, (cfg.n_train,), generator=gen)
+        x = centres[y] + torch.randn(cfg.n_train, 32, generator=gen, dtype=torch.float64)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-8)  # constant pixels (digits' borders) stay 0
+    return x, torch.nn.functional.one_hot(y, 10).to(torch.float64)
+
+
+def build_mlp(d_in: int, width: int, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)  # torch's default (Kaiming-uniform) init, as in Cohen et al.'s fc-tanh
+    return torch.nn.Sequential(
+        torch.nn.Linear(d_in, width), torch.nn.Tanh(), torch.nn.Linear(width, width), torch.nn.Tanh(),
+        torch.nn.Linear(width, 10),
+    ).to(torch.float64)
+
+
+def run_cohen(cfg: CohenConfig = CohenConfig()) -> Path:
+    """Full-batch GD with λ_max probes; writes and returns the run directory (skipped if DONE exists)."""
+    from probes import ProbeConfig, ProbeContext, Prober
+
+    errors = config_errors(cfg)
+    if errors:
+        raise ValueError("; ".join(errors))
+    run_dir = Path(cfg.out_dir) / cfg.run_name
+    if (run_dir / "DONE").exists():
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    x, y = load_data(cfg)
+    net = build_mlp(x.shape[1], cfg.width, cfg.seed)
+    params = dict(net.named_parameters())
+    n = len(x)
+
+    def loss_fn(chunk) -> torch.Tensor:  # chunk losses sum to L(θ): each is normalised by the full n
+        xb, yb = chunk
+        return 0.5 * ((net(xb) - yb) ** 2).sum() / n
+
+    batches = [(x, y)]
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.0)  # plain GD; probes read thresholds from it
+    prober = Prober(ProbeConfig(every=cfg.eig_every, update_sharpness=False, batch_sharpness_every=0, tol=cfg.eig_tol))
+    config = {"regime": "gd-mse", "experiment": "cohen2021", **asdict(cfg),
+              "optim": {"name": "sgd", "lr": cfg.lr, "momentum": 0.0, "weight_decay": 0.0},
+              "model": {"name": f"mlp-tanh-{cfg.width}x2", "lora_rank": 0},
+              "train": {"steps": cfg.steps, "full_batch": True, "seed": cfg.seed},
+              "env": {"env_id": cfg.dataset, "n_train": n}}
+    (run_dir / "config.json").write_text(json.dumps({"config": config, "git_hash": _git_hash(), "argv": sys.argv},
+                                                    indent=1))
+    status = {"status": "completed", "step": cfg.steps, "reason": ""}
+    t0 = time.perf_counter()
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for step in range(cfg.steps + 1):  # metrics at θ_step, before the step's update
+            opt.zero_grad(set_to_none=True)
+            out = net(x)
+            loss = 0.5 * ((out - y) ** 2).sum() / n  # = loss_fn((x, y))
+            loss.backward()
+            acc = (out.detach().argmax(1) == y.argmax(1)).double().mean().item()
+            grad_norm = torch.sqrt(sum((p.grad**2).sum() for p in net.parameters())).item()
+            rec = {"step": step, "train/loss": loss.item(), "train/lr": cfg.lr, "train/grad_norm": grad_norm,
+                   "eval/accuracy": acc}
+            if prober.due(step):
+                rec.update(prober(ProbeContext(params=params, loss_fn=loss_fn, batches=batches, lr=cfg.lr,
+                                               step=step, optimizer=opt, model=net)))
+            f.write(json.dumps(rec) + "\n")
+            if not math.isfinite(loss.item()) or loss.item() > 1e3:
+                status = {"status": "diverged", "step": step, "reason": f"loss {loss.item():.3g}"}
+                break
+            if step < cfg.steps:
+                opt.step()
+    status["seconds"] = time.perf_counter() - t0
+    (run_dir / "status.json").write_text(json.dumps(status))
+    (run_dir / "DONE").write_text(json.dumps(status))
+    return run_dir
+
+
+def _git_hash() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+if __name__ == "__main__":
+    import tyro
+
+    print(run_cohen(tyro.cli(CohenConfig)))
