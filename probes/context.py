@@ -136,7 +136,8 @@ class Prober:
             op = HessianOperator(ctx.params, ctx.loss_fn, ctx.batches, mode=c.mode, model=ctx.model)
             hvps = 0
             if self._due(c.every, step):
-                out.update({f"probe/{k}": v for k, v in stability_thresholds(ctx.optimizer, ctx.lr).items()})
+                if ctx.lr > 0:   # η = 0 (e.g. a warm-up step) has no stability threshold
+                    out.update({f"probe/{k}": v for k, v in stability_thresholds(ctx.optimizer, ctx.lr).items()})
                 res = top_eigenvalues(op, k=c.k, tol=c.tol, init=self._init("H", op.dim), max_hvps=c.max_hvps,
                                       generator=gen)
                 self._warm["H"] = res.vectors.detach()

@@ -187,7 +187,7 @@ class HessianOperator:
             return torch.stack([self.matvec(v[:, j]) for j in range(v.shape[1])], dim=1)
         if v.shape != (self.dim,):
             raise ValueError(f"probes: vector has shape {tuple(v.shape)}, operator dimension is {self.dim}")
-        v = v.to(device=self.device, dtype=REDUCE_DTYPE)
+        v = v.to(device=self.device, dtype=REDUCE_DTYPE).contiguous()
         self.hvps += 1
         if self.mode == "fd":
             return self._fd(v)

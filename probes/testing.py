@@ -49,7 +49,7 @@ def neox_loss_fn(model):
     return loss_fn
 
 
-def mlp_problem(n: int = 128, d: int = 6, width: int = 16, chunk: int = 32, dtype=torch.float64, seed: int = 0):
+def mlp_problem(n: int = 128, d: int = 6, width: int = 16, chunk: int = 64, dtype=torch.float64, seed: int = 0):
     """Tanh MLP regression; mean squared error over n points, split into chunks."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=dtype)
