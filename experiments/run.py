@@ -44,6 +44,7 @@ class ModelConfig:
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ()   # empty = architecture default (GPT-NeoX: every attention/MLP linear)
     dtype: str = "float32"
+    device: str = "auto"            # "auto" = cuda when available, else cpu; or any torch device string
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,11 @@ def _model_errors(m: ModelConfig) -> list[str]:
         errors.append("model.lora_targets is set but model.lora_rank is 0 (LoRA off)")
     if not isinstance(getattr(torch, m.dtype, None), torch.dtype) or not getattr(torch, m.dtype).is_floating_point:
         errors.append(f"model.dtype={m.dtype!r} is not a torch floating dtype (e.g. 'float32', 'bfloat16')")
+    if m.device != "auto":
+        try:
+            torch.device(m.device)
+        except (RuntimeError, TypeError):
+            errors.append(f"model.device={m.device!r} is not a torch device (e.g. 'auto', 'cpu', 'cuda:0')")
     if m.name != "embedded" and not Path(m.name).exists():
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
         if offline or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", m.name):
@@ -273,7 +279,10 @@ def run(cfg: RunConfig, resume: bool = True, progress: bool = True) -> Path:
     else:
         path = cfg.model.name
     lora = LoRASpec(rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha, targets=tuple(cfg.model.lora_targets))
-    policy = LMPolicy.from_pretrained(path, lora=lora, dtype=cfg.model.dtype)
+    device = cfg.model.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    policy = LMPolicy.from_pretrained(path, lora=lora, dtype=cfg.model.dtype, device=device)
     context = policy.max_length or cfg.train.max_length
     max_length = min(cfg.train.max_length, context)
 

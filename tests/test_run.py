@@ -39,6 +39,7 @@ def test_default_config_is_valid_and_named():
     ({"model": {"lora_rank": -2}}, "lora_rank"),
     ({"model": {"name": "/no/such/dir"}}, "model.name"),
     ({"model": {"dtype": "int8"}}, "model.dtype"),
+    ({"model": {"device": "gpu0"}}, "model.device"),
     ({"regime": "dpo"}, "regime"),
     ({"train": {"full_batch": True, "micro_batch": 3}}, "divisible"),
     ({"regime": "rl", "train": {"full_batch": True}}, "full_batch"),
@@ -106,6 +107,14 @@ def test_rl_lora_run_with_probes_logs_rl_and_probe_metrics(tiny_model_dir, tmp_p
                 "train/loss", "probe/lambda_max", "eval/accuracy"):
         assert key in step0, key
     assert step0["rl/clip_frac"] == 0.0 and step0["rl/kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_wandb_logs_offline_into_the_run_dir(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = run(tiny_cfg(tiny_model_dir, tmp_path, wandb=True, train={"steps": 1}), progress=False)
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
 
 
 def test_config_changes_flattens_sections():
