@@ -297,6 +297,9 @@ class Trainer:
         ckpt = latest_checkpoint(self.run_dir) if resume else None
         if ckpt is not None:
             start = self.load_checkpoint(ckpt[1])
+            if start > cfg.steps:
+                raise ValueError(f"{ckpt[1]} is at step {start}, beyond steps={cfg.steps}; "
+                                 "raise steps or start a new run")
         self._truncate_metrics(start)
         self.write_status(STATUS_RUNNING, start)
         params = self.parameters()

@@ -85,14 +85,17 @@ def test_resume_with_changed_lr_is_recorded_and_used(tiny_model_dir, tmp_path):
     cfg = tiny_cfg(tiny_model_dir, tmp_path, name="r", train={"steps": 2})
     run_dir = run(cfg, progress=False)
     (run_dir / "DONE").unlink()  # pretend it stopped at step 2
-    longer = replace(cfg, optim={"lr": 0.02}, train={"steps": 4})
+    longer = replace(cfg, optim={"lr": 0.02}, train={"steps": 4, "grad_accum": 1})
     run(longer, progress=False)
     meta = json.loads((run_dir / "config.json").read_text())
     assert meta["config"]["optim"]["lr"] == 0.02
     assert meta["resumed"][-1]["from_step"] == 2
-    assert meta["resumed"][-1]["changes"] == {"optim.lr": [0.05, 0.02], "train.steps": [2, 4]}
+    assert meta["resumed"][-1]["changes"] == {"optim.lr": [0.05, 0.02], "train.steps": [2, 4],
+                                              "train.grad_accum": [2, 1]}
     lrs = {r["step"]: r["train/lr"] for r in read_metrics(run_dir) if "train/lr" in r}
     assert lrs == {0: 0.05, 1: 0.05, 2: 0.02, 3: 0.02}
+    ckpt = json.loads((run_dir / "checkpoints" / "step_4" / "state.json").read_text())
+    assert ckpt["regime"]["cursor"] == 2 * 4 + 2 * 2  # two steps of 4 examples, then two of 2
     (run_dir / "DONE").unlink()
     with pytest.raises(ConfigError, match="train.seed"):
         run(replace(longer, train={"seed": 1, "steps": 5}), progress=False)
