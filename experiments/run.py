@@ -122,6 +122,14 @@ def _env_errors(e: EnvConfig) -> list[str]:
         errors.append(f"env.n_train={e.n_train} must be >= 1")
     if e.n_eval < 0:
         errors.append(f"env.n_eval={e.n_eval} must be >= 0")
+    try:
+        env = envs.make_unwrapped(e.env_id)
+        for split, n in (("train", e.n_train), ("test", e.n_eval)):
+            if n > env.split_size(split):
+                errors.append(f"env.n_{'train' if split == 'train' else 'eval'}={n} exceeds the "
+                              f"{env.split_size(split)} tasks of {e.env_id}'s {split} split")
+    except Exception as exc:  # an env that cannot even be built is a config error too
+        errors.append(f"env.env_id={e.env_id!r} cannot be built: {type(exc).__name__}: {exc}")
     return errors
 
 
@@ -288,8 +296,6 @@ def run(cfg: RunConfig, resume: bool = True, progress: bool = True) -> Path:
 
     train_tasks = envs.load_tasks(cfg.env.env_id, "train", cfg.env.n_train)
     eval_tasks = envs.load_tasks(cfg.env.env_id, "test", cfg.env.n_eval) if cfg.env.n_eval else []
-    if len(train_tasks) < cfg.env.n_train:
-        raise ConfigError(f"{cfg.env.env_id} has only {len(train_tasks)} train tasks (env.n_train={cfg.env.n_train})")
 
     def score_fn(completions, answers):
         return envs.score_batch(cfg.env.env_id, completions, answers)

@@ -36,6 +36,7 @@ def test_default_config_is_valid_and_named():
     ({"optim": {"lr": -1.0}}, "optim.lr"),
     ({"optim": {"name": "rmsprop"}}, "optim.name"),
     ({"env": {"env_id": "Nope-v0"}}, "env.env_id"),
+    ({"env": {"env_id": "AlpacaSFT-v0", "n_train": 100}}, "exceeds"),
     ({"model": {"lora_rank": -2}}, "lora_rank"),
     ({"model": {"name": "/no/such/dir"}}, "model.name"),
     ({"model": {"dtype": "int8"}}, "model.dtype"),
