@@ -339,13 +339,16 @@ def test_alpaca_loads_json_and_jsonl_and_rejects_bad_files(tmp_path):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.one_of(st.text(), st.text(alphabet="Answer: 0123456789+-.,\n"), st.binary(), st.integers(), st.none(),
-                 st.floats(), st.lists(st.text(max_size=5)), st.dictionaries(st.text(max_size=3), st.integers())))
+@given(st.one_of(st.text(), st.text(alphabet="Answer: 0123456789+-.,\n"),
+                 st.text(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF) | st.characters()),  # surrogates
+                 st.binary(), st.integers(), st.none(), st.floats(), st.lists(st.text(max_size=5)),
+                 st.dictionaries(st.text(max_size=3), st.integers())))
 def test_fuzzed_actions_never_raise_and_reward_only_the_last_marker_answer(action):
     for env in (FUZZ_ENVS["ArithRLVR-v0"], FUZZ_ENVS["InstructRLVR-v0"], FUZZ_ENVS["AlpacaSFT-v0"]):
         _, info = env.reset(seed=0)
         _, reward, terminated, truncated, step_info = env.step(action)
         assert terminated and not truncated and 0.0 <= reward <= 1.0
+        assert env.unwrapped.score(action, info["answer"]) == reward  # step and the pure verifier agree
         if not isinstance(action, str):
             assert reward == 0.0 and step_info["error"]
         elif reward == 1.0 and env.unwrapped.verifiable:
