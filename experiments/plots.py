@@ -22,7 +22,7 @@ from experiments.rundirs import Run  # noqa: E402
 
 
 def lr_label(run: Run) -> str:
-    return f"η={run.lr:.0e}" if np.isfinite(run.lr) else run.name
+    return f"η={run.lr:.2g}" if np.isfinite(run.lr) else run.name
 
 
 def _colors(n: int):

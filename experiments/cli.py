@@ -1,0 +1,140 @@
+"""``eoslab``: the command line, a thin tyro layer over the frozen config dataclasses.
+
+    eoslab sft  [--optim.lr 1e-3 --train.steps 200 --train.full-batch True ...]   one SFT run
+    eoslab lora [--model.lora-rank 8 ...]                                         SFT with LoRA adapters (rank 8)
+    eoslab rl   [--ppo.group-size 4 ...]                                          one RLVR (PPO) run
+    eoslab sweep NAME [--dry-run] [--workers N]                                   a sweep of experiments/sweeps/
+    eoslab report RUN_DIRS... [--out DIR]                                         HTML + PNG report from run dirs
+    eoslab cohen [--lr 0.3]                                                       Cohen et al. 2021 validation run
+    eoslab demo                                                                   the whole study, small, on CPU
+
+Every field of RunConfig is a flag (``eoslab sft --help``). Config errors are reported in one message before any
+model is loaded, with exit status 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Union
+
+import tyro
+
+from experiments.demo import DemoConfig
+from experiments.run import ConfigError, ModelConfig, RunConfig
+
+SFT_DEFAULT = RunConfig(regime="sft")
+LORA_DEFAULT = RunConfig(regime="sft", model=ModelConfig(lora_rank=8))
+RL_DEFAULT = RunConfig(regime="rl")
+
+
+@dataclass(frozen=True)
+class SweepCommand:
+    """Run a sweep declared in experiments/sweeps/NAME.py; runs with DONE are skipped."""
+
+    name: tyro.conf.Positional[str]
+    dry_run: bool = False  # print the planned runs (todo / done) and exit
+    workers: int = 1  # parallel local worker processes (one core each)
+    root: Path = Path("runs")  # runs go to ROOT/NAME/<run name>/
+    report: bool = True  # write ROOT/NAME/report/index.html when the sweep ends
+
+
+@dataclass(frozen=True)
+class ReportCommand:
+    """Build the HTML report (index.html + PNGs) from run directories or directories holding them."""
+
+    run_dirs: tyro.conf.Positional[tuple[Path, ...]]
+    out: Path = Path("runs/report")  # output directory
+    delta: float = 0.15  # EoS band half-width δ relative to the stability threshold
+
+
+@dataclass(frozen=True)
+class CohenCommand:
+    """Cohen et al. 2021 validation: full-batch GD on a tanh MLP (MSE, sklearn digits); one run per η."""
+
+    lrs: tuple[float, ...] = (0.3, 0.45, 0.6)
+    steps: int = 500
+    out_dir: Path = Path("runs/cohen2021")
+
+
+Command = Union[
+    Annotated[RunConfig, tyro.conf.subcommand("sft", default=SFT_DEFAULT, description="One SFT run.")],
+    Annotated[RunConfig, tyro.conf.subcommand("lora", default=LORA_DEFAULT, description="One LoRA SFT run.")],
+    Annotated[RunConfig, tyro.conf.subcommand("rl", default=RL_DEFAULT, description="One RLVR (PPO) run.")],
+    Annotated[SweepCommand, tyro.conf.subcommand("sweep")],
+    Annotated[ReportCommand, tyro.conf.subcommand("report")],
+    Annotated[CohenCommand, tyro.conf.subcommand("cohen")],
+    Annotated[DemoConfig, tyro.conf.subcommand("demo", description="The whole study, small, on CPU.")],
+]
+
+
+def execute(cmd) -> int:
+    """Run a parsed command; returns the exit status."""
+    if isinstance(cmd, RunConfig):
+        from experiments.run import run, validate
+
+        validate(cmd)
+        run_dir = run(cmd)
+        print(f"run dir: {run_dir}")
+    elif isinstance(cmd, SweepCommand):
+        from experiments.sweep import load_sweep, run_sweep
+
+        try:
+            sweep = load_sweep(cmd.name)
+        except KeyError as e:
+            raise ConfigError(e.args[0]) from None
+        results = run_sweep(sweep, cmd.root, workers=cmd.workers, dry_run=cmd.dry_run)
+        if cmd.dry_run:
+            return 0
+        if cmd.report:
+            from experiments.report import ReportConfig, write_report
+
+            print(f"report: {write_report([cmd.root / sweep.name], ReportConfig(out=cmd.root / sweep.name / 'report'))}")
+        return 1 if any(r.status == "error" for r in results) else 0
+    elif isinstance(cmd, ReportCommand):
+        from experiments.report import ReportConfig, write_report
+
+        if not 0 < cmd.delta < 1:
+            raise ConfigError(f"--delta {cmd.delta} must be in (0, 1)")
+        try:
+            print(f"report: {write_report(cmd.run_dirs, ReportConfig(out=cmd.out, delta=cmd.delta))}")
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
+    elif isinstance(cmd, CohenCommand):
+        from experiments.cohen2021 import CohenConfig, config_errors, run_cohen
+
+        cfgs = [CohenConfig(lr=lr, steps=cmd.steps, out_dir=str(cmd.out_dir)) for lr in cmd.lrs]
+        errors = [e for c in cfgs for e in config_errors(c)]
+        if errors:
+            raise ConfigError("; ".join(errors))
+        for c in cfgs:
+            print(f"run dir: {run_cohen(c)}")
+    elif isinstance(cmd, DemoConfig):
+        from experiments.demo import run_demo
+
+        run_demo(cmd)
+    return 0
+
+
+def one_line(error: Exception) -> str:
+    """A multi-line ConfigError ("invalid run config:\n  - a\n  - b") as one line."""
+    first, *rest = str(error).splitlines()
+    return " ".join([first] + [r.strip().removeprefix("- ") + ";" for r in rest if r.strip()]).rstrip(";")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point (``eoslab``)."""
+    cmd = tyro.cli(Command, args=argv, prog="eoslab", description=__doc__.split("\n\n")[0])
+    try:
+        return execute(cmd)
+    except ConfigError as e:
+        print(f"eoslab: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("eoslab: interrupted (runs resume from their last checkpoint)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Sweeps declared in Python and run by local worker processes.
+
+A sweep is a name plus a tuple of ``RunConfig``s (``experiments/sweeps/<name>.py`` defines ``SWEEP``). Running it
+puts every run under ``<root>/<sweep name>/<run name>/`` and is idempotent: a run whose directory holds ``DONE`` is
+skipped, an interrupted one resumes from its latest checkpoint (``experiments.run.run``). Workers are spawned
+processes with ``OMP_NUM_THREADS=1`` and one torch thread each, so N workers use N cores without oversubscription;
+a run that raises is reported and the sweep goes on.
+
+    eoslab sweep sft_lr --dry-run
+    eoslab sweep sft_lr --workers 2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import pkgutil
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable, Iterable
+
+from experiments.run import RunConfig, replace, run_name, validate
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    configs: tuple[RunConfig, ...]
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        names = [run_name(c) for c in self.configs]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"sweep {self.name!r}: several configs share the run name(s) {dup}; set distinct names")
+
+
+def grid(base: RunConfig, lrs: Iterable[float] = (), ranks: Iterable[int] = (), seeds: Iterable[int] = ()) -> tuple:
+    """Cartesian product over learning rates × LoRA ranks × seeds (an empty axis keeps the base value)."""
+    out = []
+    for rank in tuple(ranks) or (base.model.lora_rank,):
+        for lr in tuple(lrs) or (base.optim.lr,):
+            for seed in tuple(seeds) or (base.train.seed,):
+                out.append(replace(base, model={"lora_rank": rank}, optim={"lr": lr}, train={"seed": seed}))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    config: RunConfig
+    run_dir: Path
+    done: bool
+
+
+def plan(sweep: Sweep, root: str | Path = "runs") -> list[PlannedRun]:
+    """The sweep's runs with their directories under ``root/sweep.name``; validates every config first."""
+    out_dir = str(Path(root) / sweep.name)
+    planned = []
+    for cfg in sweep.configs:
+        cfg = dataclasses.replace(cfg, out_dir=out_dir)
+        validate(cfg)
+        run_dir = Path(out_dir) / run_name(cfg)
+        planned.append(PlannedRun(cfg, run_dir, (run_dir / "DONE").exists()))
+    return planned
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    status: str  # status.json's status ("completed", "diverged", ...), "skipped" (DONE before), or "error"
+    seconds: float
+    error: str = ""
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _run_one(cfg: RunConfig) -> RunResult:
+    """Run one config in this process; never raises (a failed run must not stop the sweep)."""
+    import json
+
+    from experiments.run import run
+
+    t0 = time.perf_counter()
+    run_dir = Path(cfg.out_dir) / run_name(cfg)
+    try:
+        run(cfg, progress=False)
+        status = json.loads((run_dir / "status.json").read_text()).get("status", "?")
+        return RunResult(run_dir, status, time.perf_counter() - t0)
+    except Exception as e:  # noqa: BLE001 - reported per run, with the traceback's last frame
+        tb = traceback.extract_tb(e.__traceback__)[-1]
+        where = f" ({Path(tb.filename).name}:{tb.lineno})" if tb else ""
+        return RunResult(run_dir, "error", time.perf_counter() - t0, f"{type(e).__name__}: {e}{where}")
+
+
+def run_sweep(sweep: Sweep, root: str | Path = "runs", workers: int = 1, dry_run: bool = False,
+              echo: Callable[[str], None] = print) -> list[RunResult]:
+    """Run the sweep's pending runs on ``workers`` processes (1 = in this process); returns one result per run."""
+    planned = plan(sweep, root)
+    echo(f"sweep {sweep.name}: {len(planned)} runs, {sum(p.done for p in planned)} done -> {Path(root) / sweep.name}")
+    return execute(planned, workers=workers, dry_run=dry_run, echo=echo)
+
+
+def execute(planned: list[PlannedRun], workers: int = 1, dry_run: bool = False,
+            echo: Callable[[str], None] = print) -> list[RunResult]:
+    """Run the not-yet-done ``planned`` runs, in order, on ``workers`` processes; skipped runs are reported too."""
+    if workers < 1:
+        raise ValueError(f"workers={workers} must be >= 1")
+    pending = [p for p in planned if not p.done]
+    for p in planned:
+        c = p.config
+        echo(f"  [{'done' if p.done else 'todo'}] {p.run_dir}  regime={c.regime} lr={c.optim.lr:g} "
+             f"lora_rank={c.model.lora_rank} steps={c.train.steps}")
+    results = [RunResult(p.run_dir, "skipped", 0.0) for p in planned if p.done]
+    if dry_run or not pending:
+        return results
+    if any(p.config.model.name == "embedded" for p in pending):
+        from agents.embedded import embedded_model_path
+
+        embedded_model_path()  # build once here, not in every worker (they would wait on its lock anyway)
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned workers
+    t0 = time.perf_counter()
+    if workers == 1:
+        for i, p in enumerate(pending, 1):
+            res = _run_one(p.config)
+            results.append(res)
+            _echo_result(echo, res, i, len(pending), t0)
+        return results
+    with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=get_context("spawn"),
+                             initializer=_init_worker) as pool:
+        futures = [pool.submit(_run_one, p.config) for p in pending]
+        for i, fut in enumerate(as_completed(futures), 1):
+            res = fut.result()
+            results.append(res)
+            _echo_result(echo, res, i, len(pending), t0)
+    return results
+
+
+def _echo_result(echo, res: RunResult, i: int, n: int, t0: float) -> None:
+    msg = f"  ({i}/{n}, {time.perf_counter() - t0:.0f}s) {res.run_dir.name}: {res.status} in {res.seconds:.0f}s"
+    echo(msg + (f" -- {res.error}" if res.error else ""))
+
+
+def available_sweeps() -> list[str]:
+    import experiments.sweeps as pkg
+
+    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
+
+
+def load_sweep(name: str) -> Sweep:
+    """``experiments.sweeps.<name>.SWEEP``."""
+    if name not in available_sweeps():
+        raise KeyError(f"unknown sweep {name!r}; available: {', '.join(available_sweeps())}")
+    sweep = importlib.import_module(f"experiments.sweeps.{name}").SWEEP
+    if not isinstance(sweep, Sweep):
+        raise TypeError(f"experiments.sweeps.{name}.SWEEP must be a Sweep, got {type(sweep).__name__}")
+    return sweep

@@ -1,0 +1,1 @@
+"""Sweeps declared in Python: each module defines ``SWEEP: experiments.sweep.Sweep``; ``eoslab sweep <module>``."""

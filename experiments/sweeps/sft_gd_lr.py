@@ -1,0 +1,16 @@
+"""Full-batch gradient descent on a fixed SFT set (no momentum, no weight decay): Cohen et al. 2021's protocol
+on the language model, where the 2/η threshold applies to λ_max exactly (no minibatch noise)."""
+
+from agents.optim import OptimConfig
+from agents.trainer import TrainConfig
+from experiments.run import EnvConfig, RunConfig
+from experiments.sweep import Sweep, grid
+
+BASE = RunConfig(
+    regime="sft",
+    env=EnvConfig(env_id="ArithRLVR-v0", n_train=64, n_eval=64),
+    optim=OptimConfig(name="sgd", momentum=0.0, weight_decay=0.0),
+    train=TrainConfig(steps=500, micro_batch=16, full_batch=True, eval_every=100, retention_every=100,
+                      checkpoint_every=250),
+)
+SWEEP = Sweep("sft_gd_lr", grid(BASE, lrs=(0.03, 0.1, 0.3)), __doc__)
