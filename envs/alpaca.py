@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from envs.core import CHARSET, Task, TextTaskEnv, check_split, split_of
-from envs.verify import Verdict, check_soft
+from envs.verify import MAX_COMPLETION_CHARS, Verdict, check_soft
 
 SAMPLE_PATH = Path(__file__).parent / "data" / "alpaca_sample.jsonl"
 RESPONSE_MARKER = "### Response:"
@@ -105,6 +105,8 @@ class AlpacaEnv(TextTaskEnv):
             if not tasks:
                 raise ValueError(f"the {split} split of the Alpaca data is empty ({len(seen)} usable records)")
         self.max_prompt_chars = max(len(t.prompt) for ts in splits.values() for t in ts)
+        longest_output = max(len(t.answer) for ts in splits.values() for t in ts)
+        kwargs.setdefault("max_completion_chars", max(MAX_COMPLETION_CHARS, 2 * longest_output))  # demos must fit
         super().__init__(charset="".join(sorted(chars)), **kwargs)
         self._datasets = splits
         self.mode = "dataset"

@@ -98,6 +98,8 @@ class TextTaskEnv(gym.Env[str, str]):
             raise ValueError(f"mode must be 'infinite' or 'dataset', got {mode!r}")
         if not 0.0 < test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        if isinstance(base_seed, bool) or not isinstance(base_seed, (int, np.integer)) or base_seed < 0:
+            raise ValueError(f"base_seed must be a non-negative int, got {base_seed!r}")
         if dataset_size < 2:
             raise ValueError(f"dataset_size must be >= 2, got {dataset_size}")
         if render_mode not in (None, *self.metadata["render_modes"]):
