@@ -188,14 +188,14 @@ def arithmetic_corpus(n: int, seed: int = 0, config: ArithConfig = ArithConfig()
     """``n`` plain expression lines such as ``"37+45=82"`` (multi-step: ``"3+4*5=3+20=23"``) for pre-training text.
 
     Only train-split problems of the ``test_fraction`` partition (the envs' default is 0.1) are used, so no test
-    problem leaks into pre-training. Line ``i`` comes from ``Uniforms((seed, 2, i))`` (stream 2 = corpus, distinct
+    problem leaks into pre-training. Line ``i`` comes from ``Uniforms(seed, 2, i)`` (stream 2 = corpus, distinct
     from the train/test task streams 0/1).
     """
     if n < 0 or seed < 0:
         raise ValueError(f"n and seed must be >= 0, got n={n}, seed={seed}")
     lines, corpus_stream = [], len(SPLITS)
     for i in range(n):
-        r = Uniforms((seed, corpus_stream, i))
+        r = Uniforms(seed, corpus_stream, i)
         while True:
             p = draw_problem(config, r)
             if split_of(p["key"], test_fraction) == "train":

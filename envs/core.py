@@ -30,7 +30,7 @@ from gymnasium.error import ResetNeeded
 from envs.verify import MAX_COMPLETION_CHARS, Verdict
 
 CHARSET = string.digits + string.ascii_letters + string.punctuation + " \n\t"
-SPLITS = {"train": 0, "test": 1}  # split id that enters every item seed: SeedSequence((base_seed, split_id, index))
+SPLITS = {"train": 0, "test": 1}  # split id = the stream that enters every item seed (see Uniforms)
 _PARTITION_SALT = b"eoslab-split-v0|"
 
 
@@ -67,8 +67,8 @@ class TextTaskEnv(gym.Env[str, str]):
     Args:
         split: split that ``reset`` samples from unless ``options["split"]`` says otherwise.
         base_seed: dataset seed; item ``index`` of ``split`` is drawn from
-            the SeedSequence of ``(base_seed, SPLITS[split], index)`` (see :class:`Uniforms`; never ``seed + index``,
-            which would make neighbouring seeds shifted copies of each other).
+            the SeedSequence hash of ``(base_seed, SPLITS[split], index)`` (see :class:`Uniforms`; never
+            ``seed + index``, which would make neighbouring seeds shifted copies of each other). Indices < 2**32.
         mode: "infinite" (``reset`` draws any index) or "dataset" (``reset`` draws from the fixed
             ``tasks(split)`` list of ``dataset_size`` problems).
         dataset_size: problems in dataset mode, train + test; test gets ``round(dataset_size * test_fraction)``.
@@ -226,18 +226,23 @@ class TextTaskEnv(gym.Env[str, str]):
 
 
 class Uniforms:
-    """The uniform [0, 1) draws of one item, a pure function of ``entropy = (base_seed, split_id, index)``.
+    """The uniform [0, 1) draws of one item, a pure function of ``(base_seed, stream, index)``.
 
-    The first 8 draws are the words of ``SeedSequence(entropy).generate_state(8)`` / 2**32 (the same SeedSequence
-    hash that ``np.random.default_rng(entropy)`` starts from, read directly: 10 us instead of 18 us per item on
-    the hot path); later draws come from ``default_rng(SeedSequence(entropy).spawn(1)[0])``. Items with different
-    entropy tuples are statistically independent, unlike ``seed + index`` schemes.
+    The draws hash ``entropy = base_seed * 2**64 + stream * 2**32 + index`` (a bijection for ``stream, index <
+    2**32``) with numpy's ``SeedSequence``, the hash that ``np.random.default_rng`` seeds from. The first 8 draws
+    are the words of ``SeedSequence(entropy).generate_state(8)`` / 2**32, read directly because building a full
+    Generator per item costs about twice as much (see experiments/bench/env_throughput.py); later draws come
+    from ``default_rng(SeedSequence(entropy).spawn(1)[0])``. Items with different ``(base_seed, stream, index)``
+    are statistically independent, unlike ``seed + index`` schemes (where seed s+1 is seed s shifted by one).
     """
 
     __slots__ = ("seq", "buf", "pos", "rng")
 
-    def __init__(self, entropy):
-        self.seq = np.random.SeedSequence(entropy)
+    def __init__(self, base_seed: int, stream: int, index: int):
+        if not (0 <= stream < 2**32 and 0 <= index < 2**32 and base_seed >= 0):
+            raise ValueError(f"need base_seed >= 0 and 0 <= stream, index < 2**32; got {base_seed}, {stream}, {index}")
+        # one int instead of a tuple: same SeedSequence hash of the words, 3 us cheaper to coerce
+        self.seq = np.random.SeedSequence((base_seed << 64) | (stream << 32) | index)
         self.buf = [w * 2.3283064365386963e-10 for w in self.seq.generate_state(8).tolist()]
         self.pos, self.rng = 0, None
 
@@ -260,7 +265,7 @@ class Uniforms:
 class ProceduralTaskEnv(TextTaskEnv):
     """A TextTaskEnv whose tasks are generated: subclasses implement :meth:`draw` and :meth:`build`.
 
-    ``task(index, split)`` makes ``r = Uniforms((base_seed, split_id, index))`` and calls ``draw(r)`` until the
+    ``task(index, split)`` makes ``r = Uniforms(base_seed, split_id, index)`` and calls ``draw(r)`` until the
     drawn problem's key falls in ``split`` under :func:`split_of` (rejection sampling keeps the split partition
     exact; the expected number of draws is 1 / share of the split).
     """
@@ -276,7 +281,7 @@ class ProceduralTaskEnv(TextTaskEnv):
 
     def task(self, index: int, split: str | None = None) -> Task:
         split = check_split(self.split if split is None else split)
-        r = Uniforms((self.base_seed, SPLITS[split], int(index)))
+        r = Uniforms(self.base_seed, SPLITS[split], int(index))
         for _ in range(10_000):
             key, fields = self.draw(r)
             if split_of(key, self.test_fraction) == split:

@@ -235,7 +235,7 @@ def test_reset_options_pin_the_task_and_bad_options_raise():
     env = gym.make("ArithRLVR-v0")
     prompt, info = env.reset(options={"index": 17, "split": "test"})
     assert prompt == env.unwrapped.task(17, "test").prompt and info["task_id"] == "arith/test/17"
-    for bad in ({"index": -1}, {"index": "3"}, {"split": "val"}):
+    for bad in ({"index": -1}, {"index": "3"}, {"index": 2**32}, {"split": "val"}):
         with pytest.raises(ValueError):
             env.reset(options=bad)
 

@@ -1,6 +1,6 @@
 """Episodes/s of reset+step (demonstration as the action) for every registered env, single process.
 
-Rates are episodes per second of this process's CPU time (time.process_time), best of 3 repeats, so that other
+Rates are episodes per second of this process's CPU time (time.process_time), best of 5 repeats, so that other
 jobs on a shared machine slow the wall clock but not the measurement; the ratios between columns are the robust
 numbers. Columns, measured side by side in one run:
   made      gym.make(id) (PassiveEnvChecker + OrderEnforcing wrappers), one reset + one step per episode
@@ -28,7 +28,7 @@ from envs.core import Uniforms  # noqa: E402
 from envs.vector import TaskBatch  # noqa: E402
 
 
-def rate(run_chunk, episodes_per_chunk: int, seconds: float, repeats: int = 3) -> float:
+def rate(run_chunk, episodes_per_chunk: int, seconds: float, repeats: int = 5) -> float:
     """Best-of-``repeats`` episodes per CPU-second, each repeat running whole chunks for ``seconds`` CPU."""
     best = 0.0
     for _ in range(repeats):
@@ -90,7 +90,7 @@ def seeding_costs(seconds: float) -> dict[str, float]:
 
     def words_way():
         for _ in range(200):
-            u = Uniforms((0, 0, next(i)))
+            u = Uniforms(0, 0, next(i))
             [u.u() for _ in range(8)]
 
     return {"default_rng + random(24)": 1e6 / rate(rng_way, 200, seconds),
