@@ -6,6 +6,10 @@ independent single steps, so a batch is just n task indices drawn at once and n 
 ``experiments/bench/env_throughput.py`` for the measured ratio. Tasks can be repeated ``group_size`` times in a
 row (GRPO-style groups that share one task).
 
+``AsyncVectorEnv`` needs ``vector_kwargs={"shared_memory": False}``: with shared memory, gymnasium 1.4 decodes
+non-Box observations from the buffer once at construction (cf. Farama-Foundation/Gymnasium#1164), so Text
+observations stay the initial all-"0" string forever.
+
 >>> import envs
 >>> batch = TaskBatch("ArithRLVR-v0", batch_size=4, seed=0)
 >>> prompts, info = batch.reset()

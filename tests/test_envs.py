@@ -369,6 +369,16 @@ def test_sync_vector_env_works(env_id):
     vec.close()
 
 
+def test_async_vector_env_works_without_shared_memory():
+    vec = gym.make_vec("ArithRLVR-v0", num_envs=2, vectorization_mode="async", vector_kwargs={"shared_memory": False})
+    prompts, infos = vec.reset(seed=0)
+    env = envs.make_unwrapped("ArithRLVR-v0")
+    assert all(p.startswith("Compute ") for p in prompts) and prompts[0] != prompts[1]
+    assert [env.score(d, a) for d, a in zip(infos["demonstration"], infos["answer"])] == [1.0, 1.0]
+    assert vec.step(tuple(infos["demonstration"]))[1].tolist() == [1.0, 1.0]
+    vec.close()
+
+
 def test_task_batch_groups_rewards_and_errors():
     batch = TaskBatch("ArithRLVR-v0", batch_size=8, group_size=4, seed=0)
     prompts, info = batch.reset()
