@@ -229,8 +229,8 @@ class Uniforms:
     """The uniform [0, 1) draws of one item, a pure function of ``(base_seed, stream, index)``.
 
     The draws hash ``entropy = base_seed * 2**64 + stream * 2**32 + index`` (a bijection for ``stream, index <
-    2**32``) with numpy's ``SeedSequence``, the hash that ``np.random.default_rng`` seeds from. The first 8 draws
-    are the words of ``SeedSequence(entropy).generate_state(8)`` / 2**32, read directly because building a full
+    2**32``) with numpy's ``SeedSequence``, the hash that ``np.random.default_rng`` seeds from. The first 12 draws
+    are the words of ``SeedSequence(entropy).generate_state(12)`` / 2**32, read directly because building a full
     Generator per item costs about twice as much (see experiments/bench/env_throughput.py); later draws come
     from ``default_rng(SeedSequence(entropy).spawn(1)[0])``. Items with different ``(base_seed, stream, index)``
     are statistically independent, unlike ``seed + index`` schemes (where seed s+1 is seed s shifted by one).
@@ -243,7 +243,7 @@ class Uniforms:
             raise ValueError(f"need base_seed >= 0 and 0 <= stream, index < 2**32; got {base_seed}, {stream}, {index}")
         # one int instead of a tuple: same SeedSequence hash of the words, 3 us cheaper to coerce
         self.seq = np.random.SeedSequence((base_seed << 64) | (stream << 32) | index)
-        self.buf = [w * 2.3283064365386963e-10 for w in self.seq.generate_state(8).tolist()]
+        self.buf = [w * 2.3283064365386963e-10 for w in self.seq.generate_state(12).tolist()]
         self.pos, self.rng = 0, None
 
     def u(self) -> float:
