@@ -421,3 +421,13 @@ def test_render_ansi_shows_prompt_and_completion():
     prompt, info = env.reset(seed=0)
     env.step(info["demonstration"])
     assert env.render() == prompt + info["demonstration"]
+
+
+def test_env_demo_prints_every_env_with_its_rewards(capsys):
+    from envs.__main__ import demo
+
+    demo(1)
+    out = capsys.readouterr().out
+    assert out.count("reward: demonstration 1.00, wrong 0.00") == len(IDS)
+    assert out.count("hedged 0.00") == len(IDS) - 1  # Alpaca's soft score gives hedging partial credit
+    assert "NOT exactly verifiable" in out
