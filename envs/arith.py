@@ -16,7 +16,7 @@ same numbers always land in the same split.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from envs.core import SPLITS, ProceduralTaskEnv, Task, Uniforms, split_of
 from envs.verify import Verdict, check_number
@@ -56,6 +56,7 @@ class ArithConfig:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
 
 
+_KNOBS = frozenset(f.name for f in fields(ArithConfig))
 HARD = ArithConfig(min_digits=1, max_digits=3, ops="+-*", min_ops=1, max_ops=3, parens=0.5, word_problems=0.2,
                    nonnegative=False)
 
@@ -158,9 +159,9 @@ class ArithEnv(ProceduralTaskEnv):
 
     family = "arith"
 
-    def __init__(self, *, min_digits=1, max_digits=2, ops="+-", min_ops=1, max_ops=1, parens=0.0,
-                 word_problems=0.0, nonnegative=True, **kwargs):
-        self.config = ArithConfig(min_digits, max_digits, ops, min_ops, max_ops, parens, word_problems, nonnegative)
+    def __init__(self, **kwargs):
+        knobs = {k: kwargs.pop(k) for k in list(kwargs) if k in _KNOBS}  # the rest go to TextTaskEnv
+        self.config = ArithConfig(**knobs)
         self._knobs = asdict(self.config)
         super().__init__(**kwargs)
 
