@@ -52,6 +52,7 @@ class TrainConfig:
     max_length: int = 128
     eval_max_new_tokens: int = 32
     n_samples: int = 6              # eval prompts shown base vs fine-tuned in samples.json
+    save_model: bool = True         # save_pretrained the final policy to <run>/model (init for a later run)
 
 
 # ---------------------------------------------------------------------------------------------------- small I/O
@@ -349,6 +350,8 @@ class Trainer:
             if final_row:
                 self._append({"step": cfg.steps, **final_row})
             self.save_checkpoint(cfg.steps)
+            if cfg.save_model:
+                self.policy.save(self.run_dir / "model")
             self._finish(STATUS_COMPLETED, cfg.steps)
             return STATUS_COMPLETED
         except BaseException as e:

@@ -34,7 +34,7 @@ REGIMES = ("sft", "rl")
 # Fields that may differ when resuming a run dir (section.field); everything else defines the trajectory.
 RESUMABLE_CHANGES = ("optim.lr", "train.steps", "train.micro_batch", "train.grad_accum", "train.eval_every",
                      "train.retention_every", "train.checkpoint_every", "train.divergence_loss",
-                     "train.n_samples", "probe.", "wandb")
+                     "train.n_samples", "train.save_model", "probe.", "wandb")
 
 
 @dataclass(frozen=True)

@@ -102,10 +102,16 @@ def test_resume_with_changed_lr_is_recorded_and_used(tiny_model_dir, tmp_path):
         run(replace(longer, train={"seed": 1, "steps": 5}), progress=False)
 
 
-def test_rl_lora_run_with_probes_logs_rl_and_probe_metrics(tiny_model_dir, tmp_path):
-    cfg = tiny_cfg(tiny_model_dir, tmp_path, regime="rl", model={"lora_rank": 2},
+def test_rl_lora_run_from_an_sft_run_logs_rl_and_probe_metrics(tiny_model_dir, tmp_path):
+    sft_dir = run(tiny_cfg(tiny_model_dir, tmp_path, name="sft", train={"steps": 1}), progress=False)
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, regime="rl", model={"lora_rank": 2, "name": str(sft_dir / "model")},
                    probe=ProbeConfig(every=1, batch_sharpness_every=0, max_hvps=4))
-    rows = read_metrics(run(cfg, progress=False))
+    rl_dir = run(cfg, progress=False)
+    rows = read_metrics(rl_dir)
+    sft_final = [r["final"] for r in json.loads((sft_dir / "samples.json").read_text())["rows"]]
+    rl_base = [r["base"] for r in json.loads((rl_dir / "samples.json").read_text())["rows"]]
+    base = [r["base"] for r in json.loads((sft_dir / "samples.json").read_text())["rows"]]
+    assert rl_base == sft_final and sft_final != base  # RL starts where SFT ended
     step0 = rows[0]
     for key in ("env/reward_mean", "env/accuracy", "rl/kl", "rl/clip_frac", "rl/entropy", "rl/response_len",
                 "train/loss", "probe/lambda_max", "eval/accuracy"):
