@@ -77,12 +77,14 @@ def straight_rng(run_dir):
     return torch.load(run_dir / "checkpoints" / "step_6" / "rng.pt", weights_only=False)["torch"]
 
 
-def test_probes_on_and_off_train_bitwise_identically(tiny_model_dir, tmp_path, data):
-    off = make_trainer(tiny_model_dir, tmp_path / "off", data, steps=4, checkpoint_every=0)
+@pytest.mark.parametrize("regime", ["sft", "rl"])
+def test_probes_on_and_off_train_bitwise_identically(tiny_model_dir, tmp_path, data, regime):
+    off = make_trainer(tiny_model_dir, tmp_path / "off", data, steps=4, checkpoint_every=0, regime=regime)
     off.train()
     prober = Prober(ProbeConfig(every=1, batch_sharpness_every=2, batch_min_samples=2, batch_max_samples=2,
                                 max_hvps=6))
-    on = make_trainer(tiny_model_dir, tmp_path / "on", data, steps=4, checkpoint_every=0, prober=prober)
+    on = make_trainer(tiny_model_dir, tmp_path / "on", data, steps=4, checkpoint_every=0, prober=prober,
+                      regime=regime)
     on.train()
     a, b = _params(off), _params(on)
     assert all(torch.equal(a[k], b[k]) for k in a)
