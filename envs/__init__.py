@@ -23,29 +23,20 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from envs.arith import HARD  # cheap: pure Python, no heavy dependencies
 from envs.core import Task, TextTaskEnv
 
-# No max_episode_steps: episodes are single-step and terminate themselves; a TimeLimit(1) would also set
-# truncated=True on the terminating step.
+# id -> (entry point, registered kwargs). No max_episode_steps: episodes are single-step and terminate
+# themselves; a TimeLimit(1) would also set truncated=True on the terminating step.
 _IDS = {
     "ArithRLVR-v0": ("envs.arith:ArithEnv", {}),
-    "ArithRLVR-hard-v0": ("envs.arith:ArithEnv", "HARD"),
+    "ArithRLVR-hard-v0": ("envs.arith:ArithEnv", asdict(HARD)),
     "InstructRLVR-v0": ("envs.instruct:InstructEnv", {}),
     "AlpacaSFT-v0": ("envs.alpaca:AlpacaEnv", {}),
 }
-
-
-def _register() -> None:
-    from envs.arith import HARD
-
-    for env_id, (entry_point, kwargs) in _IDS.items():
-        if kwargs == "HARD":
-            kwargs = asdict(HARD)
-        if env_id not in gym.registry:
-            gym.register(id=env_id, entry_point=entry_point, kwargs=kwargs)
-
-
-_register()
+for _env_id, (_entry_point, _kwargs) in _IDS.items():
+    if _env_id not in gym.registry:  # re-importing (e.g. importlib.reload) must not warn about overrides
+        gym.register(id=_env_id, entry_point=_entry_point, kwargs=_kwargs)
 
 ENV_IDS = tuple(_IDS)
 
