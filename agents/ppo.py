@@ -204,7 +204,8 @@ class PPORegime:
         return chunks, metrics
 
     def next_batch(self, policy, step: int) -> tuple[list[dict], dict]:
-        """A new rollout every ``ppo_epochs`` steps (sampling generator seeded by (seed, step)), else the same buffer."""
+        """A new rollout every ``ppo_epochs`` steps (sampling generator seeded by (seed, step)), else the same
+        buffer."""
         if self.buffer is None or step % self.config.ppo_epochs == 0:
             idx = stream_indices(len(self.tasks), self.seed, self.cursor, self.config.prompts_per_step)
             self.cursor += len(idx)

@@ -33,6 +33,7 @@ import torch
 from agents.optim import accumulate_gradients
 
 STATUS_RUNNING, STATUS_COMPLETED, STATUS_DIVERGED, STATUS_FAILED = "running", "completed", "diverged", "failed"
+FINAL_MODEL = "checkpoints/final_model"  # save_pretrained of the final policy: a model.name for a later run
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,13 @@ class TrainConfig:
     max_length: int = 128
     eval_max_new_tokens: int = 32
     n_samples: int = 6              # eval prompts shown base vs fine-tuned in samples.json
-    save_model: bool = True         # save_pretrained the final policy to <run>/model (init for a later run)
+    save_model: bool = True         # save_pretrained the final policy to <run>/checkpoints/final_model
 
 
 # ---------------------------------------------------------------------------------------------------- small I/O
 def _finite_or_none(x: Any) -> Any:
+    if isinstance(x, (np.generic, torch.Tensor)):
+        x = x.item()
     if isinstance(x, float) and not math.isfinite(x):
         return None  # strict JSON has no NaN/Infinity
     return x
@@ -195,7 +198,8 @@ class Trainer:
         params = self.parameters()
         missing = set(params) ^ set(tensors)
         if missing:
-            raise ValueError(f"checkpoint {path} does not match the model's trainable parameters: {sorted(missing)[:5]}")
+            raise ValueError(f"checkpoint {path} does not match the model's trainable parameters: "
+                             f"{sorted(missing)[:5]}")
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(tensors[k])
@@ -351,7 +355,8 @@ class Trainer:
                 self._append({"step": cfg.steps, **final_row})
             self.save_checkpoint(cfg.steps)
             if cfg.save_model:
-                self.policy.save(self.run_dir / "model")
+                # under checkpoints/ so that run-dir discovery (a dir holding config.json) never mistakes it for a run
+                self.policy.save(self.run_dir / FINAL_MODEL)
             self._finish(STATUS_COMPLETED, cfg.steps)
             return STATUS_COMPLETED
         except BaseException as e:

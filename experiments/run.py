@@ -314,20 +314,18 @@ def run(cfg: RunConfig, resume: bool = True, progress: bool = True) -> Path:
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     prober = Prober(cfg.probe) if cfg.probe.every > 0 else None
 
-    retention_fn = None
-    if cfg.train.retention_tokens > 0:
-        texts = list(_retention_texts(cfg.model.name))
+    texts = list(_retention_texts(cfg.model.name)) if cfg.train.retention_tokens > 0 else []
 
-        def retention_fn(pol):
-            ppl = perplexity(pol.model, pol.tokenizer, texts, max_tokens=cfg.train.retention_tokens)
-            return {"retention/perplexity": ppl, "retention/loss": math.log(ppl)}
+    def retention(pol) -> dict[str, float]:
+        ppl = perplexity(pol.model, pol.tokenizer, texts, max_tokens=cfg.train.retention_tokens)
+        return {"retention/perplexity": ppl, "retention/loss": math.log(ppl)}
 
     wandb_run, log_fn = (None, None)
     if cfg.wandb:
         wandb_run, log_fn = _wandb_logger(cfg, run_dir, name)
     trainer = Trainer(policy, regime, optimizer, cfg.train, run_dir, scheduler=scheduler, prober=prober,
-                      eval_tasks=eval_tasks, score_fn=score_fn, retention_fn=retention_fn, log_fn=log_fn,
-                      grad_clip=cfg.optim.grad_clip, progress=progress)
+                      eval_tasks=eval_tasks, score_fn=score_fn, retention_fn=retention if texts else None,
+                      log_fn=log_fn, grad_clip=cfg.optim.grad_clip, progress=progress)
     try:
         trainer.train(resume=resume)
     finally:

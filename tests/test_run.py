@@ -5,7 +5,7 @@ import pytest
 
 from agents.optim import OptimConfig
 from agents.ppo import PPOConfig
-from agents.trainer import TrainConfig, read_metrics
+from agents.trainer import FINAL_MODEL, TrainConfig, read_metrics
 from experiments.run import (ConfigError, EnvConfig, ModelConfig, RunConfig, config_changes, replace, run,
                              run_name, validate)
 from probes import ProbeConfig
@@ -104,7 +104,7 @@ def test_resume_with_changed_lr_is_recorded_and_used(tiny_model_dir, tmp_path):
 
 def test_rl_lora_run_from_an_sft_run_logs_rl_and_probe_metrics(tiny_model_dir, tmp_path):
     sft_dir = run(tiny_cfg(tiny_model_dir, tmp_path, name="sft", train={"steps": 1}), progress=False)
-    cfg = tiny_cfg(tiny_model_dir, tmp_path, regime="rl", model={"lora_rank": 2, "name": str(sft_dir / "model")},
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, regime="rl", model={"lora_rank": 2, "name": str(sft_dir / FINAL_MODEL)},
                    probe=ProbeConfig(every=1, batch_sharpness_every=0, max_hvps=4))
     rl_dir = run(cfg, progress=False)
     rows = read_metrics(rl_dir)
