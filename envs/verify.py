@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 MARKER = "Answer:"
@@ -74,26 +75,36 @@ def _bad(error: str | None = None) -> Verdict:
     return Verdict(0.0, False, False, None, error)
 
 
-def check_number(completion: Any, answer: str, max_chars: int = MAX_COMPLETION_CHARS) -> Verdict:
-    """Exact integer match of the answer after the last ``Answer:`` marker (all markers must agree)."""
+def check_marked(completion: Any, answer: str, canonical: Callable[[str], Any],
+                 max_chars: int = MAX_COMPLETION_CHARS) -> Verdict:
+    """Exact match of ``canonical(text after the last marker)`` against ``canonical(answer)``.
+
+    ``canonical`` maps an answer string to a comparable value, or None if it is not a well-formed answer. Reward 0
+    when there is no marker, when any marker's answer is malformed, or when markers disagree.
+    """
     error = completion_error(completion, max_chars)
     if error is not None:
         return _bad(error)
-    texts = marker_answers(completion)
-    if not texts:
-        return _bad()
-    values = {parse_integer(t) for t in texts}
-    if len(values) != 1 or None in values:  # unparseable or conflicting answers
+    values = {canonical(t) for t in marker_answers(completion)}
+    if len(values) != 1 or None in values:  # no marker, a malformed answer, or conflicting answers
         return _bad()
     value = values.pop()
-    correct = value == parse_integer(answer)
+    correct = value == canonical(answer)
     return Verdict(1.0 if correct else 0.0, correct, True, str(value), None)
 
 
-def canonical_text(text: str) -> str:
-    """Canonical form of a one-line text answer: JSON objects/arrays re-serialised, else whitespace collapsed."""
+def check_number(completion: Any, answer: str, max_chars: int = MAX_COMPLETION_CHARS) -> Verdict:
+    """Exact integer match of the answer after the last ``Answer:`` marker (all markers must agree)."""
+    return check_marked(completion, answer, parse_integer, max_chars)
+
+
+def canonical_text(text: str) -> str | None:
+    """Canonical form of a one-line text answer: JSON objects/arrays re-serialised, else whitespace collapsed;
+    None for a blank answer."""
     text = " ".join(text.split())
-    if text[:1] in "{[" and text:
+    if not text:
+        return None
+    if text[0] in "{[":
         try:
             return json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))
         except (ValueError, RecursionError):
@@ -107,18 +118,7 @@ def check_text(completion: Any, answer: str, max_chars: int = MAX_COMPLETION_CHA
     Comparison is on :func:`canonical_text`: case-sensitive, whitespace runs collapsed, and when the reference is a
     JSON object/array the two are compared as parsed JSON (key order and spacing do not matter).
     """
-    error = completion_error(completion, max_chars)
-    if error is not None:
-        return _bad(error)
-    texts = marker_answers(completion)
-    if not texts:
-        return _bad()
-    values = {canonical_text(t) for t in texts}
-    if len(values) != 1 or "" in values:
-        return _bad()
-    value = values.pop()
-    correct = value == canonical_text(answer)
-    return Verdict(1.0 if correct else 0.0, correct, True, value, None)
+    return check_marked(completion, answer, canonical_text, max_chars)
 
 
 def words(text: str) -> list[str]:
