@@ -431,3 +431,12 @@ def test_env_demo_prints_every_env_with_its_rewards(capsys):
     assert out.count("reward: demonstration 1.00, wrong 0.00") == len(IDS)
     assert out.count("hedged 0.00") == len(IDS) - 1  # Alpaca's soft score gives hedging partial credit
     assert "NOT exactly verifiable" in out
+
+
+@pytest.mark.parametrize("module", ["envs", "envs.verify", "envs.vector", "envs.wrappers"])
+def test_docstring_examples_hold(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0
