@@ -14,7 +14,8 @@ Advantages: ``"group"`` (GRPO / Dr. GRPO baseline) Â_i = r_i - mean_{group}(r) 
 (optionally divided by the group std); ``"value"``: a linear value head on the *detached* last hidden state, GAE(γ, λ)
 with the reward on the final token, returns R = Â + V. Detaching keeps the value fit out of the policy's Hessian:
 ∇²_θ L is the Hessian of the policy objective alone. Reference policy: under LoRA the base model with adapters
-disabled (no copy); under full fine-tuning a frozen copy of the initial model (only when β > 0).
+disabled (no copy; rl/kl is then logged even at β = 0); under full fine-tuning a frozen copy of the initial model
+(only when β > 0).
 At ρ = 1 (fresh buffer, ``ppo_epochs=1``) clipping is inactive and ∇L is the on-policy policy gradient.
 """
 
@@ -153,7 +154,8 @@ class PPORegime:
 
     @property
     def has_reference(self) -> bool:
-        return self.config.kl_coef > 0
+        """KL to the reference is computed when penalised, and under LoRA always (adapters off: free to monitor)."""
+        return self.config.kl_coef > 0 or self.lora
 
     # ------------------------------------------------------------------ rollouts
     def _reference_logprobs(self, policy, chunk: dict) -> torch.Tensor:
@@ -233,7 +235,8 @@ class PPORegime:
         if batch["ref_logp"] is not None:
             d = batch["ref_logp"] - logp
             kl = torch.exp(d) - d - 1
-            per_token = per_token + cfg.kl_coef * kl
+            if cfg.kl_coef:
+                per_token = per_token + cfg.kl_coef * kl
             stats["rl/kl"] = float((kl.detach() * mask).sum() / n)
         if cfg.entropy_coef:
             per_token = per_token - cfg.entropy_coef * entropy

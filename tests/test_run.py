@@ -2,6 +2,7 @@ import json
 import time
 
 import pytest
+import torch
 
 from agents.optim import OptimConfig
 from agents.ppo import PPOConfig
@@ -117,6 +118,23 @@ def test_rl_lora_run_from_an_sft_run_logs_rl_and_probe_metrics(tiny_model_dir, t
                 "train/loss", "probe/lambda_max", "eval/accuracy"):
         assert key in step0, key
     assert step0["rl/clip_frac"] == 0.0 and step0["rl/kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_value_head_run_resumes_bitwise(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, regime="rl", ppo={"advantage": "value"},
+                   optim={"name": "adam", "lr": 0.01}, train={"steps": 2, "retention_tokens": 0})
+    straight = run(replace(cfg, name="a"), progress=False)
+    run(replace(cfg, name="b", train={"steps": 1}), progress=False)
+    (tmp_path / "b" / "DONE").unlink()
+    resumed = run(replace(cfg, name="b"), progress=False)
+    a = load_file(str(straight / "checkpoints" / "step_2" / "model.safetensors"))
+    b = load_file(str(resumed / "checkpoints" / "step_2" / "model.safetensors"))
+    assert {"regime.value_head.weight", "regime.value_head.bias"} <= set(a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    opt = torch.load(resumed / "checkpoints" / "step_2" / "optimizer.pt", weights_only=False)["optimizer"]
+    assert len(opt["param_groups"]) == 2  # policy + value head, one optimizer
 
 
 def test_wandb_logs_offline_into_the_run_dir(tiny_model_dir, tmp_path, monkeypatch):
