@@ -123,9 +123,14 @@ def one_line(error: Exception) -> str:
     return " ".join([first] + [r.strip().removeprefix("- ") + ";" for r in rest if r.strip()]).rstrip(";")
 
 
+def parse(argv: list[str] | None = None):
+    """The command object for ``argv`` (a RunConfig, SweepCommand, ReportCommand, CohenCommand or DemoConfig)."""
+    return tyro.cli(Command, args=argv, prog="eoslab", description=__doc__.split("\n\n")[0])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point (``eoslab``)."""
-    cmd = tyro.cli(Command, args=argv, prog="eoslab", description=__doc__.split("\n\n")[0])
+    cmd = parse(argv)
     try:
         return execute(cmd)
     except ConfigError as e:

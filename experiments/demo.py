@@ -28,7 +28,8 @@ class DemoConfig:
     lora_steps: int = 150
     rl_lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
     rl_steps: int = 60
-    probe_every: int = 10  # λ_max cadence (optimizer steps); batch sharpness every 5× this
+    probe_every: int = 10  # λ_max cadence (optimizer steps)
+    batch_sharpness_every: int = 40  # batch sharpness cadence (0 = off)
     cohen_lrs: tuple[float, ...] = (0.3, 0.45, 0.6)
     cohen_steps: int = 500
 
@@ -42,7 +43,8 @@ def demo_sweeps(cfg: DemoConfig):
     from experiments.sweep import Sweep, grid
     from probes import ProbeConfig
 
-    probe = ProbeConfig(every=cfg.probe_every, batch_sharpness_every=5 * cfg.probe_every, batch_max_samples=8)
+    probe = ProbeConfig(every=cfg.probe_every, batch_sharpness_every=cfg.batch_sharpness_every, batch_min_samples=4,
+                        batch_max_samples=8)
     sft = RunConfig(
         regime="sft",
         model=ModelConfig(name=cfg.model),

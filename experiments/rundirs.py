@@ -162,20 +162,27 @@ def load_run(path: str | Path) -> Run:
     samples = None
     if (path / "samples.json").exists():
         s = json.loads((path / "samples.json").read_text())
-        samples = s.get("samples", s) if isinstance(s, dict) else s
+        # {"base_step", "final_step", "rows": [{"prompt", "answer", "base", "final", ...}]} (agents.trainer)
+        rows = s.get("rows", s.get("samples")) if isinstance(s, dict) else s
+        samples = [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else None
     return Run(path, config, meta, status, records, samples)
 
 
+def is_run_dir(path: Path) -> bool:
+    """A run dir holds config.json plus metrics.jsonl or status.json (a saved HF model holds config.json only)."""
+    return (path / "config.json").is_file() and ((path / "metrics.jsonl").is_file() or (path / "status.json").is_file())
+
+
 def find_runs(paths) -> list[Run]:
-    """Every run directory at or below ``paths`` (a run dir is one holding config.json), sorted by path."""
+    """Every run directory at or below ``paths``, sorted by path."""
     found: dict[Path, None] = {}
     for p in map(Path, paths):
         if not p.exists():
             raise FileNotFoundError(f"{p} does not exist")
-        if (p / "config.json").exists():
+        if is_run_dir(p):
             found[p.resolve()] = None
         else:
             for c in sorted(p.rglob("config.json")):
-                if "checkpoints" not in c.parts:
+                if "checkpoints" not in c.relative_to(p).parts and is_run_dir(c.parent):
                     found[c.parent.resolve()] = None
     return [load_run(p) for p in sorted(found)]

@@ -53,7 +53,8 @@ def sweep_dir(tmp_path):
     write_run(root, "sft-lr1e-02", 1e-2, edge_at=0)  # θ=200: λ = 20 + 0.5 t reaches 180 at t=320, then hovers
     write_run(root, "sft-lr1e-03", 1e-3)  # θ=2000: λ = 200 + 0.5 t ≤ 400, far below the edge
     write_run(root, "sft-mom-lr1e-02", 1e-2, momentum=0.9, edge_at=0, log_threshold=False,  # θ = 380
-              samples=[{"prompt": "2+2=", "base": "22", "tuned": "#### 4"}])
+              samples={"base_step": 0, "final_step": 400,
+                       "rows": [{"prompt": "2+2=", "base": "22", "final": "Answer: 4", "final_correct": True}]})
     return tmp_path / "runs"
 
 
@@ -99,7 +100,7 @@ def test_html_report(sweep_dir, tmp_path):
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert len(pngs) == 1  # one sweep group: sft_lr · sft · sgd
     assert pngs[0] in text and (out / pngs[0]).stat().st_size > 20_000
-    assert "#### 4" in text and "sft-mom-lr1e-02" in text
+    assert "Answer: 4" in text and "sft-mom-lr1e-02" in text
     assert json.loads((out / "phases.json").read_text())[0]["phase"] == "eos"
 
 
