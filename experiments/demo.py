@@ -1,8 +1,11 @@
 """``eoslab demo`` (``make demo``): the whole study, small, on CPU, in under 15 minutes on a fresh 2-core machine.
 
 1. builds (first time, ~3-4 min) or loads the embedded GPT-NeoX model (agents.embedded);
-2. runs three small learning-rate studies with probes on both cores: full SFT, LoRA SFT and RLVR (PPO), each with
-   the seed's optimizer (SGD, momentum 0.9, weight decay 1e-4) and effective batch 16 = 4×4;
+2. runs three small learning-rate studies with probes on both cores, on verifiable instruction tasks
+   (InstructRLVR-v0): full SFT, LoRA SFT (rank 8) and RLVR (PPO, group baseline; from a 150-step SFT warm start,
+   since the base model never emits the answer format and would get zero reward variance), each with the seed's
+   optimizer (SGD, momentum 0.9, weight decay 1e-4) and effective batch 16 = 4×4 (RL: 4 prompts × 4 samples).
+   The learning rates are larger than the seed's 1e-4…1e-2 so that 100 steps reach the edge on the small model;
 3. runs the Cohen et al. 2021 validation (full-batch GD on a tanh MLP, experiments.cohen2021);
 4. writes the report (HTML + PNGs, EoS phase table, forgetting, base vs fine-tuned samples) and prints its path.
 
@@ -21,13 +24,14 @@ class DemoConfig:
     out: Path = Path("runs/demo")  # sweeps go to OUT/<study>/, the report to OUT/report/
     workers: int = 2  # parallel runs (one core each)
     model: str = "embedded"  # the offline default; or a local model directory
-    sft_lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
-    sft_steps: int = 150
+    sft_lrs: tuple[float, ...] = (1e-2, 3e-2, 1e-1)
+    sft_steps: int = 100
     lora_rank: int = 8
-    lora_lrs: tuple[float, ...] = (1e-2, 3e-2, 1e-1)
-    lora_steps: int = 150
+    lora_lrs: tuple[float, ...] = (3e-2, 1e-1, 3e-1)
+    lora_steps: int = 100
     rl_lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
-    rl_steps: int = 60
+    rl_steps: int = 40
+    warm_start_steps: int = 150  # SFT steps (no probes) before RLVR, so that rewards vary within groups
     probe_every: int = 10  # λ_max cadence (optimizer steps)
     batch_sharpness_every: int = 40  # batch sharpness cadence (0 = off)
     cohen_lrs: tuple[float, ...] = (0.3, 0.45, 0.6)
@@ -40,7 +44,7 @@ def demo_sweeps(cfg: DemoConfig):
     from agents.ppo import PPOConfig
     from agents.trainer import TrainConfig
     from experiments.run import EnvConfig, ModelConfig, RunConfig, replace
-    from experiments.sweep import Sweep, grid
+    from experiments.sweep import WARM_START, Sweep, grid
     from probes import ProbeConfig
 
     probe = ProbeConfig(every=cfg.probe_every, batch_sharpness_every=cfg.batch_sharpness_every, batch_min_samples=4,
@@ -48,19 +52,22 @@ def demo_sweeps(cfg: DemoConfig):
     sft = RunConfig(
         regime="sft",
         model=ModelConfig(name=cfg.model),
-        env=EnvConfig(env_id="ArithRLVR-v0", n_train=256, n_eval=32),
+        env=EnvConfig(env_id="InstructRLVR-v0", n_train=512, n_eval=32),
         optim=OptimConfig(name="sgd", momentum=0.9, weight_decay=1e-4),
         train=TrainConfig(steps=cfg.sft_steps, micro_batch=4, grad_accum=4, eval_every=50, retention_every=50,
                           retention_tokens=4096, checkpoint_every=0, n_samples=4, eval_max_new_tokens=16),
         probe=probe,
     )
     lora = replace(sft, model={"lora_rank": cfg.lora_rank}, train={"steps": cfg.lora_steps})
-    rl = replace(sft, regime="rl", ppo=PPOConfig(prompts_per_step=4, group_size=4, max_new_tokens=16),
+    warm = replace(sft, name="warm-start-sft", optim={"lr": 1e-2}, probe=ProbeConfig(every=0),
+                   train={"steps": cfg.warm_start_steps})
+    rl = replace(sft, regime="rl", model={"name": WARM_START}, ppo=PPOConfig(prompts_per_step=4, group_size=4,
+                                                                             max_new_tokens=16),
                  train={"steps": cfg.rl_steps, "micro_batch": 8, "grad_accum": 1, "eval_every": 20,
-                        "retention_every": 20})
+                        "retention_every": 20, "save_model": False})
     return [
-        Sweep("rl", grid(rl, lrs=cfg.rl_lrs), "RLVR (PPO, group baseline) on ArithRLVR-v0"),
-        Sweep("sft", grid(sft, lrs=cfg.sft_lrs), "full-parameter SFT on ArithRLVR-v0 demonstrations"),
+        Sweep("rl", grid(rl, lrs=cfg.rl_lrs), "RLVR (PPO, group baseline) from an SFT warm start", warm_start=warm),
+        Sweep("sft", grid(sft, lrs=cfg.sft_lrs), "full-parameter SFT"),
         Sweep(f"lora_r{cfg.lora_rank}", grid(lora, lrs=cfg.lora_lrs), f"LoRA rank {cfg.lora_rank} SFT"),
     ]
 

@@ -43,9 +43,17 @@ def _sharpness_panel(ax, runs, colors, key, title):
         hi_s, hi = run.series(key + "_ci_hi")
         if len(lo) and len(lo) == len(hi) and np.array_equal(lo_s, hi_s):
             ax.fill_between(lo_s, lo, hi, color=c, alpha=0.15, lw=0)
-    ax.set_yscale("log")
+    _log_if_positive(ax)
     ax.set_title(title)
     ax.set_xlabel("step")
+
+
+def _log_if_positive(ax) -> None:
+    """Log y-axis when every plotted value is > 0 (a PPO surrogate loss or a negative λ would vanish on it)."""
+    ys = [np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()]
+    ys = [y[np.isfinite(y)] for y in ys if len(y)]
+    if ys and all(len(y) == 0 or y.min() > 0 for y in ys):
+        ax.set_yscale("log")
 
 
 def _edge_panel(ax, runs, colors):
@@ -76,7 +84,7 @@ def _curve_panel(ax, runs, colors, keys, title, logy=False):
         styles = [plt.Line2D([], [], color="gray", ls=st) for st in ("-", "--", ":")[: len(keys)]]
         ax.legend(styles, [k.split("/")[-1] for k in keys], fontsize=8)
     if logy:
-        ax.set_yscale("log")
+        _log_if_positive(ax)
     ax.set_title(title)
     ax.set_xlabel("step")
 

@@ -27,14 +27,19 @@ from typing import Callable, Iterable
 from experiments.run import RunConfig, replace, run_name, validate
 
 
+# model.name placeholder: "the final model of this sweep's warm_start run" (e.g. RLVR from an SFT'd model)
+WARM_START = "warm-start"
+
+
 @dataclass(frozen=True)
 class Sweep:
     name: str
     configs: tuple[RunConfig, ...]
     description: str = ""
+    warm_start: RunConfig | None = None  # run first; configs with model.name == WARM_START start from its model
 
     def __post_init__(self) -> None:
-        names = [run_name(c) for c in self.configs]
+        names = [run_name(c) for c in self.configs + ((self.warm_start,) if self.warm_start else ())]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"sweep {self.name!r}: several configs share the run name(s) {dup}; set distinct names")
@@ -55,15 +60,31 @@ class PlannedRun:
     config: RunConfig
     run_dir: Path
     done: bool
+    prerequisite: bool = False  # a warm-start run: executed before every other run
 
 
 def plan(sweep: Sweep, root: str | Path = "runs") -> list[PlannedRun]:
     """The sweep's runs with their directories under ``root/sweep.name``; validates every config first."""
+    from agents.trainer import FINAL_MODEL
+
     out_dir = str(Path(root) / sweep.name)
-    planned = []
+    planned, warm_model = [], None
+    if sweep.warm_start is not None:
+        cfg = dataclasses.replace(sweep.warm_start, out_dir=out_dir)
+        validate(cfg)
+        run_dir = Path(out_dir) / run_name(cfg)
+        warm_model = run_dir / FINAL_MODEL
+        planned.append(PlannedRun(cfg, run_dir, (run_dir / "DONE").exists(), prerequisite=True))
     for cfg in sweep.configs:
         cfg = dataclasses.replace(cfg, out_dir=out_dir)
-        validate(cfg)
+        if cfg.model.name == WARM_START:
+            if warm_model is None:
+                raise ValueError(f"sweep {sweep.name!r}: model.name={WARM_START!r} needs Sweep.warm_start")
+            cfg = replace(cfg, model={"name": str(warm_model)})
+            # the warm-start model may not exist yet: validate the rest of the config
+            validate(cfg if warm_model.exists() else replace(cfg, model={"name": "embedded"}))
+        else:
+            validate(cfg)
         run_dir = Path(out_dir) / run_name(cfg)
         planned.append(PlannedRun(cfg, run_dir, (run_dir / "DONE").exists()))
     return planned
@@ -118,16 +139,24 @@ def execute(planned: list[PlannedRun], workers: int = 1, dry_run: bool = False,
     for p in planned:
         c = p.config
         echo(f"  [{'done' if p.done else 'todo'}] {p.run_dir}  regime={c.regime} lr={c.optim.lr:g} "
-             f"lora_rank={c.model.lora_rank} steps={c.train.steps}")
+             f"lora_rank={c.model.lora_rank} steps={c.train.steps}" + ("  (warm start)" if p.prerequisite else ""))
     results = [RunResult(p.run_dir, "skipped", 0.0) for p in planned if p.done]
     if dry_run or not pending:
         return results
-    if any(p.config.model.name == "embedded" for p in pending):
+    first = [p for p in pending if p.prerequisite]
+    pending = [p for p in pending if not p.prerequisite]
+    if any(p.config.model.name == "embedded" for p in first + pending):
         from agents.embedded import embedded_model_path
 
         embedded_model_path()  # build once here, not in every worker (they would wait on its lock anyway)
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned workers
     t0 = time.perf_counter()
+    for i, p in enumerate(first, 1):  # warm starts, in this process, before the runs that start from them
+        res = _run_one(p.config)
+        results.append(res)
+        _echo_result(echo, res, i, len(first), t0, "warm start ")
+    if not pending:
+        return results
     if workers == 1:
         for i, p in enumerate(pending, 1):
             res = _run_one(p.config)
@@ -144,8 +173,8 @@ def execute(planned: list[PlannedRun], workers: int = 1, dry_run: bool = False,
     return results
 
 
-def _echo_result(echo, res: RunResult, i: int, n: int, t0: float) -> None:
-    msg = f"  ({i}/{n}, {time.perf_counter() - t0:.0f}s) {res.run_dir.name}: {res.status} in {res.seconds:.0f}s"
+def _echo_result(echo, res: RunResult, i: int, n: int, t0: float, what: str = "") -> None:
+    msg = f"  ({what}{i}/{n}, {time.perf_counter() - t0:.0f}s) {res.run_dir.name}: {res.status} in {res.seconds:.0f}s"
     echo(msg + (f" -- {res.error}" if res.error else ""))
 
 

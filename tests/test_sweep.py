@@ -79,6 +79,9 @@ def test_declared_sweeps_are_valid(tmp_path):
     sft = plan(load_sweep("sft_lr"), tmp_path)[0].config
     assert (sft.optim.momentum, sft.optim.weight_decay, sft.train.micro_batch * sft.train.grad_accum) == (0.9, 1e-4, 16)
     assert {p.config.model.lora_rank for p in plan(load_sweep("lora_rank_lr"), tmp_path)} == {2, 8, 32}
-    assert {p.config.regime for p in plan(load_sweep("rl_lr"), tmp_path)} == {"rl"}
+    rl = plan(load_sweep("rl_lr"), tmp_path)
+    assert rl[0].prerequisite and rl[0].config.regime == "sft"  # the SFT warm start runs first
+    assert {p.config.regime for p in rl[1:]} == {"rl"}
+    assert {p.config.model.name for p in rl[1:]} == {str(rl[0].run_dir / "checkpoints" / "final_model")}
     with pytest.raises(KeyError, match="available"):
         load_sweep("nope")
