@@ -2,17 +2,20 @@
 
 The operator is H = ∇²_θ Σ_c L_c(θ), the Hessian of the SUM of chunk losses over the parameters given (LoRA
 adapters only under LoRA, so its dimension is the trainable-parameter count). Each chunk loss is already weighted
-so that the chunks sum to the full probe-batch loss, which makes the chunked HVP exact, with the memory of one chunk.
+so that the chunks sum to the full probe-batch loss, which makes the chunked HVP exact.
 
-Modes (cost in G = one gradient of the probe batch, measured on CPU, see research/probes-anchors.md §E):
-- ``cache``: one forward + ``grad(create_graph=True)`` per chunk, graphs kept; each HVP is one extra backward
-  through them (≈1.6 G). The graphs are rebuilt when a parameter's ``_version`` changes (an in-place update).
-- ``recompute``: every HVP re-runs forward + double backward per chunk (≈2.8 G), memory of one chunk.
-- ``fd``: central difference (∇L(θ+tv) − ∇L(θ−tv)) / 2t (2 G, bias O(t²)); survives kernels without double
-  backward. Parameters are restored bit for bit from a copy.
+Modes (cost in G = one gradient of the probe batch on CPU: MLP from research/probes-anchors.md §E; GPT-NeoX 1.8M
+from experiments/bench/probe_speed.py, where the double backward through attention/LayerNorm dominates):
+- ``cache``: one forward + ``grad(create_graph=True)`` per chunk (≈1.3 G), graphs kept; each HVP is one extra
+  backward through them (MLP ≈1.6 G, GPT-NeoX ≈2.9–3.3 G). The graphs are rebuilt when a parameter's
+  ``_version`` changes (an in-place update), and hold the activations of every chunk.
+- ``recompute``: every HVP re-runs forward + double backward per chunk (MLP ≈2.8 G, GPT-NeoX ≈3.0–3.6 G), memory
+  of one chunk.
+- ``fd``: central difference (∇L(θ+tv) − ∇L(θ−tv)) / 2t (2 G; error ≲1e-6 relative in fp64, ≈5e-4 in fp32);
+  survives kernels without double backward. Parameters are restored bit for bit from a copy.
 
 Why our own operator rather than hessian-eigenthings/PyHessian: neither keeps the first-order graph across chunks
-(the 1.6 G vs 2.8 G win), weights chunks by their share of the loss, or guards attention kernels (research §F).
+(1.6 G vs 2.8 G per HVP on an MLP; a smaller gain on transformers), weights chunks by their share of the loss, or guards attention kernels (research §F).
 
 Vectors are flat, float64 on the parameter device (reductions in fp64); the HVP itself runs in the parameter dtype.
 """
