@@ -1,11 +1,11 @@
 """``eoslab``: the command line, a thin tyro layer over the frozen config dataclasses.
 
-    eoslab sft  [--optim.lr 1e-3 --train.steps 200 --train.full-batch True ...]   one SFT run
+    eoslab sft  [--optim.lr 1e-3 --train.steps 200 --train.full-batch ...]        one SFT run
     eoslab lora [--model.lora-rank 8 ...]                                         SFT with LoRA adapters (rank 8)
     eoslab rl   [--ppo.group-size 4 ...]                                          one RLVR (PPO) run
     eoslab sweep NAME [--dry-run] [--workers N]                                   a sweep of experiments/sweeps/
     eoslab report RUN_DIRS... [--out DIR]                                         HTML + PNG report from run dirs
-    eoslab cohen [--lr 0.3]                                                       Cohen et al. 2021 validation run
+    eoslab cohen [--lrs 0.3 0.45]                                                 Cohen et al. 2021 validation runs
     eoslab demo                                                                   the whole study, small, on CPU
 
 Every field of RunConfig is a flag (``eoslab sft --help``). Config errors are reported in one message before any
@@ -22,6 +22,7 @@ from typing import Annotated, Union
 import tyro
 
 from experiments.demo import DemoConfig
+from experiments.phases import PhaseConfig
 from experiments.run import ConfigError, ModelConfig, RunConfig
 
 SFT_DEFAULT = RunConfig(regime="sft")
@@ -46,7 +47,7 @@ class ReportCommand:
 
     run_dirs: tyro.conf.Positional[tuple[Path, ...]]
     out: Path = Path("runs/report")  # output directory
-    delta: float = 0.15  # EoS band half-width δ relative to the stability threshold
+    delta: float = PhaseConfig.delta  # EoS band half-width δ relative to the stability threshold
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,10 @@ class DemoConfig:
     lora_lrs: tuple[float, ...] = (3e-2, 1e-1, 3e-1)
     lora_steps: int = 100
     rl_lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
-    rl_steps: int = 40
+    rl_steps: int = 60
     warm_start_steps: int = 150  # SFT steps (no probes) before RLVR, so that rewards vary within groups
     probe_every: int = 10  # λ_max cadence (optimizer steps)
-    batch_sharpness_every: int = 40  # batch sharpness cadence (0 = off)
+    batch_sharpness_every: int = 30  # batch sharpness cadence (0 = off)
     cohen_lrs: tuple[float, ...] = (0.3, 0.45, 0.6)
     cohen_steps: int = 500
 

@@ -18,7 +18,7 @@ Definitions (Cohen et al. 2021, "Gradient Descent on Neural Networks Typically O
 The phase label is one of: "eos" (onset and band fraction ≥ `min_band_fraction`), "above-edge" (onset, but r
 stays above the band, e.g. raw λ_max under Adam), "below-edge" (onset, but r falls back below the band),
 "sharpening" (no onset, λ/θ grew by at least the fraction `min_sharpening` from the first to the last quarter
-of the probes), "flat" (neither), "too-short"
+of the probes), "softening" (no onset, λ/θ fell by that fraction: common at the start of fine-tuning), "flat" (neither), "too-short"
 (fewer than 3 probe points).
 """
 
@@ -119,7 +119,12 @@ def detect_phases(
         band = above = nan
         loss_from = -np.inf
         gained = final_ratio / float(np.median(r[: max(1, len(r) // 4)])) - 1.0
-        phase = "sharpening" if gained >= config.min_sharpening else "flat"
+        if gained >= config.min_sharpening:
+            phase = "sharpening"
+        elif gained <= -config.min_sharpening / (1 + config.min_sharpening):  # the inverse change: r/(1+m)
+            phase = "softening"
+        else:
+            phase = "flat"
     else:
         post = r[onset_idx:]
         band = float(np.mean(np.abs(post - 1.0) <= d))

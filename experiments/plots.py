@@ -43,17 +43,21 @@ def _sharpness_panel(ax, runs, colors, key, title):
         hi_s, hi = run.series(key + "_ci_hi")
         if len(lo) and len(lo) == len(hi) and np.array_equal(lo_s, hi_s):
             ax.fill_between(lo_s, lo, hi, color=c, alpha=0.15, lw=0)
-    _log_if_positive(ax)
+    _log_if_positive(ax, symlog=True)
     ax.set_title(title)
     ax.set_xlabel("step")
 
 
-def _log_if_positive(ax) -> None:
-    """Log y-axis when every plotted value is > 0 (a PPO surrogate loss or a negative λ would vanish on it)."""
+def _log_if_positive(ax, symlog: bool = False) -> None:
+    """Log y-axis when every plotted value is > 0 (a PPO surrogate loss or a negative λ would vanish on it);
+    with ``symlog``, a symmetric log axis otherwise (sharpness estimates that dip below zero)."""
     ys = [np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()]
     ys = [y[np.isfinite(y)] for y in ys if len(y)]
-    if ys and all(len(y) == 0 or y.min() > 0 for y in ys):
+    ys = [y for y in ys if len(y)]
+    if ys and all(y.min() > 0 for y in ys):
         ax.set_yscale("log")
+    elif ys and symlog:
+        ax.set_yscale("symlog", linthresh=1.0)
 
 
 def _edge_panel(ax, runs, colors):
@@ -63,13 +67,12 @@ def _edge_panel(ax, runs, colors):
         s, v = run.series(key)
         if not len(s):
             continue
-        ts, theta = run.threshold(key)
-        eta = run.edge / theta  # η at each probe step (handles schedules)
-        ax.plot(s, eta * v, "o-", ms=3, lw=1.3, color=c, label=lr_label(run))
-        edges.add(round(2 + 2 * run.momentum, 6))
+        ax.plot(s, run.eta(s) * v, "o-", ms=3, lw=1.3, color=c, label=lr_label(run))
+        edges.add(round(run.edge(key), 6))
     edges.add(2.0)
     lines = [ax.axhline(e, color="k", ls="--" if e == 2.0 else ":", lw=1.0) for e in sorted(edges)]
-    ax.legend(lines, [f"η·λ = {e:g}" for e in sorted(edges)], fontsize=8, loc="lower right")
+    ax.legend(lines, [f"η·λ = {e:g}" for e in sorted(edges)], fontsize=8, loc="best")
+    _log_if_positive(ax, symlog=True)  # catapults reach 1000× the edge; on a log axis the edge stays readable
     ax.set_title("η·λ_max (edge: 2 for GD, 2+2β with momentum)")
     ax.set_xlabel("step")
 
@@ -82,7 +85,7 @@ def _curve_panel(ax, runs, colors, keys, title, logy=False):
                 ax.plot(s, v, style, lw=1.2, color=c)
     if len(keys) > 1:  # line styles tell the metrics apart
         styles = [plt.Line2D([], [], color="gray", ls=st) for st in ("-", "--", ":")[: len(keys)]]
-        ax.legend(styles, [k.split("/")[-1] for k in keys], fontsize=8)
+        ax.legend(styles, keys, fontsize=8)
     if logy:
         _log_if_positive(ax)
     ax.set_title(title)
@@ -116,7 +119,8 @@ def sweep_figure(runs: list[Run], title: str, path: Path) -> Path:
         panels.append(lambda ax: _curve_panel(ax, runs, colors, perf, "reward / accuracy"))
     if has("retention/perplexity"):
         panels.append(
-            lambda ax: _curve_panel(ax, runs, colors, ["retention/perplexity"], "retention perplexity (held-out)")
+            lambda ax: _curve_panel(ax, runs, colors, ["retention/perplexity"], "retention perplexity (held-out)",
+                                    logy=True)
         )
     if not panels:
         raise ValueError(f"{title}: no plottable metric in {[r.name for r in runs]}")

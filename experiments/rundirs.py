@@ -99,15 +99,22 @@ class Run:
     def is_adam(self) -> bool:
         return self.optimizer in ("adam", "adamw")
 
-    @property
-    def edge(self) -> float:
-        """η·θ: the value η·λ must reach at the edge (2, 2+2β, or (2+2β₁)/(1-β₁) for Adam)."""
-        if self.is_adam:
+    def edge(self, key: str = "probe/lambda_max") -> float:
+        """η·θ for the sharpness ``key``: 2 (GD), 2+2β (heavy-ball momentum β), (2+2β₁)/(1-β₁) (Adam, on the
+        preconditioned λ_max; the raw λ_max of an Adam run is compared with 2/η)."""
+        if key == "probe/adam_lambda_max":
             return (2 + 2 * self.beta1) / (1 - self.beta1)
         return 2 + 2 * self.momentum
 
+    def eta(self, steps: np.ndarray) -> np.ndarray:
+        """η in force at ``steps`` (logged train/lr, for schedules; else the configured lr)."""
+        lr_steps, lrs = self.series("train/lr")
+        if len(lr_steps):
+            return np.interp(steps, lr_steps, lrs)
+        return np.full(len(steps), self.lr)
+
     def threshold(self, key: str = "probe/lambda_max") -> tuple[np.ndarray, np.ndarray]:
-        """(steps, θ) for the sharpness ``key``: logged threshold if present, else η·θ/η from the config."""
+        """(steps, θ) for the sharpness ``key``: the logged threshold if present, else edge(key)/η."""
         steps, _ = self.series(key)
         if key == "probe/adam_lambda_max":
             logged = "probe/adam_threshold"
@@ -118,11 +125,7 @@ class Run:
         ts, tv = self.series(logged)
         if len(ts):
             return ts, tv
-        lr_steps, lrs = self.series("train/lr")
-        if len(lr_steps) and len(steps):  # per-step η (schedules): use the η in force at each probe step
-            eta = np.interp(steps, lr_steps, lrs)
-            return steps, self.edge / eta
-        return steps, np.full(len(steps), self.edge / self.lr)
+        return steps, self.edge(key) / self.eta(steps)
 
     @property
     def primary_sharpness(self) -> str:

@@ -74,8 +74,11 @@ def test_without_smoothing_the_outlier_triggers_onset():
     assert detect_phases(STEPS, lam, THETA, config=D10).onset_step == 320
 
 
-def test_flat_and_above_edge():
+def test_flat_softening_and_above_edge():
     assert detect_phases(STEPS, np.full(len(STEPS), 50.0), THETA).phase == "flat"
+    # fine-tuning often starts sharp and relaxes: λ 160 → 40 below the edge
+    assert detect_phases(STEPS, 160.0 - 0.12 * STEPS, THETA).phase == "softening"
+    assert detect_phases(STEPS, 160.0 - 0.01 * STEPS, THETA).phase == "flat"  # -6%
     # raw λ_max under Adam keeps rising past the threshold
     p = detect_phases(STEPS, 100.0 + 0.5 * STEPS, THETA, config=D10)
     assert p.phase == "above-edge"

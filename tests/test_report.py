@@ -65,7 +65,7 @@ def test_loads_runs_and_derives_thresholds(sweep_dir):
     assert len(r.records) == 401  # the partial last line is skipped
     steps, theta = r.threshold("probe/lambda_max")  # not logged: (2+2β)/η from config.json
     assert len(steps) == 41 and theta == pytest.approx(np.full(41, 380.0))
-    assert r.edge == pytest.approx(3.8)
+    assert r.edge() == pytest.approx(3.8)
 
 
 def test_phase_table_matches_construction(sweep_dir):
