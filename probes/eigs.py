@@ -3,9 +3,11 @@
 Why our own solver: ``torch.lobpcg`` recomputes A·X each iteration and has no warm-start fast path; scipy works on
 numpy copies; EoS sharpness needs the largest *algebraic* eigenvalue (LoRA Hessians are indefinite, so power
 iteration and ``which="LM"`` Lanczos return a negative eigenvalue). This is Knyazev's LOBPCG (SIAM J. Sci. Comput.
-23(2), 2001) with the basis [X, P, W] orthonormalised explicitly (Duersch et al., SIAM J. Sci. Comput. 40(5), 2018)
-and the images A·X, A·P kept as linear combinations of A·S, so each iteration costs only as many HVPs as there are
-unconverged residuals (k per iteration instead of 3k–4k in the EoSS/CentralFlows ports, research §B1/B4).
+23(2), 2001): the Rayleigh–Ritz step solves the generalized problem on the Gram matrices of the basis [X; P; W]
+(normalised, with numerically dependent directions dropped, as in SVQB of Stathopoulos & Wu 2002), and the images
+A·X, A·P are kept as linear combinations of A·S, so each iteration costs only as many HVPs as there are unconverged
+residuals (k per iteration instead of 3k–4k in the EoSS/CentralFlows ports, research §B1/B4) plus ~20 passes over
+n-vectors (row-major buffers, no concatenation).
 
 Stop rule: every Ritz pair satisfies ‖A x − θ x‖ ≤ tol · max|θ_RR| (θ_RR: all Ritz values of the last
 Rayleigh–Ritz, an estimate of ‖A‖ on the subspace). For a symmetric A this guarantees an eigenvalue within

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from probes import (HessianOperator, adam_preconditioner, adam_sharpness, batch_sharpness, block_lambda_max,
-                    hutchinson_trace, parameter_blocks, stability_thresholds, step_sharpness, top_eigenvalues,
+                    hutchinson_trace, parameter_blocks, stability_thresholds, step_sharpness,
                     update_sharpness)
 from probes.sharpness import t_quantile
 from probes.testing import mlp_problem

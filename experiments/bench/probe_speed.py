@@ -17,9 +17,9 @@ reported and skipped.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -131,8 +131,8 @@ class _Reached(Exception):
 
 def pyhessian_power(model, loss_fn, chunks, device, ref, rel_acc, max_iter=300) -> Solve | str:
     try:
-        import pyhessian  # noqa: F401  (its __init__ shadows the module name with the class)
-        ph = sys.modules["pyhessian.hessian"]
+        # the module itself: the package __init__ shadows the name pyhessian.hessian with the class
+        ph = importlib.import_module("pyhessian.hessian")
     except ImportError as err:
         return f"PyHessian not installed ({err}); pip install pyhessian"
     # PyHessian takes (model, criterion, (inputs, targets)) as one batch: the whole probe batch at once.
@@ -259,6 +259,12 @@ def main(cfg: BenchConfig = BenchConfig()) -> dict:
                                                                   init=vector)}, device, cfg.repeats)
     _print_table("\none step later (θ + 1e-4·N(0, I)): warm start from the previous eigenvector", warm, ref2,
                  warm["probes cold (own stop rule)"])
+
+    w = warm["probes warm start (own stop rule)"]
+    others = {k: v for k, v in rows.items() if not isinstance(v, str) and not k.startswith("probes")}
+    if others:
+        print("steady state (warm probes) vs the cold solvers above, which cannot warm start: " + ", ".join(
+            f"{k} {v['seconds'] / w['seconds']:.1f}x slower" for k, v in others.items()))
 
     g, costs = hvp_costs(params, loss_fn, chunks, model, device, cfg.cost_reps)
     print(f"\nHVP cost in gradient units (G = {g * 1e3:.1f} ms, median of {cfg.cost_reps}; cache excludes the one-time"
