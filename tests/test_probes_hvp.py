@@ -127,6 +127,17 @@ def test_lora_operator_dimension_and_indefinite_spectrum():
     assert evals[0] < 0 < evals[-1] and abs(evals[0]) > evals[-1]   # indefinite, most negative is largest |λ|
     res = top_eigenvalues(op, k=3, tol=1e-7, max_hvps=300)
     torch.testing.assert_close(res.values, evals.flip(0)[:3], rtol=1e-6, atol=0)
+    # HVP budget: cold k=1 within 20 HVPs. This random LoRA Hessian moves fast (a step η = 0.01/λ_max changes λ_max
+    # by 1.4% and turns its eigenvector by 1°), so the warm solve needs 5 HVPs here (1 at an unchanged θ), not ≤ 4.
+    cold = top_eigenvalues(op, k=1, tol=1e-3)
+    assert cold.converged and cold.hvps <= 20 and abs(float(cold.values[0]) / float(evals[-1]) - 1) < 1e-3
+    assert top_eigenvalues(op, k=1, tol=1e-3, init=cold.vectors).hvps == 1
+    g = op.gradient()
+    with torch.no_grad():
+        for p, gp in zip(trainable.values(), torch.split(g, [p.numel() for p in trainable.values()])):
+            p.sub_(0.01 * gp.view_as(p) / float(evals[-1]))
+    warm = top_eigenvalues(op, k=1, tol=1e-3, init=cold.vectors)
+    assert warm.converged and warm.hvps <= 5 and 2 * warm.hvps < cold.hvps
 
 
 def test_flash_attention_and_reentrant_checkpointing_are_refused():
