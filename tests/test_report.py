@@ -16,7 +16,7 @@ def write_run(root, name, lr, *, momentum=0.0, optim="sgd", regime="sft", rank=0
     """A run dir whose λ_max ramps at `slope` per step from 10% of θ and, if `edge_at` is set, saturates at θ."""
     d = root / name
     d.mkdir(parents=True)
-    theta = (2 + 2 * momentum) / lr
+    theta = 38.0 / lr if optim == "adam" else (2 + 2 * momentum) / lr  # Adam: (2+2β₁)/((1-β₁)η), β₁ = 0.9
     cfg = {"regime": regime, "model": {"name": "embedded", "lora_rank": rank},
            "optim": {"name": optim, "lr": lr, "momentum": momentum, "weight_decay": 1e-4, "betas": [0.9, 0.999]},
            "train": {"steps": steps, "micro_batch": 4, "grad_accum": 4, "seed": 0}, "env": {"env_id": "ArithRLVR-v0"}}
@@ -30,6 +30,9 @@ def write_run(root, name, lr, *, momentum=0.0, optim="sgd", regime="sft", rank=0
                 if edge_at is not None:
                     lam = min(lam, theta * (1 + 0.02 * math.sin(t)))
                 rec["probe/lambda_max"] = lam
+                if optim == "adam":  # the preconditioned λ carries the edge; the raw λ_max is 3× it
+                    rec["probe/adam_lambda_max"], rec["probe/lambda_max"] = lam, 3 * lam
+                    rec["probe/adam_threshold"] = theta
                 rec["probe/batch_sharpness"] = 0.8 * lam
                 if log_threshold:
                     rec["probe/two_over_eta"] = 2 / lr
@@ -109,3 +112,14 @@ def test_report_errors_are_clear(tmp_path):
         write_report([tmp_path], ReportConfig(out=tmp_path / "r"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         find_runs([tmp_path / "missing"])
+
+
+def test_adam_runs_use_the_preconditioned_sharpness(tmp_path):
+    d = write_run(tmp_path / "adam_lr", "adam-lr1e-03", 1e-3, optim="adam", edge_at=0, slope=100.0)
+    run = load_run(d)
+    assert run.primary_sharpness == "probe/adam_lambda_max"
+    assert run.edge("probe/adam_lambda_max") == pytest.approx(38.0)
+    row = phase_rows([run], PhaseConfig(delta=0.1))[0]
+    assert row["sharpness"] == "adam_lambda_max"
+    assert row["phase"] == "eos" and row["onset_step"] == 310  # 3800 + 100 t ≥ 0.9·38000 from t = 304
+    assert write_report([d], ReportConfig(out=tmp_path / "r")).exists()
