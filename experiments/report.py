@@ -112,7 +112,10 @@ def config_rows(runs: list[Run]) -> list[dict]:
         optim = r.config.get("optim", {}) if isinstance(r.config.get("optim"), dict) else {}
         model = r.config.get("model", {}) if isinstance(r.config.get("model"), dict) else {}
         env = r.config.get("env", {}) if isinstance(r.config.get("env"), dict) else {}
-        if train.get("full_batch"):
+        ppo = r.config.get("ppo", {}) if isinstance(r.config.get("ppo"), dict) else {}
+        if r.regime == "rl" and ppo:
+            batch = f"{ppo.get('prompts_per_step')} prompts × {ppo.get('group_size')}"
+        elif train.get("full_batch"):
             batch = f"full ({env.get('n_train', '?')})"
         elif "micro_batch" in train:
             batch = f"{train['micro_batch']}×{train.get('grad_accum', 1)}"
@@ -122,7 +125,7 @@ def config_rows(runs: list[Run]) -> list[dict]:
             {
                 "run": r.name,
                 "regime": r.label,
-                "model": model.get("name", r.config.get("model_name", "")),
+                "model": _short_model_name(str(model.get("name", ""))),
                 "env": env.get("env_id", r.config.get("dataset", "")),
                 "optim": r.optimizer,
                 "lr": r.lr,
@@ -135,6 +138,14 @@ def config_rows(runs: list[Run]) -> list[dict]:
             }
         )
     return rows
+
+
+def _short_model_name(name: str) -> str:
+    """'embedded', or '<run>/final_model' for a model saved by an earlier run (a warm start), else the last part."""
+    parts = Path(name).parts
+    if len(parts) >= 3 and parts[-2] == "checkpoints":
+        return f"{parts[-3]}/{parts[-1]}"
+    return parts[-1] if parts else name
 
 
 # ---- HTML ----
