@@ -201,22 +201,27 @@ class HessianOperator:
                 if not self._graph_valid():
                     self._build_graph()
                 for grads in self._graph:
-                    out += self._hvp_from_grads(grads, parts, retain=True)
+                    self._hvp_from_grads(grads, parts, out, retain=True)
             else:
                 for batch in self.batches:
-                    out += self._hvp_from_grads(self._chunk_grad(batch, create_graph=True), parts, retain=False)
+                    self._hvp_from_grads(self._chunk_grad(batch, create_graph=True), parts, out, retain=False)
         return out
 
     __matmul__ = matvec
 
-    def _hvp_from_grads(self, grads, parts, retain: bool) -> torch.Tensor:
+    def _hvp_from_grads(self, grads, parts, out: torch.Tensor, retain: bool) -> None:
+        """out += ∂(grads·parts)/∂θ, accumulated slice by slice (no flat temporary)."""
         # Only entries with a graph take part; an unused parameter has a zero Hessian row.
         idx = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         if not idx:
-            return torch.zeros(self.dim, dtype=REDUCE_DTYPE, device=self.device)
+            return
         hv = torch.autograd.grad([grads[i] for i in idx], self.params, grad_outputs=[parts[i] for i in idx],
                                  retain_graph=retain, allow_unused=True)
-        return self._flat(hv)
+        offset = 0
+        for h, p in zip(hv, self.params):
+            if h is not None:
+                out[offset:offset + p.numel()] += h.reshape(-1)
+            offset += p.numel()
 
     def _fd(self, v: torch.Tensor) -> torch.Tensor:
         # Central difference; t scaled so that ‖t v‖ ≈ cbrt(eps)·(1 + ‖θ‖) balances truncation O(t²) and
