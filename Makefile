@@ -29,6 +29,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q
 
 bench: $(STAMP)
+	$(BIN)/pip install -q -e ".[dev,bench]" "$(TORCH)"
 	for f in experiments/bench/*.py; do $(BIN)/python $$f || exit 1; done
 
 clean:
