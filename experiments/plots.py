@@ -27,7 +27,7 @@ def lr_label(run: Run) -> str:
 
 def _colors(n: int):
     cmap = plt.get_cmap("viridis")
-    return [cmap(x) for x in (np.linspace(0.0, 0.9, n) if n > 1 else [0.0])]
+    return [cmap(x) for x in (np.linspace(0.0, 0.8, n) if n > 1 else [0.0])]
 
 
 def _sharpness_panel(ax, runs, colors, key, title):
