@@ -12,7 +12,8 @@ from experiments/bench/probe_speed.py, where the double backward through attenti
 - ``recompute``: every HVP re-runs forward + double backward per chunk (MLP ≈2.8 G, GPT-NeoX ≈3.0–3.6 G), memory
   of one chunk.
 - ``fd``: central difference (∇L(θ+tv) − ∇L(θ−tv)) / 2t (2 G; error ≲1e-6 relative in fp64, ≈5e-4 in fp32);
-  survives kernels without double backward. Parameters are restored bit for bit from a copy.
+  survives kernels without double backward. Parameters are restored bit for bit from a copy, without bumping
+  their ``_version`` (so a cache-mode operator on the same parameters keeps its graphs).
 
 Why our own operator rather than hessian-eigenthings/PyHessian: neither keeps the first-order graph across chunks
 (1.6 G vs 2.8 G per HVP on an MLP; a smaller gain on transformers), weights chunks by their share of the loss, or guards attention kernels (research §F).
@@ -195,32 +196,37 @@ class HessianOperator:
         if self.mode == "fd":
             return self._fd(v)
         parts = self._split(v)
-        out = torch.zeros(self.dim, dtype=REDUCE_DTYPE, device=self.device)
+        # Written by the first chunk, accumulated by the others: no zero-fill pass over n (per-HVP overhead).
+        out = torch.empty(self.dim, dtype=REDUCE_DTYPE, device=self.device)
         with hvp_guard():
             if self.mode == "cache":
                 if not self._graph_valid():
                     self._build_graph()
-                for grads in self._graph:
-                    self._hvp_from_grads(grads, parts, out, retain=True)
+                for c, grads in enumerate(self._graph):
+                    self._hvp_from_grads(grads, parts, out, retain=True, first=c == 0)
             else:
-                for batch in self.batches:
-                    self._hvp_from_grads(self._chunk_grad(batch, create_graph=True), parts, out, retain=False)
+                for c, batch in enumerate(self.batches):
+                    self._hvp_from_grads(self._chunk_grad(batch, create_graph=True), parts, out, retain=False,
+                                         first=c == 0)
         return out
 
     __matmul__ = matvec
 
-    def _hvp_from_grads(self, grads, parts, out: torch.Tensor, retain: bool) -> None:
-        """out += ∂(grads·parts)/∂θ, accumulated slice by slice (no flat temporary)."""
+    def _hvp_from_grads(self, grads, parts, out: torch.Tensor, retain: bool, first: bool) -> None:
+        """out (=, if first, else +=) ∂(grads·parts)/∂θ, slice by slice (no flat temporary)."""
         # Only entries with a graph take part; an unused parameter has a zero Hessian row.
         idx = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        if not idx:
-            return
         hv = torch.autograd.grad([grads[i] for i in idx], self.params, grad_outputs=[parts[i] for i in idx],
-                                 retain_graph=retain, allow_unused=True)
+                                 retain_graph=retain, allow_unused=True) if idx else [None] * len(self.params)
         offset = 0
         for h, p in zip(hv, self.params):
-            if h is not None:
-                out[offset:offset + p.numel()] += h.reshape(-1)
+            piece = out[offset:offset + p.numel()]
+            if h is not None and first:
+                piece.copy_(h.reshape(-1))
+            elif h is not None:
+                piece.add_(h.reshape(-1))
+            elif first:
+                piece.zero_()
             offset += p.numel()
 
     def _fd(self, v: torch.Tensor) -> torch.Tensor:
@@ -236,11 +242,13 @@ class HessianOperator:
         saved = [p.detach().clone() for p in self.params]
         parts = self._split(v)
         grads = []
+        # Perturb and restore through .data, which does not bump p._version: θ comes back bit for bit, so graphs
+        # cached on these parameters (a cache-mode operator, the caller's own) stay valid and are not rebuilt.
         try:
             for sign in (1.0, -1.0):
                 with torch.no_grad():
                     for p, s, d in zip(self.params, saved, parts):
-                        p.copy_(s + sign * t * d)
+                        p.data.copy_(s + sign * t * d)
                 total = torch.zeros(self.dim, dtype=REDUCE_DTYPE, device=self.device)
                 with hvp_guard():
                     for batch in self.batches:
@@ -249,7 +257,7 @@ class HessianOperator:
         finally:
             with torch.no_grad():
                 for p, s in zip(self.params, saved):
-                    p.copy_(s)
+                    p.data.copy_(s)
         self.gradient_evals += 2
         return (grads[0] - grads[1]) / (2 * t)
 

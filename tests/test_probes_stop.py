@@ -1,0 +1,84 @@
+"""top_eigenvalues(stop="eigenvalue") against dense eigh, and HessianOperator details that save work per HVP."""
+import pytest
+import torch
+
+from probes import HessianOperator, LinearOperator, top_eigenvalues
+from probes.testing import mlp_problem
+
+D = torch.float64
+
+
+def spectrum_matrix(eigs, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=g, dtype=D))
+    return q @ torch.diag(torch.as_tensor(eigs, dtype=D)) @ q.T
+
+
+def outliers_over_bulk(n=300):
+    """Hessian-like: outliers over a bulk, and negative eigenvalues of larger magnitude than the top one."""
+    head = torch.tensor([10.0, 6.0, 4.0, 3.0, -12.0, -20.0], dtype=D)
+    return spectrum_matrix(torch.cat([head, torch.linspace(-0.5, 0.5, n - 6, dtype=D)]))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("tol", [1e-3, 1e-6])
+def test_eigenvalue_stop_meets_tol_with_fewer_hvps(k, tol):
+    a = outliers_over_bulk()
+    truth = torch.linalg.eigvalsh(a).flip(0)[:k]
+    scale = 20.0   # max |λ|: both rules are relative to the largest Ritz magnitude, which tends to it
+    fast = top_eigenvalues(LinearOperator.from_matrix(a), k=k, tol=tol, stop="eigenvalue", max_hvps=400)
+    slow = top_eigenvalues(LinearOperator.from_matrix(a), k=k, tol=tol, stop="residual", max_hvps=400)
+    assert fast.converged and slow.converged
+    err = (fast.values - truth).abs() / scale
+    assert float(err.max()) <= tol
+    assert fast.hvps < slow.hvps
+    # the reported bound is an upper bound of the true error here (gaps resolved), and below tol
+    assert bool((fast.errors >= err).all()) and float(fast.errors.max()) <= tol
+    # the residual rule's errors are its relative residuals
+    torch.testing.assert_close(slow.errors, slow.residuals)
+
+
+def test_eigenvalue_stop_is_largest_algebraic_on_indefinite_operator():
+    res = top_eigenvalues(LinearOperator.from_matrix(outliers_over_bulk()), k=1, tol=1e-8, stop="eigenvalue")
+    assert abs(float(res.values[0]) - 10.0) < 20 * 1e-8
+
+
+def test_eigenvalue_stop_warm_start_is_cheap():
+    a = outliers_over_bulk()
+    b = a + 1e-3 * spectrum_matrix(torch.linspace(-1, 1, 300, dtype=D), seed=5)
+    cold = top_eigenvalues(LinearOperator.from_matrix(a), k=1, tol=1e-3, stop="eigenvalue")
+    warm = top_eigenvalues(LinearOperator.from_matrix(b), k=1, tol=1e-3, stop="eigenvalue", init=cold.vectors)
+    truth = float(torch.linalg.eigvalsh(b)[-1])
+    assert warm.converged and warm.hvps <= 3 < cold.hvps and abs(float(warm.values[0]) - truth) <= 20 * 1e-3
+
+
+def test_unknown_stop_rule_is_refused():
+    with pytest.raises(ValueError, match="stop must be"):
+        top_eigenvalues(LinearOperator.from_matrix(outliers_over_bulk(n=50)), stop="change")
+
+
+def test_fd_operator_keeps_cache_graph_valid():
+    # fd perturbs θ in place and restores it bit for bit without a _version bump, so a cache-mode operator on the
+    # same parameters keeps its graph (one build) and still returns exact HVPs.
+    model, params, loss_fn, chunks = mlp_problem(chunk=32)
+    cache = HessianOperator(params, loss_fn, chunks, mode="cache")
+    fd = HessianOperator(params, loss_fn, chunks, mode="fd")
+    truth = HessianOperator(params, loss_fn, chunks, mode="recompute").dense()
+    v = torch.randn(cache.dim, generator=torch.Generator().manual_seed(1), dtype=D)
+    before = [p.detach().clone() for p in params.values()]
+    cache.matvec(v)
+    fd.matvec(v)
+    torch.testing.assert_close(cache.matvec(v), truth @ v, rtol=1e-12, atol=1e-12)
+    assert cache.gradient_evals == 1
+    assert all(torch.equal(p, q) for p, q in zip(params.values(), before))
+
+
+def test_unused_parameter_has_zero_hessian_rows():
+    # The first chunk writes the output without a zero-fill; rows of a parameter the loss does not use must be 0.
+    model, params, loss_fn, chunks = mlp_problem(chunk=32)
+    unused = torch.nn.Parameter(torch.ones(5, dtype=D))
+    op = HessianOperator({**params, "unused": unused}, loss_fn, chunks, mode="cache")
+    out = op.matvec(torch.ones(op.dim, dtype=D))
+    assert torch.equal(out[-5:], torch.zeros(5, dtype=D))
+    ref = HessianOperator(params, loss_fn, chunks, mode="recompute").matvec(torch.ones(op.dim - 5, dtype=D))
+    torch.testing.assert_close(out[:-5], ref, rtol=1e-12, atol=1e-14)
