@@ -39,6 +39,7 @@ class Sweep:
     warm_start: RunConfig | None = None  # run first; configs with model.name == WARM_START start from its model
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "configs", tuple(self.configs))  # a list would make the frozen sweep mutable
         names = [run_name(c) for c in self.configs + ((self.warm_start,) if self.warm_start else ())]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
