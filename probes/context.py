@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .blocks import DEFAULT_BLOCK_PATTERNS, parameter_blocks
-from .eigs import top_eigenvalues
+from .eigs import STOPS, top_eigenvalues
 from .hvp import MODES, HessianOperator
 from .sharpness import (adam_preconditioner, batch_sharpness, block_lambda_max, hutchinson_trace,
                         preconditioned_operator, stability_thresholds, step_sharpness, update_sharpness)
@@ -47,7 +47,8 @@ class ProbeConfig:
     """
     every: int = 10                        # λ_max (+ thresholds, update/step sharpness, Adam λ_max)
     k: int = 1                             # eigenvalues per solve (probe/lambda_max, probe/lambda_2, ...)
-    tol: float = 1e-3                      # LOBPCG relative residual
+    tol: float = 1e-3                      # LOBPCG relative residual (stop="residual") or λ error (stop="eigenvalue")
+    stop: str = "residual"                 # eigen-solve stop rule, see probes.eigs ("eigenvalue": fewer HVPs)
     max_hvps: int = 40                     # per eigen-solve
     mode: str = "cache"                    # HVP mode: cache | recompute | fd
     warm_start: bool = True
@@ -79,6 +80,8 @@ class ProbeConfig:
             raise ValueError(f"ProbeConfig.batch_estimator invalid: {self.batch_estimator!r}")
         if not 0 < self.confidence < 1 or self.tol <= 0:
             raise ValueError("ProbeConfig: need 0 < confidence < 1 and tol > 0")
+        if self.stop not in STOPS:
+            raise ValueError(f"ProbeConfig.stop must be one of {STOPS}, got {self.stop!r}")
         if self.every > 0 and (self.k < 1 or self.max_hvps < self.k):
             raise ValueError("ProbeConfig: need k >= 1 and max_hvps >= k")
         if not 1 <= self.batch_min_samples <= self.batch_max_samples:
@@ -139,7 +142,7 @@ class Prober:
                 if ctx.lr > 0:   # η = 0 (e.g. a warm-up step) has no stability threshold
                     out.update({f"probe/{k}": v for k, v in stability_thresholds(ctx.optimizer, ctx.lr).items()})
                 res = top_eigenvalues(op, k=c.k, tol=c.tol, init=self._init("H", op.dim), max_hvps=c.max_hvps,
-                                      generator=gen)
+                                      generator=gen, stop=c.stop)
                 self._warm["H"] = res.vectors.detach()
                 out["probe/lambda_max"] = float(res.values[0])
                 for i in range(1, len(res.values)):
@@ -153,7 +156,8 @@ class Prober:
                     pre = adam_preconditioner(ctx.optimizer, op.params, ctx.lr)
                     if pre is not None:
                         ares = top_eigenvalues(preconditioned_operator(op, pre), k=1, tol=c.tol,
-                                               init=self._init("adam", op.dim), max_hvps=c.max_hvps, generator=gen)
+                                               init=self._init("adam", op.dim), max_hvps=c.max_hvps, generator=gen,
+                                               stop=c.stop)
                         self._warm["adam"] = ares.vectors.detach()
                         out["probe/adam_lambda_max"] = float(ares.values[0])
                         out["probe/converged"] = float(res.converged and ares.converged)

@@ -85,3 +85,19 @@ def test_unused_parameter_has_zero_hessian_rows():
     assert torch.equal(out[-5:], torch.zeros(5, dtype=D))
     ref = HessianOperator(params, loss_fn, chunks, mode="recompute").matvec(torch.ones(op.dim - 5, dtype=D))
     torch.testing.assert_close(out[:-5], ref, rtol=1e-12, atol=1e-14)
+
+
+def test_prober_eigenvalue_stop_matches_dense_with_fewer_hvps():
+    from probes import ProbeConfig, ProbeContext, Prober
+    model, params, loss_fn, chunks = mlp_problem(chunk=64)
+    evals = torch.linalg.eigvalsh(HessianOperator(params, loss_fn, chunks).dense())
+    opt = torch.optim.SGD(params.values(), lr=0.05)
+    out = {}
+    for stop in ("residual", "eigenvalue"):
+        cfg = ProbeConfig(every=1, stop=stop, tol=1e-4, step_sharpness=False, update_sharpness=False)
+        out[stop] = Prober(cfg)(ProbeContext(params, loss_fn, chunks, lr=0.05, step=0, optimizer=opt, model=model))
+    lam = out["eigenvalue"]["probe/lambda_max"]
+    assert abs(lam - float(evals[-1])) <= 1e-4 * float(evals.abs().max())
+    assert out["eigenvalue"]["probe/hvps"] < out["residual"]["probe/hvps"]
+    with pytest.raises(ValueError, match="stop must be"):
+        ProbeConfig(stop="change")
