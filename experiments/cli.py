@@ -91,7 +91,8 @@ def execute(cmd) -> int:
         if cmd.report:
             from experiments.report import ReportConfig, write_report
 
-            print(f"report: {write_report([cmd.root / sweep.name], ReportConfig(out=cmd.root / sweep.name / 'report'))}")
+            out = cmd.root / sweep.name / "report"
+            print(f"report: {write_report([cmd.root / sweep.name], ReportConfig(out=out))}")
         return 1 if any(r.status == "error" for r in results) else 0
     elif isinstance(cmd, ReportCommand):
         from experiments.report import ReportConfig, write_report

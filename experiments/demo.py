@@ -94,6 +94,15 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> Path:
     from experiments.rundirs import find_runs
     from experiments.sweep import execute, plan
 
+    from experiments.cohen2021 import CohenConfig, config_errors
+    from experiments.run import ConfigError
+
+    errors = [f"demo.workers={cfg.workers} must be >= 1"] if cfg.workers < 1 else []
+    errors += [f"demo.{k}_lrs is empty" for k in ("sft", "lora", "rl") if not getattr(cfg, f"{k}_lrs")]
+    errors += [f"demo cohen: {e}" for lr in cfg.cohen_lrs
+               for e in config_errors(CohenConfig(lr=lr, steps=cfg.cohen_steps))]
+    if errors:
+        raise ConfigError("invalid demo config:\n  - " + "\n  - ".join(errors))
     t0 = time.perf_counter()
     stamp = lambda: f"[{time.perf_counter() - t0:5.0f}s]"  # noqa: E731
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by every spawned process: one core each
@@ -101,7 +110,8 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> Path:
     planned = [p for s in sweeps for p in plan(s, cfg.out)]  # validates every config before any work
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as side:
         # the Cohen validation needs no language model: it runs on the second core while the model builds
-        print(f"{stamp()} Cohen et al. 2021 validation (full-batch GD, tanh MLP, digits), in the background", flush=True)
+        print(f"{stamp()} Cohen et al. 2021 validation (full-batch GD, tanh MLP, digits) in the background",
+              flush=True)
         cohen = side.submit(_cohen_runs, tuple(cfg.cohen_lrs), cfg.cohen_steps, str(cfg.out / "cohen2021"))
         if cfg.model == "embedded":
             from agents.embedded import embedded_model_path

@@ -18,8 +18,8 @@ Definitions (Cohen et al. 2021, "Gradient Descent on Neural Networks Typically O
 The phase label is one of: "eos" (onset and band fraction ≥ `min_band_fraction`), "above-edge" (onset, but r
 stays above the band, e.g. raw λ_max under Adam), "below-edge" (onset, but r falls back below the band),
 "sharpening" (no onset, λ/θ grew by at least the fraction `min_sharpening` from the first to the last quarter
-of the probes), "softening" (no onset, λ/θ fell by that fraction: common at the start of fine-tuning), "flat" (neither), "too-short"
-(fewer than 3 probe points).
+of the probes), "softening" (no onset, λ/θ fell by that fraction: common at the start of fine-tuning),
+"flat" (neither), "too-short" (fewer than 3 probe points).
 """
 
 from __future__ import annotations

@@ -133,7 +133,7 @@ def sweep_figure(runs: list[Run], title: str, path: Path) -> Path:
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     handles = [plt.Line2D([], [], color=c, lw=2) for c in colors]
-    labels = [lr_label(r) + (f" ({r.status.get('status')})" if r.status.get("status") == "diverged" else "") for r in runs]
+    labels = [lr_label(r) + (" (diverged)" if r.status.get("status") == "diverged" else "") for r in runs]
     fig.legend(handles, labels, loc="outside upper center", ncol=min(8, len(labels)), frameon=False, fontsize=10,
                title=title, title_fontproperties={"size": 12, "weight": "bold"})
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -174,7 +174,8 @@ def html_table(rows: list[dict], text_cols: tuple[str, ...] = ()) -> str:
     for row in rows:
         cls = ' class="eos"' if row.get("phase") == "eos" else ""
         cells = "".join(
-            f'<td class="t">{html.escape(str(row.get(c, "")))}</td>' if c in text_cols else f"<td>{_fmt(row.get(c))}</td>"
+            f'<td class="t">{html.escape(str(row.get(c, "")))}</td>' if c in text_cols
+            else f"<td>{_fmt(row.get(c))}</td>"
             for c in cols
         )
         body.append(f"<tr{cls}>{cells}</tr>")
@@ -195,7 +196,8 @@ def write_report(paths, config: ReportConfig = ReportConfig()) -> Path:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     phase_cfg = PhaseConfig(delta=config.delta)
-    parts = [f"<h1>{html.escape(config.title)}</h1>", f"<p>{len(runs)} runs from {html.escape(', '.join(map(str, paths)))}</p>"]
+    sources = html.escape(", ".join(map(str, paths)))
+    parts = [f"<h1>{html.escape(config.title)}</h1>", f"<p>{len(runs)} runs from {sources}</p>"]
 
     rows = phase_rows(runs, phase_cfg)
     parts.append("<h2>EoS phases</h2>")
@@ -234,7 +236,8 @@ def write_report(paths, config: ReportConfig = ReportConfig()) -> Path:
     parts.append(html_table(config_rows(runs)))
     for r in runs:
         full = json.dumps({"config": r.config, **r.meta}, indent=1, default=str)
-        parts.append(f"<details><summary>{html.escape(r.name)}</summary><pre><code>{html.escape(full)}</code></pre></details>")
+        parts.append(f"<details><summary>{html.escape(r.name)}</summary>"
+                     f"<pre><code>{html.escape(full)}</code></pre></details>")
 
     index = out / "index.html"
     index.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(config.title)}</title>"

@@ -23,8 +23,8 @@ def write_run(root, name, lr, *, momentum=0.0, optim="sgd", regime="sft", rank=0
     (d / "config.json").write_text(json.dumps({"config": cfg, "git_hash": "abc123", "argv": ["eoslab"]}))
     with open(d / "metrics.jsonl", "w") as f:
         for t in range(steps + 1):
-            rec = {"step": t, "train/loss": math.exp(-t / 300) + (0.01 * (-1) ** t if edge_at is not None and t > edge_at else 0),
-                   "train/lr": lr}
+            wiggle = 0.01 * (-1) ** t if edge_at is not None and t > edge_at else 0.0
+            rec = {"step": t, "train/loss": math.exp(-t / 300) + wiggle, "train/lr": lr}
             if t % 10 == 0:
                 lam = 0.1 * theta + slope * t
                 if edge_at is not None:

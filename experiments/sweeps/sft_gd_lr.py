@@ -1,5 +1,9 @@
 """Full-batch gradient descent on a fixed SFT set (no momentum, no weight decay): Cohen et al. 2021's protocol
-on the language model, where the 2/η threshold applies to λ_max exactly (no minibatch noise)."""
+on the language model, where the 2/η threshold applies to λ_max exactly (no minibatch noise).
+
+Measured on the embedded model (100 steps, η = 0.1 and 0.3): λ_max starts at 78, far above 2/η, falls to ≈ 2/η
+within 10-20 steps and then oscillates at 0.9-2.3 × 2/η while the loss keeps decreasing non-monotonically
+(an edge reached from above, not by progressive sharpening). About 2.5 s per step with probes on a loaded core."""
 
 from agents.optim import OptimConfig
 from agents.trainer import TrainConfig
