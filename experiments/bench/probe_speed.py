@@ -49,6 +49,7 @@ class BenchConfig:
     device: str = "cpu"
     seed: int = 0
     repeats: int = 3
+    seeds: int = 5             # start vectors for the HVP-count table (one draw decides ±2 HVPs at 1e-3)
     cost_reps: int = 7
 
 
@@ -93,13 +94,13 @@ def reference(params, loss_fn, chunks, model):
 
 
 def ours(params, loss_fn, chunks, model, tol, budget=200, init=None, stop="residual",
-         gradient_start=False) -> Solve:
+         gradient_start=False, seed=0) -> Solve:
     """``gradient_start``: start from the probe-batch gradient, which the cached graph holds for free (the top
     Hessian eigenvectors dominate it in training, Gur-Ari et al. 2018)."""
     def solve():
         op = HessianOperator(params, loss_fn, chunks, model=model)
         start = op.gradient() if gradient_start and init is None else init
-        res = top_eigenvalues(op, k=1, tol=tol, max_hvps=budget, init=start, generator=torch.Generator().manual_seed(0),
+        res = top_eigenvalues(op, k=1, tol=tol, max_hvps=budget, init=start, generator=torch.Generator().manual_seed(seed),
                               stop=stop)
         return res.hvps, float(res.values[0])
     return solve
@@ -114,7 +115,8 @@ def ours_oracle(params, loss_fn, chunks, model, ref, rel_acc, max_hvps=60) -> So
     return f"not within {rel_acc:g} in {max_hvps} HVPs"
 
 
-def het_lanczos(model, loss_fn, chunks, ref, rel_acc, max_steps=60, fixed_steps: int | None = None) -> Solve | str:
+def het_lanczos(model, loss_fn, chunks, ref, rel_acc, max_steps=60, fixed_steps: int | None = None,
+                seed=0) -> Solve | str:
     """Oracle step count, or ``fixed_steps`` (its lanczos has no early stop; 20 steps is what a user must pick
     for k=1, research §B6)."""
     try:
@@ -135,7 +137,7 @@ def het_lanczos(model, loss_fn, chunks, ref, rel_acc, max_steps=60, fixed_steps:
     def run(steps):
         counted["n"] = 0
         with sdpa_kernel(SDPBackend.MATH):   # SDPA's fused CPU kernel has no double backward
-            res = het.lanczos(op, k=1, max_iter=steps, which="LA", seed=0, reorthogonalize=True)
+            res = het.lanczos(op, k=1, max_iter=steps, which="LA", seed=seed, reorthogonalize=True)
         return counted["n"], float(res.eigenvalues[0])
     if fixed_steps is not None:
         return lambda: run(fixed_steps)
@@ -150,7 +152,8 @@ class _Reached(Exception):
     pass
 
 
-def pyhessian_power(model, loss_fn, chunks, device, ref, rel_acc, max_iter=300, own_stop=False) -> Solve | str:
+def pyhessian_power(model, loss_fn, chunks, device, ref, rel_acc, max_iter=300, own_stop=False,
+                    seed=0) -> Solve | str:
     """Oracle stop (first Rayleigh quotient within rel_acc), or with ``own_stop`` its defaults: maxIter=100 and
     stop when the eigenvalue changes by < 1e-3 relative."""
     try:
@@ -184,7 +187,7 @@ def pyhessian_power(model, loss_fn, chunks, device, ref, rel_acc, max_iter=300, 
                 raise _Reached
             return out
         ph.hessian_vector_product = recording
-        torch.manual_seed(0)   # PyHessian draws its start vector from the global RNG
+        torch.manual_seed(seed)   # PyHessian draws its start vector from the global RNG
         try:
             with sdpa_kernel(SDPBackend.MATH):
                 h = ph.hessian(Passthrough(), lambda out, tgt: loss_fn(full), data=(ids, labels),
@@ -205,6 +208,24 @@ def pyhessian_power(model, loss_fn, chunks, device, ref, rel_acc, max_iter=300, 
         return (f"power iteration not within {rel_acc:g} in {n} HVPs (it converges to the largest |λ|, and slowly "
                 "when λ₁ ≈ λ₂)")
     return solve
+
+
+def hvp_counts(params, loss_fn, chunks, model, device, ref, rel_acc, seeds) -> dict[str, list[int]]:
+    """HVPs to rel_acc over several random start vectors (the timed tables use one draw, and a start vector with a
+    large top-eigenvector component saves Lanczos or LOBPCG 1–2 HVPs: a lottery, not a property of a solver)."""
+    counts: dict[str, list[int]] = {}
+    for seed in range(seeds):
+        runs = {"probes, own stop rule (residual)": ours(params, loss_fn, chunks, model, rel_acc, seed=seed),
+                "probes, eigenvalue stop": ours(params, loss_fn, chunks, model, rel_acc, stop="eigenvalue", seed=seed),
+                "hessian-eigenthings LA (oracle)": het_lanczos(model, loss_fn, chunks, ref, rel_acc, seed=seed),
+                "pyhessian power (oracle)": pyhessian_power(model, loss_fn, chunks, device, ref, rel_acc, seed=seed)}
+        for name, solve in runs.items():
+            if isinstance(solve, str):
+                continue
+            hvps, value = solve()
+            ok = abs(value - ref) <= rel_acc * abs(ref)
+            counts.setdefault(name, []).append(hvps if ok else -hvps)   # negative: missed rel_acc
+    return counts
 
 
 def round_robin(solvers: dict[str, Solve], device, repeats) -> dict[str, dict]:
@@ -285,6 +306,12 @@ def main(cfg: BenchConfig = BenchConfig()) -> dict:
                  "oracle = stopped at the first iterate within it; last two rows: the libraries as users run them):",
                  rows, ref, rows["probes (own stop rule)"])
 
+    print(f"\nHVPs to {cfg.rel_acc:g} over {cfg.seeds} random start vectors (seeds 0..{cfg.seeds - 1}; negative = "
+          "stopped outside the accuracy), at the cold point:")
+    counts = hvp_counts(params, loss_fn, chunks, model, device, ref, cfg.rel_acc, cfg.seeds)
+    for name, c in counts.items():
+        print(f"  {name:40s} mean {statistics.mean(abs(x) for x in c):4.1f}  {c}")
+
     # Steady state of the Prober: the same training run 1 and then 10 Adam steps later (the Prober's default
     # cadence), warm from the last eigenvector vs cold.
     warm = {}
@@ -319,7 +346,7 @@ def main(cfg: BenchConfig = BenchConfig()) -> dict:
           " graph build):")
     for m, c in costs.items():
         print(f"  {m:10s} {c:5.2f} G")
-    return {"cold": rows, "warm": warm, "hvp_cost_G": costs}
+    return {"cold": rows, "warm": warm, "hvp_counts": counts, "hvp_cost_G": costs}
 
 
 if __name__ == "__main__":
