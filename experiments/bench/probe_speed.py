@@ -100,8 +100,8 @@ def ours(params, loss_fn, chunks, model, tol, budget=200, init=None, stop="resid
     def solve():
         op = HessianOperator(params, loss_fn, chunks, model=model)
         start = op.gradient() if gradient_start and init is None else init
-        res = top_eigenvalues(op, k=1, tol=tol, max_hvps=budget, init=start, generator=torch.Generator().manual_seed(seed),
-                              stop=stop)
+        res = top_eigenvalues(op, k=1, tol=tol, max_hvps=budget, init=start, stop=stop,
+                              generator=torch.Generator().manual_seed(seed))
         return res.hvps, float(res.values[0])
     return solve
 
