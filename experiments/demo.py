@@ -6,7 +6,7 @@
    since the base model never emits the answer format and would get zero reward variance), each with the seed's
    optimizer (SGD, momentum 0.9, weight decay 1e-4) and effective batch 16 = 4×4 (RL: 4 prompts × 4 samples).
    The learning rates reach above the seed's 1e-4…1e-2, because on the 1.4M-parameter model only η ≳ 0.1 brings
-   η·λ_max near the momentum edge 2+2β = 3.8 within 100 steps (measured: η·λ ≈ 0.4 at η = 0.01, ≈ 4 at η = 0.1);
+   η·λ_max near the momentum edge 2+2β = 3.8 within 80 steps (measured: η·λ ≈ 0.4 at η = 0.01, ≈ 4 at η = 0.1);
 3. runs the Cohen et al. 2021 validation (full-batch GD on a tanh MLP, experiments.cohen2021) on the second core
    while the model builds;
 4. writes the report (HTML + PNGs, EoS phase table, forgetting, base vs fine-tuned samples) and prints its path.
@@ -27,15 +27,15 @@ class DemoConfig:
     workers: int = 2  # parallel runs (one core each)
     model: str = "embedded"  # the offline default; or a local model directory
     sft_lrs: tuple[float, ...] = (1e-2, 3e-2, 1e-1)
-    sft_steps: int = 100
+    sft_steps: int = 80
     lora_rank: int = 8
     lora_lrs: tuple[float, ...] = (3e-2, 1e-1, 3e-1)
-    lora_steps: int = 100
+    lora_steps: int = 80
     rl_lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
-    rl_steps: int = 60
+    rl_steps: int = 50
     warm_start_steps: int = 150  # SFT steps (no probes) before RLVR, so that rewards vary within groups
     probe_every: int = 10  # λ_max cadence (optimizer steps)
-    batch_sharpness_every: int = 30  # batch sharpness cadence (0 = off)
+    batch_sharpness_every: int = 25  # batch sharpness cadence (0 = off)
     cohen_lrs: tuple[float, ...] = (0.3, 0.45, 0.6)
     cohen_steps: int = 500
 
