@@ -90,6 +90,8 @@ def t_quantile(p: float, df: int) -> float:
 def _ratio_of_means_se(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     """R = ā / b̄ and its delta-method standard error √((s_a² − 2R s_ab + R² s_b²) / n) / b̄."""
     n = a.numel()
+    if float(b.mean()) == 0.0:   # every sampled gradient is zero (e.g. RL with equal rewards): R is undefined
+        return math.nan, math.inf
     r = float(a.mean() / b.mean())
     if n < 2:
         return r, math.inf
@@ -156,6 +158,8 @@ def batch_sharpness(params, loss_fn: Callable[[Any], torch.Tensor],
         if full_op is not None:
             gfg.append(float(g @ full_op.matvec(g)))
         if len(gg) >= min_samples:
+            if not any(gg):   # all gradients zero so far: undefined, and more draws of the same kind won't help
+                break
             a, b = torch.tensor(ghg, dtype=REDUCE_DTYPE), torch.tensor(gg, dtype=REDUCE_DTYPE)
             value, se = _ratio_of_means_se(a, b) if estimator == "ratio_of_means" else _mean_se(a / b)
             rel = se / abs(value) if value != 0 else math.inf

@@ -139,6 +139,19 @@ def test_batch_sharpness_and_gni_against_enumerated_truth():
         assert res.hvps == 2 * res.n   # one H_B HVP + one full-H HVP per draw
 
 
+def test_batch_sharpness_at_a_stationary_point_is_undefined_not_an_error():
+    """g_B = 0 for every batch (RL with equal rewards in every group): NaN, and no draws past min_samples."""
+    a = torch.diag(torch.tensor([3.0, 1.0], dtype=D))
+    c = torch.tensor([0.5, -1.0], dtype=D)
+    w = c.clone().requires_grad_()
+    loss = lambda chunk: 0.5 * (w - c) @ a @ (w - c)
+
+    res = batch_sharpness([w], loss, lambda gen: [None], torch.Generator().manual_seed(0), min_samples=4,
+                          max_samples=50, full_op=HessianOperator([w], loss, [None]))
+    assert res.n == 4
+    assert math.isnan(res.ratio_of_means) and math.isnan(res.mean_of_ratios) and math.isnan(res.gni)
+
+
 def test_t_quantile():
     assert abs(t_quantile(0.975, 10) - 2.2281) < 2e-3
     assert abs(t_quantile(0.975, 30) - 2.0423) < 1e-3
