@@ -11,14 +11,14 @@ timed in between bumped the parameters' ``_version`` and forced a graph rebuild 
   backward through them (MLP ≈1.6 G, GPT-NeoX ≈2.0–2.2 G: 6 matmuls per linear layer, the minimum for an exact
   HVP, plus the elementwise double backward of GELU/LayerNorm/softmax/CE). The graphs are rebuilt when a parameter's
   ``_version`` changes (an in-place update), and hold the activations of every chunk.
-- ``recompute``: every HVP re-runs forward + double backward per chunk (MLP ≈2.8 G, GPT-NeoX ≈3.5–3.7 G), memory
+- ``recompute``: every HVP re-runs forward + double backward per chunk (MLP ≈2.8 G, GPT-NeoX ≈3.2–3.7 G), memory
   of one chunk.
 - ``fd``: central difference (∇L(θ+tv) − ∇L(θ−tv)) / 2t (2 G; error ≲1e-6 relative in fp64, ≈5e-4 in fp32);
   survives kernels without double backward. Parameters are restored bit for bit from a copy, without bumping
   their ``_version`` (so a cache-mode operator on the same parameters keeps its graphs).
 
 Why our own operator rather than hessian-eigenthings/PyHessian: neither keeps the first-order graph across chunks
-(hessian-eigenthings recomputes it per HVP: 1.6 G vs 2.8 G on an MLP, 2.1 G vs 3.6 G on the GPT-NeoX bench), weights
+(hessian-eigenthings recomputes it per HVP: 1.6 G vs 2.8 G on an MLP, 2.0–2.2 G vs 3.2–3.7 G on the GPT-NeoX bench), weights
 chunks by their share of the loss, or guards attention kernels (research §F).
 
 Vectors are flat, float64 on the parameter device (reductions in fp64); the HVP itself runs in the parameter dtype.
