@@ -18,8 +18,8 @@ timed in between bumped the parameters' ``_version`` and forced a graph rebuild 
   their ``_version`` (so a cache-mode operator on the same parameters keeps its graphs).
 
 Why our own operator rather than hessian-eigenthings/PyHessian: neither keeps the first-order graph across chunks
-(hessian-eigenthings recomputes it per HVP: 1.6 G vs 2.8 G on an MLP, 2.0–2.2 G vs 3.2–3.7 G on the GPT-NeoX bench), weights
-chunks by their share of the loss, or guards attention kernels (research §F).
+(hessian-eigenthings recomputes it per HVP: 1.6 G vs 2.8 G on an MLP, 2.0–2.2 G vs 3.2–3.7 G on the GPT-NeoX
+bench), weights chunks by their share of the loss, or guards attention kernels (research §F).
 
 Vectors are flat, float64 on the parameter device (reductions in fp64); the HVP itself runs in the parameter dtype.
 """
