@@ -84,7 +84,7 @@ def test_values_match_ground_truth_and_warm_start_is_cheaper():
     model, params, loss_fn, chunks = mlp_problem(chunk=64)
     h = HessianOperator(params, loss_fn, chunks).dense()
     opt = torch.optim.SGD(params.values(), lr=0.05, momentum=0.9)
-    pr = Prober(ProbeConfig(every=1, k=2))
+    pr = Prober(ProbeConfig(every=1, k=2, stop="residual"))   # residual rule: eigenpairs to tol, λ far tighter
     out = pr(ProbeContext(params, loss_fn, chunks, lr=0.05, step=0, optimizer=opt, model=model))
     evals = torch.linalg.eigvalsh(h)
     assert math.isclose(out["probe/lambda_max"], float(evals[-1]), rel_tol=1e-5)
@@ -133,3 +133,16 @@ def _train(with_probes: bool, steps: int = 6):
 def test_training_is_bitwise_identical_with_and_without_probes():
     (a, rng_a), (b, rng_b) = _train(False), _train(True)
     assert all(torch.equal(p, q) for p, q in zip(a, b)) and torch.equal(rng_a, rng_b)
+
+
+def test_default_eigenvalue_stop_meets_its_tolerance_with_fewer_hvps():
+    model, params, loss_fn, chunks = mlp_problem(chunk=64)
+    truth = float(torch.linalg.eigvalsh(HessianOperator(params, loss_fn, chunks).dense())[-1])
+    cfg = ProbeConfig(every=1, step_sharpness=False, update_sharpness=False)
+    assert cfg.stop == "eigenvalue"
+    out = {}
+    for stop in ("eigenvalue", "residual"):
+        ctx = ProbeContext(params, loss_fn, chunks, lr=0.05, step=0, model=model)
+        out[stop] = Prober(ProbeConfig(every=1, step_sharpness=False, update_sharpness=False, stop=stop))(ctx)
+    assert abs(out["eigenvalue"]["probe/lambda_max"] - truth) <= cfg.tol * truth
+    assert out["eigenvalue"]["probe/hvps"] < out["residual"]["probe/hvps"]
