@@ -10,8 +10,17 @@ No hub download is possible, so the default policy is built here, deterministica
 - tokenizer: byte-level BPE (``tokenizers``) wrapped as ``PreTrainedTokenizerFast``; EOS id 0, PAD id 1.
 - model: ``GPTNeoXForCausalLM`` (Pythia architecture), pre-trained with AdamW on random ``context``-token windows of
   the concatenated training stream (documents separated by EOS), linear warm-up then cosine decay to 10 %.
-- cache: ``$EOSLAB_HOME/embedded-<hash>`` (default ``~/.cache/eoslab``) written atomically (tmp dir + rename) under a
-  file lock, with ``manifest.json`` (config, hash, retention loss, seconds) and ``retention.json``; reused when present.
+- cache: ``$EOSLAB_HOME/embedded-<key>`` (default ``~/.cache/eoslab``) written atomically (tmp dir + rename) under a
+  file lock, with ``manifest.json`` (config, key, retention loss, seconds) and ``retention.json``; reused when present.
+  The key hashes the config, the Python version (the stdlib is the corpus) and the *code*: this module's syntax tree
+  without docstrings (so a comment or docstring edit keeps the cache, any code edit rebuilds) and the arithmetic lines
+  that ``envs.arith`` generates for the config (the generator's output, not its source: an edit anywhere in ``envs``
+  that changes those lines rebuilds, an unrelated edit there does not). A hand-bumped version constant was not
+  enough: it was forgotten, and stale models were silently reused.
+- determinism: the same config gives bitwise-equal weights run to run in one process and across processes on the
+  same machine, torch build and thread count (checked by tests/test_embedded.py); the thread count changes the
+  floating-point reduction order of the CPU kernels, so builds with different ``OMP_NUM_THREADS`` differ in the last
+  bits (not in quality).
 
 Our own pre-training loop (not ``transformers.Trainer``): it is 30 lines, needs no dataset library, and keeps the
 build reproducible from ``seed`` alone.
@@ -38,7 +47,7 @@ from typing import Iterable, Mapping
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
-FORMAT_VERSION = 1  # bump when the corpus, tokenizer or training recipe changes (invalidates caches)
+FORMAT_VERSION = 1  # bump to invalidate caches for a change the code version cannot see (e.g. a dependency)
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "lib2to3"}
 _MIN_DOC_CHARS = 64  # shorter docstrings ("Return x.") are mostly noise
 
@@ -81,12 +90,45 @@ class EmbeddedConfig:
             raise ValueError(f"vocab_size must be >= 258 (256 bytes + EOS + PAD), got {self.vocab_size}")
 
     def key(self) -> str:
-        """Cache key: hash of the recipe, the format version and the Python version (the stdlib is the corpus)."""
+        """Cache key: hash of the recipe, the format version, the Python version (the stdlib is the corpus) and the
+        code version (see ``code_version``)."""
         blob = json.dumps(
-            {"config": dataclasses.asdict(self), "format": FORMAT_VERSION, "python": list(sys.version_info[:2])},
+            {"config": dataclasses.asdict(self), "format": FORMAT_VERSION, "python": list(sys.version_info[:2]),
+             "code": code_version(self)},
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                    and isinstance(first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return tree
+
+
+def source_code_hash(source: str) -> str:
+    """sha256 (16 hex) of Python source's syntax tree without docstrings: code edits change it, comments, docstrings
+    and formatting do not."""
+    tree = _strip_docstrings(ast.parse(source))
+    return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def _module_code_hash() -> str:
+    return source_code_hash(Path(__file__).read_text(encoding="utf-8"))
+
+
+@functools.lru_cache(maxsize=8)
+def code_version(cfg: EmbeddedConfig) -> str:
+    """Hash of the code that builds ``cfg``: this module (``_module_code_hash``) + the arithmetic documents that
+    envs.arith generates for ``cfg`` (≈0.5 s for the default config, once per process)."""
+    arith = _arith_documents(int(cfg.arith_fraction * cfg.corpus_chars), cfg.seed)
+    digest = hashlib.sha256("\x00".join(arith).encode()).hexdigest()[:16]
+    return f"{_module_code_hash()}-{digest}"
 
 
 # ---------------------------------------------------------------------------------------------- corpus
@@ -337,10 +379,12 @@ def build_embedded(cfg: EmbeddedConfig, out_dir: Path, progress: bool = True) ->
     seconds = time.perf_counter() - t0
     manifest = {
         "key": cfg.key(),
+        "code_version": code_version(cfg),
         "config": dataclasses.asdict(cfg),
         "format": FORMAT_VERSION,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),  # CPU reduction order: builds differ in the last bits across counts
         "n_params": sum(p.numel() for p in model.parameters()),
         "train_tokens": len(train_stream),
         "retention_tokens": len(retention_stream),

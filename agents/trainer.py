@@ -34,6 +34,7 @@ from agents.optim import accumulate_gradients
 
 STATUS_RUNNING, STATUS_COMPLETED, STATUS_DIVERGED, STATUS_FAILED = "running", "completed", "diverged", "failed"
 FINAL_MODEL = "checkpoints/final_model"  # save_pretrained of the final policy: a model.name for a later run
+LINEAGE_FILE = "eoslab_lineage.json"  # in FINAL_MODEL: where the policy came from (see experiments.run)
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,8 @@ class Trainer:
                  eval_tasks: Sequence[Any] = (), score_fn: Callable | None = None,
                  retention_fn: Callable[[Any], dict[str, float]] | None = None,
                  log_fn: Callable[[dict], None] | None = None, grad_clip: float | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, lineage: dict | None = None) -> None:
+        self.lineage = lineage  # JSON written as FINAL_MODEL/LINEAGE_FILE next to the saved policy
         self.policy, self.regime, self.optimizer, self.scheduler = policy, regime, optimizer, scheduler
         self.config, self.run_dir, self.prober = config, Path(run_dir), prober
         self.eval_tasks, self.score_fn, self.retention_fn = list(eval_tasks), score_fn, retention_fn
@@ -357,6 +359,8 @@ class Trainer:
             if cfg.save_model:
                 # under checkpoints/ so that run-dir discovery (a dir holding config.json) never mistakes it for a run
                 self.policy.save(self.run_dir / FINAL_MODEL)
+                if self.lineage is not None:
+                    write_json(self.run_dir / FINAL_MODEL / LINEAGE_FILE, self.lineage)
             self._finish(STATUS_COMPLETED, cfg.steps)
             return STATUS_COMPLETED
         except BaseException as e:

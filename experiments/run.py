@@ -12,6 +12,7 @@ checkpoint. Resuming with a changed LR, batch size, step count, cadence or probe
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from agents.optim import OptimConfig
 from agents.optim import config_errors as optim_errors
 from agents.ppo import PPOConfig
 from agents.ppo import config_errors as ppo_errors
-from agents.trainer import TrainConfig, write_json
+from agents.trainer import LINEAGE_FILE, TrainConfig, write_json
 from probes import ProbeConfig
 
 REGIMES = ("sft", "rl")
@@ -52,6 +53,10 @@ class EnvConfig:
     env_id: str = "ArithRLVR-v0"
     n_train: int = 256              # fixed training set (train split); full-batch GD uses all of it
     n_eval: int = 64                # held-out test-split tasks for eval/accuracy
+    # keyword arguments of gym.make(env_id, ...) for every env of the run (train/eval tasks, rewards), e.g.
+    # {"path": "alpaca.json"} for AlpacaSFT-v0, {"max_digits": 3, "ops": "+-*"} for ArithRLVR-v0;
+    # CLI: --env.kwargs path alpaca.json max_digits 3. A dict, so EnvConfig/RunConfig are not hashable.
+    kwargs: dict[str, int | float | bool | str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -80,8 +85,15 @@ def run_name(cfg: RunConfig) -> str:
         batch = f"p{cfg.ppo.prompts_per_step}x{cfg.ppo.group_size}"
     else:
         batch = "gd" if cfg.train.full_batch else f"b{cfg.train.micro_batch * cfg.train.grad_accum}"
-    return (f"{cfg.regime}-{cfg.env.env_id}-{cfg.optim.name}-lr{cfg.optim.lr:g}-{batch}"
+    return (f"{cfg.regime}-{cfg.env.env_id}{_kwargs_tag(cfg.env.kwargs)}-{cfg.optim.name}-lr{cfg.optim.lr:g}-{batch}"
             f"-r{cfg.model.lora_rank}-s{cfg.train.seed}")
+
+
+def _kwargs_tag(kwargs: dict) -> str:
+    """"" without env kwargs, else "-k" + 8 hex of their sorted JSON (values may hold paths; config.json has them)."""
+    if not kwargs:
+        return ""
+    return "-k" + hashlib.sha256(json.dumps(kwargs, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def _model_errors(m: ModelConfig) -> list[str]:
@@ -109,6 +121,45 @@ def _model_errors(m: ModelConfig) -> list[str]:
     return errors
 
 
+def env_kwarg_names(env_id: str) -> tuple[str, ...]:
+    """Keyword arguments ``gym.make(env_id, ...)`` accepts: the named parameters of the env class's ``__init__``
+    along its MRO, plus ``ArithConfig``'s knobs for the arithmetic envs (ArithEnv takes them through ``**kwargs``)."""
+    import inspect
+
+    import gymnasium as gym
+
+    from envs.arith import ArithConfig, ArithEnv
+    from envs.core import TextTaskEnv
+
+    cls = gym.registry[env_id].entry_point
+    if isinstance(cls, str):
+        module, _, attr = cls.partition(":")
+        import importlib
+
+        cls = getattr(importlib.import_module(module), attr)
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if not (isinstance(klass, type) and issubclass(klass, TextTaskEnv)):
+            continue
+        for p in inspect.signature(klass.__init__).parameters.values():
+            if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                names.add(p.name)
+    if issubclass(cls, ArithEnv):
+        names |= {f.name for f in dataclasses.fields(ArithConfig)}
+    return tuple(sorted(names - set(RUN_CONTROLLED_ENV_KWARGS)))
+
+
+# set by the run itself (tasks come from the train and test splits in dataset mode), so not user kwargs
+RUN_CONTROLLED_ENV_KWARGS = ("split", "render_mode")
+
+
+def make_env(e: EnvConfig):
+    """The run's env (unwrapped TextTaskEnv) with ``e.kwargs``: source of tasks and of the verifier."""
+    import envs
+
+    return envs.make_unwrapped(e.env_id, **e.kwargs)
+
+
 def _env_errors(e: EnvConfig) -> list[str]:
     import gymnasium as gym
 
@@ -122,14 +173,24 @@ def _env_errors(e: EnvConfig) -> list[str]:
         errors.append(f"env.n_train={e.n_train} must be >= 1")
     if e.n_eval < 0:
         errors.append(f"env.n_eval={e.n_eval} must be >= 0")
+    if not isinstance(e.kwargs, dict) or not all(isinstance(k, str) for k in e.kwargs):
+        return errors + [f"env.kwargs={e.kwargs!r} must be a dict with str keys"]
+    accepted = env_kwarg_names(e.env_id)
+    unknown = sorted(set(e.kwargs) - set(accepted))
+    if unknown:
+        return errors + [f"env.kwargs {unknown} not accepted by {e.env_id} (accepted: {', '.join(accepted)})"]
     try:
-        env = envs.make_unwrapped(e.env_id)
+        json.dumps(e.kwargs)
+    except TypeError as exc:
+        return errors + [f"env.kwargs must be JSON-serialisable (it is recorded in config.json): {exc}"]
+    try:
+        env = make_env(e)
         for split, n in (("train", e.n_train), ("test", e.n_eval)):
             if n > env.split_size(split):
                 errors.append(f"env.n_{'train' if split == 'train' else 'eval'}={n} exceeds the "
                               f"{env.split_size(split)} tasks of {e.env_id}'s {split} split")
-    except Exception as exc:  # an env that cannot even be built is a config error too
-        errors.append(f"env.env_id={e.env_id!r} cannot be built: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # an env that cannot even be built (bad knob value, missing data file) is a config error
+        errors.append(f"env {e.env_id!r} with kwargs {e.kwargs} cannot be built: {type(exc).__name__}: {exc}")
     return errors
 
 
@@ -226,15 +287,46 @@ def _record_config(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
     write_json(path, {"config": new, "git_hash": git_hash(), "argv": sys.argv, "resumed": resumed})
 
 
+def retention_source(model_name: str) -> str:
+    """The pre-trained model whose held-out text measures forgetting for a run starting from ``model_name``.
+
+    A policy saved by a run (``<run>/checkpoints/final_model``) carries ``LINEAGE_FILE`` naming its base model and
+    retention source; this follows such files through chains of warm starts (SFT -> RL -> ...) back to the original
+    model, so every run of a lineage is scored on the same texts. Any other name is its own source."""
+    seen = []
+    name = model_name
+    while True:
+        lineage = Path(name) / LINEAGE_FILE if name != "embedded" else None
+        if lineage is None or not lineage.is_file():
+            return name
+        info = json.loads(lineage.read_text())
+        if info.get("retention_source"):  # resolved when the policy was saved: robust to moved/deleted parents
+            return info["retention_source"]
+        seen.append(name)
+        name = info["base_model"]
+        if name in seen:
+            raise ConfigError(f"model lineage of {model_name!r} has a cycle: {' -> '.join(seen + [name])}")
+
+
+def _lineage_name(model_name: str) -> str:
+    """A model name as it will still resolve from another working directory: local paths become absolute."""
+    return model_name if model_name == "embedded" or not Path(model_name).exists() else \
+        str(Path(model_name).resolve())
+
+
 @lru_cache(maxsize=4)
-def _retention_texts(model_name: str) -> tuple[str, ...]:
-    """Held-out text for forgetting: the embedded model's retention split (prose it never trained on); for any other
-    model, English prose that no post-training env contains (the Python reference topics of ``pydoc_data``),
-    which is instant to load and the same on every machine with the same Python."""
-    if model_name == "embedded":
+def _retention_texts(source: str) -> tuple[str, ...]:
+    """Held-out text for forgetting of the pre-trained model ``source`` (see ``retention_source``): the embedded
+    model's retention split (prose it never trained on), the ``retention.json`` of a model directory that has one
+    (an embedded build), else English prose that no post-training env contains (the Python reference topics of
+    ``pydoc_data``), which is instant to load and the same on every machine with the same Python."""
+    if source == "embedded":
         from agents.embedded import retention_texts
 
         return tuple(retention_texts(split="retention"))
+    held_out = Path(source) / "retention.json"
+    if held_out.is_file():
+        return tuple(json.loads(held_out.read_text()))
     from pydoc_data.topics import topics
 
     return tuple(topics[k] for k in sorted(topics))
@@ -294,11 +386,12 @@ def run(cfg: RunConfig, resume: bool = True, progress: bool = True) -> Path:
     context = policy.max_length or cfg.train.max_length
     max_length = min(cfg.train.max_length, context)
 
-    train_tasks = envs.load_tasks(cfg.env.env_id, "train", cfg.env.n_train)
-    eval_tasks = envs.load_tasks(cfg.env.env_id, "test", cfg.env.n_eval) if cfg.env.n_eval else []
+    env = make_env(cfg.env)  # one env with the run's kwargs: tasks and verifier (PPO rewards, eval) both
+    train_tasks = env.tasks("train", cfg.env.n_train)
+    eval_tasks = env.tasks("test", cfg.env.n_eval) if cfg.env.n_eval else []
 
     def score_fn(completions, answers):
-        return envs.score_batch(cfg.env.env_id, completions, answers)
+        return envs.score_batch(env, completions, answers)
 
     if cfg.regime == "sft":
         regime = SFTRegime(train_tasks, micro_batch=cfg.train.micro_batch, grad_accum=cfg.train.grad_accum,
@@ -314,7 +407,10 @@ def run(cfg: RunConfig, resume: bool = True, progress: bool = True) -> Path:
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     prober = Prober(cfg.probe) if cfg.probe.every > 0 else None
 
-    texts = list(_retention_texts(cfg.model.name)) if cfg.train.retention_tokens > 0 else []
+    source = retention_source(cfg.model.name)
+    texts = list(_retention_texts(source)) if cfg.train.retention_tokens > 0 else []
+    lineage = {"base_model": _lineage_name(cfg.model.name), "retention_source": _lineage_name(source),
+               "run": str(run_dir.resolve()), "regime": cfg.regime, "lora_rank": cfg.model.lora_rank}
 
     def retention(pol) -> dict[str, float]:
         ppl = perplexity(pol.model, pol.tokenizer, texts, max_tokens=cfg.train.retention_tokens)
@@ -325,7 +421,7 @@ def run(cfg: RunConfig, resume: bool = True, progress: bool = True) -> Path:
         wandb_run, log_fn = _wandb_logger(cfg, run_dir, name)
     trainer = Trainer(policy, regime, optimizer, cfg.train, run_dir, scheduler=scheduler, prober=prober,
                       eval_tasks=eval_tasks, score_fn=score_fn, retention_fn=retention if texts else None,
-                      log_fn=log_fn, grad_clip=cfg.optim.grad_clip, progress=progress)
+                      log_fn=log_fn, grad_clip=cfg.optim.grad_clip, progress=progress, lineage=lineage)
     try:
         trainer.train(resume=resume)
     finally:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from agents.embedded import (
-    EmbeddedConfig, build_corpus, build_embedded, embedded_model_path, retention_texts, train_tokenizer,
+    EmbeddedConfig, build_corpus, build_embedded, code_version, embedded_model_path, retention_texts,
+    source_code_hash, train_tokenizer,
 )
 from agents.policy import LMPolicy
 from agents.retention import perplexity
@@ -70,6 +71,39 @@ def test_cache_reuse(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]  # atomic: no leftovers
     assert retention_texts(cfg) == list(build_corpus(cfg)["retention"])
     assert dataclasses.replace(cfg, seed=1).key() != cfg.key()
+
+
+def test_build_is_bitwise_deterministic(tmp_path):
+    """Same config, same process, same thread count -> identical tokenizer and weights (what the cache assumes)."""
+    from safetensors.torch import load_file
+
+    cfg = dataclasses.replace(TINY, steps=6)
+    a, b = build_embedded(cfg, tmp_path / "a", progress=False), build_embedded(cfg, tmp_path / "b", progress=False)
+    assert a["retention_loss"] == b["retention_loss"] and a["torch_threads"] == torch.get_num_threads()
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_cache_key_tracks_the_code(monkeypatch):
+    src = "def f(x):\n    \"\"\"Doc.\"\"\"\n    return x + 1  # one\n"
+    assert source_code_hash(src) == source_code_hash(src.replace("Doc.", "Other doc.").replace("# one", "# two"))
+    assert source_code_hash(src) == source_code_hash("def f(x):\n    return (x\n            + 1)\n")
+    assert source_code_hash(src) != source_code_hash(src.replace("x + 1", "x + 2"))
+    # A change of the arithmetic generator's output (an edit in envs) changes the key; the config alone does not.
+    import envs.arith
+
+    key = TINY.key()
+    real = envs.arith.arithmetic_corpus
+    edited = lambda n, seed=0: [line.replace("=", " = ") for line in real(n, seed)]  # noqa: E731
+    monkeypatch.setattr(envs.arith, "arithmetic_corpus", edited)
+    code_version.cache_clear()
+    try:
+        assert TINY.key() != key
+    finally:
+        monkeypatch.undo()
+        code_version.cache_clear()
+    assert TINY.key() == key
 
 
 def test_config_validation():

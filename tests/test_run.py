@@ -1,4 +1,5 @@
 import json
+import shutil
 import time
 
 import pytest
@@ -6,9 +7,9 @@ import torch
 
 from agents.optim import OptimConfig
 from agents.ppo import PPOConfig
-from agents.trainer import FINAL_MODEL, TrainConfig, read_metrics
-from experiments.run import (ConfigError, EnvConfig, ModelConfig, RunConfig, config_changes, replace, run,
-                             run_name, validate)
+from agents.trainer import FINAL_MODEL, LINEAGE_FILE, TrainConfig, read_metrics
+from experiments.run import (ConfigError, EnvConfig, ModelConfig, RunConfig, _retention_texts, config_changes,
+                             replace, retention_source, run, run_name, validate)
 from probes import ProbeConfig
 
 
@@ -48,6 +49,10 @@ def test_default_config_is_valid_and_named():
     ({"regime": "rl", "ppo": {"group_size": 1}}, "group_size"),
     ({"train": {"steps": 0}}, "train.steps"),
     ({"name": "a/b"}, "name"),
+    ({"env": {"kwargs": {"max_digit": 3}}}, r"\['max_digit'\] not accepted by ArithRLVR-v0 \(accepted: .*max_digits"),
+    ({"env": {"kwargs": {"split": "test"}}}, "not accepted"),
+    ({"env": {"kwargs": {"max_digits": 12}}}, "max_digits"),
+    ({"env": {"env_id": "AlpacaSFT-v0", "kwargs": {"path": "/no/such/alpaca.json"}}}, "not found"),
 ])
 def test_validate_reports_each_config_error(tmp_path, sections, fragment):
     cfg = tiny_cfg(tmp_path, tmp_path, **sections)
@@ -150,3 +155,54 @@ def test_config_changes_flattens_sections():
     from dataclasses import asdict
 
     assert config_changes(asdict(a), asdict(b)) == {"optim.lr": [0.01, 0.5], "probe.every": [10, 3]}
+
+
+def test_warm_started_runs_are_scored_on_the_base_models_retention_texts(tiny_model_dir, tmp_path):
+    """SFT -> SFT -> RL chain: every run measures forgetting on the original model's held-out texts, so a run's
+    step-0 retention perplexity equals its parent's final one (same weights, same texts)."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    held = ["The held-out prose of the base model, never trained on.", "def add(a, b):\n    return a + b\n"]
+    (base / "retention.json").write_text(json.dumps(held))
+    measure = {"retention_tokens": 256, "steps": 1}
+    first = run(tiny_cfg(base, tmp_path, name="sft1", train=measure), progress=False)
+    second = run(tiny_cfg(first / FINAL_MODEL, tmp_path, name="sft2", train=measure), progress=False)
+    third = run(tiny_cfg(second / FINAL_MODEL, tmp_path, name="rl3", regime="rl", train=measure), progress=False)
+    lineage = json.loads((second / FINAL_MODEL / LINEAGE_FILE).read_text())
+    assert lineage["base_model"] == str((first / FINAL_MODEL).resolve())
+    assert lineage["retention_source"] == str(base.resolve()) and lineage["regime"] == "sft"
+    for d in (first, second, third):
+        assert retention_source(str(d / FINAL_MODEL)) == str(base.resolve())
+    assert _retention_texts(retention_source(str(third / FINAL_MODEL))) == tuple(held)
+    rows = [read_metrics(d) for d in (first, second, third)]
+    for parent, child in zip(rows, rows[1:]):
+        assert child[0]["retention/perplexity"] == pytest.approx(parent[-1]["retention/perplexity"], rel=1e-5)
+    # Lineage files without a resolved source are followed through base_model; cycles are an error.
+    hop = tmp_path / "hop"
+    hop.mkdir()
+    (hop / LINEAGE_FILE).write_text(json.dumps({"base_model": str(second / FINAL_MODEL)}))
+    assert retention_source(str(hop)) == str(base.resolve())
+    loop = tmp_path / "loop"
+    loop.mkdir()
+    (loop / LINEAGE_FILE).write_text(json.dumps({"base_model": str(loop)}))
+    with pytest.raises(ConfigError, match="cycle"):
+        retention_source(str(loop))
+    assert retention_source("embedded") == "embedded"
+
+
+def test_env_kwargs_reach_every_env_of_the_run(tiny_model_dir, tmp_path):
+    """AlpacaSFT-v0 on a local file: train/eval tasks come from it, the kwargs are in config.json and the name."""
+    words = ["apple", "river", "stone", "cloud", "lamp", "bird", "tree", "road", "fish", "moon"] * 4
+    data = [{"instruction": f"Repeat the word {w} ({i}).", "input": "", "output": w} for i, w in enumerate(words)]
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(data))
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, env={"env_id": "AlpacaSFT-v0", "n_train": 8, "n_eval": 2,
+                                                  "kwargs": {"path": str(path)}})
+    assert run_name(cfg) != run_name(replace(cfg, env={"kwargs": {}})) and "-k" in run_name(cfg)
+    run_dir = run(cfg, progress=False)
+    assert json.loads((run_dir / "config.json").read_text())["config"]["env"]["kwargs"] == {"path": str(path)}
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2] and all(r["train/loss"] > 0 for r in rows[:2])
+    prompts = [r["prompt"] for r in json.loads((run_dir / "samples.json").read_text())["rows"]]
+    assert prompts and all("Repeat the word" in p for p in prompts)
+    assert 0.0 <= rows[-1]["eval/accuracy"] <= 1.0
