@@ -24,6 +24,15 @@ def test_run_subcommands_and_seed_knobs():
     assert cfg.probe.every == 5 and cfg.env.n_train == 64
 
 
+def test_env_kwargs_parse_with_their_types(capsys):
+    cfg = parse(["sft", "--env.env-id", "AlpacaSFT-v0", "--env.kwargs", "path", "/tmp/x.json"])
+    assert cfg.env.env_id == "AlpacaSFT-v0" and cfg.env.kwargs == {"path": "/tmp/x.json"}
+    knobs = parse(["rl", "--env.kwargs", "max_digits", "3", "parens", "0.5", "nonnegative", "False", "ops", "+-*"])
+    assert knobs.env.kwargs == {"max_digits": 3, "parens": 0.5, "nonnegative": False, "ops": "+-*"}
+    assert main(["sft", "--env.kwargs", "max_digit", "3"]) == 2  # typo: rejected before any model load
+    assert "['max_digit'] not accepted by ArithRLVR-v0" in capsys.readouterr().err
+
+
 def test_config_errors_are_one_line_with_exit_2(capsys):
     assert main(["sft", "--optim.lr", "-1", "--train.steps", "0"]) == 2
     err = capsys.readouterr().err.strip()
