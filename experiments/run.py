@@ -7,6 +7,11 @@ regime (SFT or PPO; LoRA is ``model.lora_rank > 0`` with either), the optimizer 
 ``agents.trainer.Trainer``. A run whose directory holds ``DONE`` is skipped; otherwise it resumes from the latest
 checkpoint. Resuming with a changed LR, batch size, step count, cadence or probe config is allowed and recorded in
 ``config.json["resumed"]``; any other change is an error (use another ``name`` or ``resume=False``).
+
+``env.kwargs`` go to every env of the run (``gym.make(env_id, **kwargs)``: train/eval tasks and the verifier that
+scores PPO rollouts and eval); they are checked against the env class's keyword arguments before anything loads.
+Forgetting (``retention/...``) is always measured on the held-out text of the *original* pre-trained model: the
+saved final policy carries ``LINEAGE_FILE`` (base model, retention source), followed through warm-start chains.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from agents.optim import OptimConfig
 from agents.optim import config_errors as optim_errors
 from agents.ppo import PPOConfig
 from agents.ppo import config_errors as ppo_errors
-from agents.trainer import LINEAGE_FILE, TrainConfig, write_json
+from agents.trainer import FINAL_MODEL, LINEAGE_FILE, TrainConfig, write_json
 from probes import ProbeConfig
 
 REGIMES = ("sft", "rl")
@@ -297,13 +302,18 @@ def retention_source(model_name: str) -> str:
     name = model_name
     while True:
         lineage = Path(name) / LINEAGE_FILE if name != "embedded" else None
-        if lineage is None or not lineage.is_file():
-            return name
-        info = json.loads(lineage.read_text())
-        if info.get("retention_source"):  # resolved when the policy was saved: robust to moved/deleted parents
-            return info["retention_source"]
+        if lineage is not None and lineage.is_file():
+            info = json.loads(lineage.read_text())
+            if info.get("retention_source"):  # resolved when the policy was saved: robust to moved parents
+                return info["retention_source"]
+            parent = info["base_model"]
+        else:  # a final model saved before lineage files existed: its run's config.json names the base model
+            config = Path(name).parent.parent / "config.json" if lineage is not None else None
+            if config is None or Path(name).name != Path(FINAL_MODEL).name or not config.is_file():
+                return name
+            parent = json.loads(config.read_text())["config"]["model"]["name"]
         seen.append(name)
-        name = info["base_model"]
+        name = parent
         if name in seen:
             raise ConfigError(f"model lineage of {model_name!r} has a cycle: {' -> '.join(seen + [name])}")
 

@@ -188,6 +188,8 @@ def test_warm_started_runs_are_scored_on_the_base_models_retention_texts(tiny_mo
     with pytest.raises(ConfigError, match="cycle"):
         retention_source(str(loop))
     assert retention_source("embedded") == "embedded"
+    (second / FINAL_MODEL / LINEAGE_FILE).unlink()  # a run saved before lineage files: its config.json is read
+    assert retention_source(str(second / FINAL_MODEL)) == str(base)
 
 
 def test_env_kwargs_reach_every_env_of_the_run(tiny_model_dir, tmp_path):
