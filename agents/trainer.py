@@ -41,15 +41,15 @@ LINEAGE_FILE = "eoslab_lineage.json"  # in FINAL_MODEL: where the policy came fr
 class TrainConfig:
     """Loop settings. Effective batch = micro_batch * grad_accum examples (SFT) unless full_batch (all n_train)."""
 
-    steps: int = 200                # optimizer steps
+    steps: int = 1000               # optimizer steps (default probe cadence: λ_max every 200, batch sharpness every 1000)
     micro_batch: int = 4
     grad_accum: int = 4
     full_batch: bool = False        # every step = exact full-batch GD over the training set (chunked)
     seed: int = 0
-    eval_every: int = 50            # greedy accuracy on the eval tasks (0 = only at start and end)
-    retention_every: int = 50       # held-out pre-training perplexity (0 = only at start and end)
+    eval_every: int = 100           # greedy accuracy on the eval tasks (0 = only at start and end)
+    retention_every: int = 100      # held-out pre-training perplexity (0 = only at start and end)
     retention_tokens: int = 8192    # predicted tokens per perplexity measurement (0 = no retention)
-    checkpoint_every: int = 100     # 0 = only at the end
+    checkpoint_every: int = 250     # 0 = only at the end
     divergence_loss: float = 50.0   # loss above this (or non-finite) ends the run as "diverged"
     max_length: int = 128
     eval_max_new_tokens: int = 32

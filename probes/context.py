@@ -42,10 +42,12 @@ class ProbeContext:
 class ProbeConfig:
     """Cadence (in optimizer steps; 0 = off) and tolerances. ``every=0`` disables probing altogether.
 
-    Defaults fit CPU runs of a ~1M-parameter model: a warm λ_max solve (≈2–4 HVPs after the first) plus update and
-    step sharpness (1 HVP each) every 10 steps, batch sharpness and GNI on ≤16 minibatches every 50 steps.
+    Defaults keep the probes near 10 % of a run's time (experiments/bench/probe_overhead.py): a warm λ_max solve
+    (graph ≈1.3 G + 2–4 HVPs at ≈2 G each) plus update and step sharpness (1 HVP each) costs ≈11 probe-batch
+    gradients, so every 200 steps is ≈5 %; batch sharpness + GNI (≤16 draws, ≈5 G each) every 1000 steps is ≈4 %.
+    This is the EoSS cadence (every 256 steps); short runs and the demo set denser cadences explicitly.
     """
-    every: int = 10                        # λ_max (+ thresholds, update/step sharpness, Adam λ_max)
+    every: int = 200                       # λ_max (+ thresholds, update/step sharpness, Adam λ_max)
     k: int = 1                             # eigenvalues per solve (probe/lambda_max, probe/lambda_2, ...)
     tol: float = 1e-3                      # LOBPCG relative residual (stop="residual") or λ error (stop="eigenvalue")
     stop: str = "eigenvalue"               # eigen-solve stop rule, see probes.eigs: λ within tol (fewer HVPs);
@@ -56,7 +58,7 @@ class ProbeConfig:
     update_sharpness: bool = True
     step_sharpness: bool = True
     adam: bool = True                      # preconditioned λ_max when the optimizer is Adam-family
-    batch_sharpness_every: int = 50        # needs ctx.sample_batch
+    batch_sharpness_every: int = 1000      # needs ctx.sample_batch
     batch_min_samples: int = 8
     batch_max_samples: int = 16
     batch_rse: float = 0.05

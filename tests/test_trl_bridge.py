@@ -31,6 +31,7 @@ def _sft_args(tmp_path, **kw):
 def _train(tiny_model_dir, tmp_path, probes: bool):
     # LoRA rank 1 on query_key_value only: 2 layers × (32 + 96) = 256 trainable parameters, so the dense
     # Hessian is cheap ground truth for λ_max.
+    torch.manual_seed(0)   # the LoRA init draws from the global RNG: both runs must start from the same adapters
     policy = LMPolicy.from_pretrained(tiny_model_dir, lora=LoRASpec(rank=1, alpha=1.0, targets=("query_key_value",)))
     rows = env_rows(ENV, n=8)
     trainer = SFTTrainer(

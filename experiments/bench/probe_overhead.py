@@ -8,10 +8,10 @@ identical config twice and prints
   hvps/probe: mean HVPs per probe call
   every@10%: the λ_max cadence that would bring the overhead to 10 %, ⌈9·(probe s per call)/(s per step)⌉ with
              s per step = wall_off/steps (an upper bound, so this cadence is a lower bound)
-The runs are short (default 60 optimizer steps, so 7 λ_max solves and 2 batch-sharpness estimates at the default
-cadence), which weighs the first, cold eigen-solve more than a long run would: the printed overhead is an upper bound.
+The default 1000 optimizer steps give 6 λ_max solves and 2 batch-sharpness estimates at the default cadence; the
+first, cold eigen-solve weighs more than in a longer run, so the printed overhead is an upper bound.
 
-    python experiments/bench/probe_overhead.py [--steps 60] [--regimes sft lora rl]
+    python experiments/bench/probe_overhead.py [--steps 1000] [--regimes sft lora rl]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script 
 
 @dataclass(frozen=True)
 class Args:
-    steps: int = 60  # optimizer steps per run
+    steps: int = 1000  # optimizer steps per run
     regimes: tuple[str, ...] = ("sft", "lora", "rl")
     model: str = "embedded"
 

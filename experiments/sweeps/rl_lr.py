@@ -18,7 +18,8 @@ WARM = RunConfig(
     probe=ProbeConfig(every=0),
     name="warm-start-sft",
 )
-BASE = replace(WARM, regime="rl", model=ModelConfig(name=WARM_START), probe=ProbeConfig(), name=None,
+BASE = replace(WARM, regime="rl", model=ModelConfig(name=WARM_START), name=None,
+               probe=ProbeConfig(every=20, batch_sharpness_every=100),  # denser than the default: λ is the study
                ppo=PPOConfig(prompts_per_step=8, group_size=4),
                train={"steps": 300, "micro_batch": 8, "grad_accum": 1, "eval_every": 50, "retention_every": 50})
 SWEEP = Sweep("rl_lr", grid(BASE, lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2)), __doc__, warm_start=WARM)

@@ -9,6 +9,7 @@ from agents.optim import OptimConfig
 from agents.trainer import TrainConfig
 from experiments.run import EnvConfig, RunConfig
 from experiments.sweep import Sweep, grid
+from probes import ProbeConfig
 
 BASE = RunConfig(
     regime="sft",
@@ -16,5 +17,7 @@ BASE = RunConfig(
     optim=OptimConfig(name="sgd", momentum=0.0, weight_decay=0.0),
     train=TrainConfig(steps=500, micro_batch=16, full_batch=True, eval_every=100, retention_every=100,
                       checkpoint_every=250),
+    # denser than ProbeConfig's default (every 200): the study is the λ trajectory itself
+    probe=ProbeConfig(every=10, batch_sharpness_every=0),
 )
 SWEEP = Sweep("sft_gd_lr", grid(BASE, lrs=(0.03, 0.1, 0.3)), __doc__)
