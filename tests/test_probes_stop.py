@@ -102,3 +102,19 @@ def test_prober_eigenvalue_stop_matches_dense_with_fewer_hvps():
     assert out["eigenvalue"]["probe/hvps"] < out["residual"]["probe/hvps"]
     with pytest.raises(ValueError, match="stop must be"):
         ProbeConfig(stop="change")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_eigenvalue_stop_cold_start_is_not_fooled_by_a_large_negative_ritz_value(seed):
+    """Regression (embedded GPT-NeoX, step 0: λ_max 58 reported as 0.001): a small top eigenvalue, a much larger
+    negative one and a big zero bulk, so early subspaces hold a tiny θ₁ beside a large negative Ritz value."""
+    n = 4000
+    eigs = torch.zeros(n, dtype=D)
+    eigs[0], eigs[1] = 1.0, -200.0
+    a = torch.diag(eigs)[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+    a = a[:, torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+    a = 0.5 * (a + a.T)
+    truth = float(torch.linalg.eigvalsh(a)[-1])
+    res = top_eigenvalues(LinearOperator.from_matrix(a), k=1, tol=1e-3, stop="eigenvalue", max_hvps=200,
+                          generator=torch.Generator().manual_seed(seed))
+    assert abs(float(res.values[0]) - truth) <= 1e-3 * abs(truth)
