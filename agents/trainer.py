@@ -41,7 +41,7 @@ LINEAGE_FILE = "eoslab_lineage.json"  # in FINAL_MODEL: where the policy came fr
 class TrainConfig:
     """Loop settings. Effective batch = micro_batch * grad_accum examples (SFT) unless full_batch (all n_train)."""
 
-    steps: int = 1000               # optimizer steps (default probe cadence: λ_max every 200, batch sharpness every 1000)
+    steps: int = 1000               # optimizer steps (default probe cadence: λ_max every 250, batch sharpness every 1000)
     micro_batch: int = 4
     grad_accum: int = 4
     full_batch: bool = False        # every step = exact full-batch GD over the training set (chunked)

@@ -44,10 +44,10 @@ class ProbeConfig:
 
     Defaults keep the probes near 10 % of a run's time (experiments/bench/probe_overhead.py): a warm λ_max solve
     (graph ≈1.3 G + 2–4 HVPs at ≈2 G each) plus update and step sharpness (1 HVP each) costs ≈11 probe-batch
-    gradients, so every 200 steps is ≈5 %; batch sharpness + GNI (≤16 draws, ≈5 G each) every 1000 steps is ≈4 %.
-    This is the EoSS cadence (every 256 steps); short runs and the demo set denser cadences explicitly.
+    gradients, so every 250 steps is ≈4 %; batch sharpness + GNI (≤16 draws, ≈5 G each) every 1000 steps is ≈4 %.
+    This is about the EoSS cadence (every 256 steps); short runs and the demo set denser cadences explicitly.
     """
-    every: int = 200                       # λ_max (+ thresholds, update/step sharpness, Adam λ_max)
+    every: int = 250                       # λ_max (+ thresholds, update/step sharpness, Adam λ_max)
     k: int = 1                             # eigenvalues per solve (probe/lambda_max, probe/lambda_2, ...)
     tol: float = 1e-3                      # LOBPCG relative residual (stop="residual") or λ error (stop="eigenvalue")
     stop: str = "eigenvalue"               # eigen-solve stop rule, see probes.eigs: λ within tol (fewer HVPs);
@@ -63,7 +63,7 @@ class ProbeConfig:
     batch_max_samples: int = 16
     batch_rse: float = 0.05
     batch_estimator: str = "ratio_of_means"   # which estimator the stop rule is on
-    gni: bool = True                       # with batch sharpness: +1 HVP per draw
+    gni: bool = False                      # with batch sharpness: +1 full-batch HVP per draw (≈+40 % of its cost)
     confidence: float = 0.95
     trace_every: int = 0
     trace_max_probes: int = 32

@@ -69,8 +69,8 @@ def test_no_side_effects_on_lora_gpt_neox_with_adam(mode):
         i = int(torch.randint(0, len(pool), (1,), generator=gen))
         return [pool[i]]
 
-    cfg = ProbeConfig(every=1, mode=mode, batch_sharpness_every=1, batch_min_samples=2, batch_max_samples=3,
-                      trace_every=1, trace_max_probes=2, blocks_every=1, max_hvps=10)
+    cfg = ProbeConfig(every=1, mode=mode, batch_sharpness_every=1, gni=True, batch_min_samples=2,
+                      batch_max_samples=3, trace_every=1, trace_max_probes=2, blocks_every=1, max_hvps=10)
     ctx = ProbeContext(params, lf, chunks, lr=1e-3, step=4, optimizer=opt, model=model, sample_batch=sample,
                        update={n: torch.ones_like(p) for n, p in params.items()})
     before = _snapshot(model, opt)

@@ -154,7 +154,7 @@ def test_config_changes_flattens_sections():
     a, b = RunConfig(), replace(RunConfig(), optim={"lr": 0.5}, probe=ProbeConfig(every=3))
     from dataclasses import asdict
 
-    assert config_changes(asdict(a), asdict(b)) == {"optim.lr": [0.01, 0.5], "probe.every": [200, 3]}
+    assert config_changes(asdict(a), asdict(b)) == {"optim.lr": [0.01, 0.5], "probe.every": [250, 3]}
 
 
 def test_warm_started_runs_are_scored_on_the_base_models_retention_texts(tiny_model_dir, tmp_path):

@@ -335,8 +335,8 @@ def main(cfg: BenchConfig = BenchConfig()) -> dict:
         mine = {"cold, own stop rule (residual)": rows["probes (own stop rule)"],
                 "cold, eigenvalue stop": rows["probes eigenvalue stop"],
                 "cold, eigenvalue stop, gradient start": rows["probes eigenvalue stop, g start"],
-                "warm (10 steps later), residual (Prober default)": warm["probes warm start (own stop rule)"],
-                "warm (10 steps later), eigenvalue stop": warm["probes warm, eigenvalue stop"]}
+                "warm (10 steps later), residual": warm["probes warm start (own stop rule)"],
+                "warm (10 steps later), eigenvalue stop (Prober default)": warm["probes warm, eigenvalue stop"]}
         for name, m in mine.items():
             print(f"  {name:50s} " + "  ".join(f"vs {k.split(' ')[0]} {v['seconds'] / m['seconds']:4.2f}x"
                                               for k, v in others.items()))

@@ -17,7 +17,7 @@ BASE = RunConfig(
     optim=OptimConfig(name="sgd", momentum=0.0, weight_decay=0.0),
     train=TrainConfig(steps=500, micro_batch=16, full_batch=True, eval_every=100, retention_every=100,
                       checkpoint_every=250),
-    # denser than ProbeConfig's default (every 200): the study is the λ trajectory itself
+    # denser than ProbeConfig's default (every 250): the study is the λ trajectory itself
     probe=ProbeConfig(every=10, batch_sharpness_every=0),
 )
 SWEEP = Sweep("sft_gd_lr", grid(BASE, lrs=(0.03, 0.1, 0.3)), __doc__)
