@@ -207,19 +207,8 @@ class LMPolicy:
     def token_logprobs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """logp[b, t] = log p_θ(labels[b, t+1] | input_ids[b, :t+1]); mask[b, t] = labels[b, t+1] != -100.
-
-        Shapes [B, T-1]; logp is 0 where mask is False. Differentiable (no no_grad here): the SFT loss is
-        -Σ logp·mask / Σ mask and the PPO ratio is exp(logp - logp_old). Cost: one forward pass."""
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        logits = out.logits[:, :-1].float()
-        target = labels[:, 1:]
-        mask = target != -100
-        safe = target.masked_fill(~mask, 0)
-        # log_softmax via gather - logsumexp: avoids materialising a second [B, T, V] tensor.
-        picked = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-        logp = (picked - torch.logsumexp(logits, dim=-1)) * mask
-        return logp, mask
+        """Per-token log-probs of ``labels`` under this policy; see :func:`token_logprobs`."""
+        return token_logprobs(self.model, input_ids, attention_mask, labels)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -347,3 +336,22 @@ def apply_lora(model: torch.nn.Module, spec: LoRASpec) -> torch.nn.Module:
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def token_logprobs(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logp[b, t] = log p_θ(labels[b, t+1] | input_ids[b, :t+1]); mask[b, t] = labels[b, t+1] != -100.
+
+    Shapes [B, T-1]; logp is 0 where mask is False. Differentiable (no no_grad here): the SFT loss is
+    -Σ logp·mask / Σ mask and the PPO ratio is exp(logp - logp_old). Cost: one forward pass. A function of the
+    model alone, so the TRL bridge scores a trainer's model with exactly the SFT regime's computation."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    logits = out.logits[:, :-1].float()
+    target = labels[:, 1:]
+    mask = target != -100
+    safe = target.masked_fill(~mask, 0)
+    # log_softmax via gather - logsumexp: avoids materialising a second [B, T, V] tensor.
+    picked = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    logp = (picked - torch.logsumexp(logits, dim=-1)) * mask
+    return logp, mask

@@ -24,24 +24,23 @@ def sft_probe_batches(
     model: torch.nn.Module, tokenizer, prompts: Sequence[str], completions: Sequence[str], chunk_size: int = 8,
     max_length: int | None = None,
 ) -> list[dict[str, torch.Tensor]]:
-    """Frozen probe chunks {input_ids, attention_mask, labels} (labels -100 on prompt/pad, EOS after completion),
-    tokenized exactly like ``LMPolicy.encode``."""
+    """Frozen probe chunks {input_ids, attention_mask, labels, ...} built exactly as the SFT regime builds its
+    micro-batches (``agents.sft.make_chunks``)."""
     from agents.policy import LMPolicy
+    from agents.sft import make_chunks
 
     if len(prompts) == 0:
         raise ValueError("sft_probe_batches needs at least one prompt")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    policy = LMPolicy(model, tokenizer)
-    return [
-        policy.encode(list(prompts[i : i + chunk_size]), list(completions[i : i + chunk_size]), max_length=max_length)
-        for i in range(0, len(prompts), chunk_size)
-    ]
+    return make_chunks(LMPolicy(model, tokenizer), list(prompts), list(completions), chunk_size, max_length)
 
 
 def token_ce_loss_fn(batches: Sequence[dict[str, torch.Tensor]], model: torch.nn.Module) -> Callable:
     """loss_fn(chunk) = Σ_tokens NLL(chunk) / N, N = completion tokens over *all* batches, so chunk losses sum to
-    the token-mean CE of the whole probe batch (the ProbeContext contract)."""
+    the token-mean CE of the whole probe batch (the ProbeContext contract); per-token NLL as in SFT training."""
+    from agents.policy import token_logprobs
+
     total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     if total == 0:
         raise ValueError("probe batches contain no completion tokens (all labels are -100)")
@@ -49,10 +48,8 @@ def token_ce_loss_fn(batches: Sequence[dict[str, torch.Tensor]], model: torch.nn
     def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         device = next(model.parameters()).device
         ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-        return torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
-        ) / total
+        logp, _ = token_logprobs(model, ids, mask, labels)
+        return -logp.sum() / total
 
     return loss_fn
 
