@@ -39,12 +39,13 @@ class Args:
 
 
 def timed_run(cfg) -> tuple[float, list[dict]]:
+    from agents.trainer import read_metrics
     from experiments.run import run
 
     t0 = time.perf_counter()
     run_dir = run(cfg, resume=False, progress=False)
     wall = time.perf_counter() - t0
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_metrics(run_dir)
     status = json.loads((run_dir / "status.json").read_text())["status"]
     if status != "completed":
         raise RuntimeError(f"{run_dir.name} ended {status}")
