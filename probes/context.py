@@ -69,6 +69,7 @@ class ProbeConfig:
     trace_max_probes: int = 32
     trace_rse: float = 0.05
     blocks_every: int = 0                  # per-block trace and λ_max (k·#blocks HVPs per solve)
+    # with ctx.model set, fused Q/K/V matrices (block attn_qkv) are split into attn_qk / attn_vo
     block_patterns: tuple[tuple[str, str], ...] = DEFAULT_BLOCK_PATTERNS
     eval_mode: bool = True                 # probe in eval mode (dropout off, deterministic); flags restored
     seed: int = 0
@@ -180,7 +181,10 @@ class Prober:
                     out["probe/gni"] = bs.gni
             blocks = None
             if self._due(c.trace_every, step) or self._due(c.blocks_every, step):
-                blocks = parameter_blocks(op.names, [p.numel() for p in op.params], c.block_patterns)
+                # shapes + model config let fused Q/K/V matrices split into attn_qk / attn_vo
+                blocks = parameter_blocks(op.names, [p.numel() for p in op.params], c.block_patterns,
+                                          shapes=[p.shape for p in op.params],
+                                          config=getattr(ctx.model, "config", None))
             if self._due(c.trace_every, step):
                 tr = hutchinson_trace(op, gen, max_probes=c.trace_max_probes, min_probes=min(8, c.trace_max_probes),
                                       rse=c.trace_rse, blocks=blocks)

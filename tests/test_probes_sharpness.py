@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 
-from probes import (HessianOperator, adam_preconditioner, adam_sharpness, batch_sharpness, block_lambda_max,
-                    hutchinson_trace, parameter_blocks, stability_thresholds, step_sharpness,
-                    update_sharpness)
+from probes import (HessianOperator, adam_preconditioner, adam_sharpness, batch_sharpness, hutchinson_trace,
+                    stability_thresholds, step_sharpness, update_sharpness)
 from probes.sharpness import t_quantile
 from probes.testing import mlp_problem
 
@@ -170,27 +169,3 @@ def test_hutchinson_exact_on_diagonal_and_covers_truth_on_mlp(mlp):
     est = hutchinson_trace(HessianOperator(params, loss_fn, chunks), torch.Generator().manual_seed(1),
                            max_probes=200, min_probes=50, rse=0.02)
     assert abs(est.trace - float(h.trace())) <= 4 * est.se and est.hvps == est.n
-
-
-def test_block_lambda_max_against_dense_blocks(mlp):
-    model, params, loss_fn, chunks, h, _ = mlp
-    op = HessianOperator(params, loss_fn, chunks)
-    patterns = (("first", r"^0\."), ("last", r"^4\."))
-    blocks = parameter_blocks(list(params), [p.numel() for p in params.values()], patterns)
-    assert set(blocks) == {"first", "last", "other"}
-    res = block_lambda_max(op, blocks, tol=1e-8, max_hvps=300)
-    for name, idx in blocks.items():
-        truth = torch.linalg.eigvalsh(h[idx][:, idx])[-1]
-        assert math.isclose(float(res[name].values[0]), float(truth), rel_tol=1e-6)
-
-
-def test_default_blocks_on_gpt_neox_names():
-    names = ["gpt_neox.embed_in.weight", "gpt_neox.layers.0.input_layernorm.weight",
-             "gpt_neox.layers.0.attention.query_key_value.weight", "gpt_neox.layers.0.attention.dense.weight",
-             "gpt_neox.layers.0.mlp.dense_h_to_4h.weight", "gpt_neox.final_layer_norm.bias", "embed_out.weight",
-             "base_model.model.gpt_neox.layers.0.attention.query_key_value.lora_A.default.weight",
-             "base_model.model.gpt_neox.layers.0.attention.dense.lora_B.default.weight"]
-    blocks = parameter_blocks(names, [1] * len(names))
-    got = {int(i): b for b, idx in blocks.items() for i in idx}
-    assert [got[i] for i in range(len(names))] == ["embed", "norm", "attn_qkv", "attn_out", "mlp", "norm", "head",
-                                                   "lora_A", "lora_B"]
