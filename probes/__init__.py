@@ -5,12 +5,13 @@ from .context import ProbeConfig, ProbeContext, Prober, preserved_state
 from .eigs import EigResult, top_eigenvalues
 from .hvp import HessianOperator, LinearOperator, check_model
 from .sharpness import (BatchSharpness, TraceEstimate, adam_preconditioner, adam_sharpness, batch_sharpness,
-                        block_lambda_max, hutchinson_trace, lambda_max, preconditioned_operator, rayleigh_quotient,
+                        block_lambda_max, hutchinson_trace, lambda_max, preconditioned_operator, rayleigh_pair,
+                        rayleigh_quotient,
                         stability_thresholds, step_sharpness, update_sharpness)
 
 __all__ = [
     "HessianOperator", "LinearOperator", "check_model", "top_eigenvalues", "EigResult", "lambda_max",
-    "rayleigh_quotient", "step_sharpness", "update_sharpness", "batch_sharpness", "BatchSharpness",
+    "rayleigh_quotient", "rayleigh_pair", "step_sharpness", "update_sharpness", "batch_sharpness", "BatchSharpness",
     "adam_preconditioner", "preconditioned_operator", "adam_sharpness", "stability_thresholds",
     "hutchinson_trace", "TraceEstimate", "block_lambda_max", "parameter_blocks", "block_operator",
     "DEFAULT_BLOCK_PATTERNS", "ProbeContext", "ProbeConfig", "Prober", "preserved_state",

@@ -19,8 +19,8 @@ import torch
 from .blocks import DEFAULT_BLOCK_PATTERNS, parameter_blocks
 from .eigs import STOPS, top_eigenvalues
 from .hvp import MODES, HessianOperator
-from .sharpness import (adam_preconditioner, batch_sharpness, block_lambda_max, hutchinson_trace,
-                        preconditioned_operator, stability_thresholds, step_sharpness, update_sharpness)
+from .sharpness import (adam_preconditioner, batch_sharpness, block_lambda_max, flat_update, hutchinson_trace,
+                        preconditioned_operator, rayleigh_pair, stability_thresholds)
 
 __all__ = ["ProbeContext", "ProbeConfig", "Prober", "preserved_state"]
 
@@ -145,17 +145,27 @@ class Prober:
             if self._due(c.every, step):
                 if ctx.lr > 0:   # η = 0 (e.g. a warm-up step) has no stability threshold
                     out.update({f"probe/{k}": v for k, v in stability_thresholds(ctx.optimizer, ctx.lr).items()})
-                res = top_eigenvalues(op, k=c.k, tol=c.tol, init=self._init("H", op.dim), max_hvps=c.max_hvps,
-                                      generator=gen, stop=c.stop)
+                # Step and update sharpness first: on a warm solve their HVPs (g, Hg) and (Δθ, HΔθ) join the first
+                # Rayleigh–Ritz beside the last eigenvector, for free (it maximises θ, so they only help). A cold
+                # solve starts from a random vector alone: beside it, a g inside an invariant subspace that misses
+                # the top eigenvector would win the first Rayleigh–Ritz and trap the solve (tests/test_probes_context).
+                known: list[tuple[torch.Tensor, torch.Tensor]] = []
+                if c.step_sharpness:
+                    out["probe/step_sharpness"], g, hg = rayleigh_pair(op, op.gradient())
+                    known.append((g, hg))
+                if c.update_sharpness and ctx.update is not None:
+                    out["probe/update_sharpness"], u, hu = rayleigh_pair(op, flat_update(ctx.update, op.names))
+                    known.append((u, hu))
+                init = self._init("H", op.dim)
+                pairs = (torch.stack([v for v, _ in known], 1), torch.stack([a for _, a in known], 1)) \
+                    if known and init is not None else None
+                res = top_eigenvalues(op, k=c.k, tol=c.tol, init=init, max_hvps=c.max_hvps, generator=gen,
+                                      stop=c.stop, known=pairs)
                 self._warm["H"] = res.vectors.detach()
                 out["probe/lambda_max"] = float(res.values[0])
                 for i in range(1, len(res.values)):
                     out[f"probe/lambda_{i + 1}"] = float(res.values[i])
                 out["probe/converged"] = float(res.converged)
-                if c.step_sharpness:
-                    out["probe/step_sharpness"] = step_sharpness(op)
-                if c.update_sharpness and ctx.update is not None:
-                    out["probe/update_sharpness"] = update_sharpness(op, ctx.update)
                 if c.adam and ctx.optimizer is not None and "probe/adam_threshold" in out:
                     pre = adam_preconditioner(ctx.optimizer, op.params, ctx.lr)
                     if pre is not None:

@@ -87,7 +87,7 @@ def _rayleigh_ritz(s, a_s, k, drop: float = 1e-10):
 
 def top_eigenvalues(op, k: int = 1, tol: float = 1e-3, init: torch.Tensor | None = None,
                     max_hvps: int | None = None, generator: torch.Generator | None = None,
-                    stop: str = "residual") -> EigResult:
+                    stop: str = "residual", known: tuple[torch.Tensor, torch.Tensor] | None = None) -> EigResult:
     """The k largest (algebraic) eigenvalues and eigenvectors of the symmetric operator ``op``.
 
     ``op`` has ``.dim``, ``.matvec(V)`` for V of shape (n,) or (n, j), and ``.hvps`` (a counter).
@@ -95,6 +95,11 @@ def top_eigenvalues(op, k: int = 1, tol: float = 1e-3, init: torch.Tensor | None
     generator seeded 0 when None, so the global RNG is never touched). ``max_hvps`` caps the cost
     (default 60·k); when it is hit the best Ritz pairs so far are returned with ``converged=False``.
     ``stop``: "residual" (vectors and values to tol) or "eigenvalue" (values only, fewer HVPs); see the module doc.
+    ``known``: (V, AV), vectors (n,) or (n, j) whose images A·V the caller already has (e.g. the gradient g and Hg
+    from step sharpness): they join the first Rayleigh–Ritz at no HVP cost. Without ``init`` they are the whole
+    start subspace (topped up with random vectors below rank k). The Rayleigh–Ritz keeps the direction of largest
+    θ, so a known vector inside an invariant subspace that misses the top eigenvector can trap a cold solve even
+    beside a random start; the Prober passes them only beside a warm start (whose θ is near λ_max already).
     """
     n = int(op.dim)
     if not 1 <= k <= n:
@@ -117,6 +122,7 @@ def top_eigenvalues(op, k: int = 1, tol: float = 1e-3, init: torch.Tensor | None
         zero = torch.zeros(k, dtype=DTYPE)
         return EigResult(lam[order].cpu(), u[:, order], op.hvps - start, True, 0, zero, zero.clone())
 
+    known_v, known_av = _known_pairs(known, n, device)
     cols = []
     if init is not None:
         init = init.detach().to(device=device, dtype=DTYPE)
@@ -124,24 +130,34 @@ def top_eigenvalues(op, k: int = 1, tol: float = 1e-3, init: torch.Tensor | None
         if init.shape[0] != n:
             raise ValueError(f"probes: init has {init.shape[0]} rows, operator dimension is {n}")
         cols.append(init[:, :k])
-    missing = k - (cols[0].shape[1] if cols else 0)
+    # Known pairs stand in for random start vectors when there is no init; the rank of V is checked below.
+    want = k if init is not None else k - known_v.shape[0]
+    missing = want - (cols[0].shape[1] if cols else 0)
     if missing > 0:
         cols.append(torch.randn(n, missing, generator=gen, dtype=DTYPE).to(device))
-    x = _orthonormalize(torch.cat(cols, dim=1))
-    while x.shape[1] < k:  # init was rank-deficient: top up with random directions
-        extra = torch.randn(n, k - x.shape[1], generator=gen, dtype=DTYPE).to(device)
+    x = _orthonormalize(torch.cat(cols, dim=1)) if cols else torch.empty(n, 0, dtype=DTYPE, device=device)
+    while x.shape[1] < want:  # init was rank-deficient: top up with random directions
+        extra = torch.randn(n, want - x.shape[1], generator=gen, dtype=DTYPE).to(device)
         x = _orthonormalize(torch.cat([x, extra - x @ (x.T @ extra)], dim=1))
 
     # Vectors are stored as ROWS of (3k, n) buffers S (basis [X; P; W]) and AS (their images), two of each so the
     # next basis is written with mm(out=) and no n-sized concatenation or strided copy is ever made.
     bufs = [torch.empty(3 * k, n, dtype=DTYPE, device=device) for _ in range(4)]
     s, a_s, s_next, as_next = bufs
-    s[:k] = x.T
-    for i in range(k):
-        a_s[i] = op.matvec(s[i])
-    theta, y, theta_all = _rayleigh_ritz(s[:k], a_s[:k], k)
-    torch.mm(y.T, s[:k], out=s_next[:k])
-    torch.mm(y.T, a_s[:k], out=as_next[:k])
+    s0 = torch.empty(x.shape[1], n, dtype=DTYPE, device=device)
+    s0.copy_(x.T)
+    as0 = torch.stack([op.matvec(row) for row in s0]) if x.shape[1] else torch.empty_like(s0)
+    if known_v.shape[0]:
+        s0, as0 = torch.cat([s0, known_v]), torch.cat([as0, known_av])
+    theta, y, theta_all = _rayleigh_ritz(s0, as0, k)
+    if theta.shape[0] < k:   # the known vectors were rank-deficient: add random directions and their images
+        extra = torch.randn(k - theta.shape[0], n, generator=gen, dtype=DTYPE).to(device)
+        s0 = torch.cat([s0, extra])
+        as0 = torch.cat([as0, torch.stack([op.matvec(row) for row in extra])])
+        theta, y, theta_all = _rayleigh_ritz(s0, as0, k)
+    torch.mm(y.T, s0, out=s_next[:k])
+    torch.mm(y.T, as0, out=as_next[:k])
+    del s0, as0
     s, a_s, s_next, as_next = s_next, as_next, s, a_s
     n_p = 0                         # rows of P currently in the basis (none before the first iteration)
     floor = torch.full((k,), -torch.inf, dtype=DTYPE, device=theta.device)   # running max of Ritz values k+1.. per rank
@@ -198,6 +214,19 @@ def top_eigenvalues(op, k: int = 1, tol: float = 1e-3, init: torch.Tensor | None
     x = s[:k].clone()
     del bufs, s, a_s, s_next, as_next
     return EigResult(theta.cpu(), x.T, op.hvps - start, converged, iterations, rel.cpu(), err.cpu())
+
+
+def _known_pairs(known, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V, AV) as ROWS (j, n) in float64, without zero or non-finite vectors (e.g. a zero gradient)."""
+    empty = torch.empty(0, n, dtype=DTYPE, device=device)
+    if known is None:
+        return empty, empty
+    v, av = (t.detach().to(device=device, dtype=DTYPE) for t in known)
+    v, av = (t[:, None] if t.dim() == 1 else t for t in (v, av))
+    if v.shape != av.shape or v.shape[0] != n:
+        raise ValueError(f"probes: known vectors {tuple(v.shape)} and images {tuple(av.shape)} must both be (n={n}, j)")
+    ok = (v.norm(dim=0) > 0) & torch.isfinite(v).all(dim=0) & torch.isfinite(av).all(dim=0)
+    return v[:, ok].T.contiguous(), av[:, ok].T.contiguous()
 
 
 def _temple_errors(theta, theta_all, rnorm, floor):

@@ -26,7 +26,7 @@ from .eigs import EigResult, top_eigenvalues
 from .hvp import REDUCE_DTYPE, HessianOperator, LinearOperator
 
 __all__ = [
-    "lambda_max", "rayleigh_quotient", "step_sharpness", "update_sharpness", "flat_update",
+    "lambda_max", "rayleigh_quotient", "rayleigh_pair", "step_sharpness", "update_sharpness", "flat_update",
     "BatchSharpness", "batch_sharpness", "adam_preconditioner", "preconditioned_operator", "adam_sharpness",
     "stability_thresholds", "TraceEstimate", "hutchinson_trace", "block_lambda_max", "t_quantile",
 ]
@@ -34,24 +34,44 @@ __all__ = [
 
 # ---- eigenvalues -------------------------------------------------------------------------------------------
 def lambda_max(params, loss_fn: Callable[[Any], torch.Tensor], batches: Sequence[Any], k: int = 1,
-               tol: float = 1e-3, mode: str = "cache", init: torch.Tensor | None = None,
+               tol: float = 1e-3, mode: str = "cache", init: torch.Tensor | str | None = None,
                max_hvps: int | None = None, model: torch.nn.Module | None = None,
-               generator: torch.Generator | None = None) -> EigResult:
-    """Top-k eigenpairs of the Hessian of Σ_c loss_fn(batches[c]) over ``params`` (see :func:`top_eigenvalues`)."""
+               generator: torch.Generator | None = None, stop: str = "residual") -> EigResult:
+    """Top-k eigenpairs of the Hessian of Σ_c loss_fn(batches[c]) over ``params`` (see :func:`top_eigenvalues`).
+
+    ``init``: warm-start vectors, None (random), or ``"gradient"``: start from the probe-batch gradient g (free
+    from the cached graph, 1 G in the other modes). The top eigenvectors dominate g in training (Gur-Ari et al.
+    2018), which saves about one HVP cold (experiments/bench/probe_speed.py), but it is not the default: a g that
+    lies in an invariant subspace missing the top eigenvector (a symmetric toy problem, θ on an eigenvector of a
+    quadratic) converges to the wrong eigenvalue, which a random start avoids with probability one. A zero
+    gradient falls back to a random start.
+    """
+    if isinstance(init, str) and init != "gradient":
+        raise ValueError(f"probes: init must be a tensor, None or 'gradient', got {init!r}")
     op = HessianOperator(params, loss_fn, batches, mode=mode, model=model)
     try:
-        return top_eigenvalues(op, k=k, tol=tol, init=init, max_hvps=max_hvps, generator=generator)
+        if isinstance(init, str):
+            g = op.gradient()
+            init = g if bool(g.any()) else None
+        return top_eigenvalues(op, k=k, tol=tol, init=init, max_hvps=max_hvps, generator=generator, stop=stop)
     finally:
         op.release()
 
 
-def rayleigh_quotient(op, u: torch.Tensor) -> float:
-    """uᵀHu / uᵀu (1 HVP); NaN for u = 0."""
+def rayleigh_pair(op, u: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """(uᵀHu / uᵀu, u, Hu) with u in float64 (1 HVP; NaN and no HVP for u = 0). The pair (u, Hu) can seed an
+    eigen-solve through ``top_eigenvalues(known=...)``."""
     u = u.to(device=op.device, dtype=REDUCE_DTYPE)
     uu = float(u @ u)
     if uu == 0.0:
-        return math.nan
-    return float(u @ op.matvec(u)) / uu
+        return math.nan, u, torch.zeros_like(u)
+    hu = op.matvec(u)
+    return float(u @ hu) / uu, u, hu
+
+
+def rayleigh_quotient(op, u: torch.Tensor) -> float:
+    """uᵀHu / uᵀu (1 HVP); NaN for u = 0."""
+    return rayleigh_pair(op, u)[0]
 
 
 def step_sharpness(op: HessianOperator) -> float:

@@ -146,3 +146,39 @@ def test_default_eigenvalue_stop_meets_its_tolerance_with_fewer_hvps():
         out[stop] = Prober(ProbeConfig(every=1, step_sharpness=False, update_sharpness=False, stop=stop))(ctx)
     assert abs(out["eigenvalue"]["probe/lambda_max"] - truth) <= cfg.tol * truth
     assert out["eigenvalue"]["probe/hvps"] < out["residual"]["probe/hvps"]
+
+
+def test_step_and_update_sharpness_hvps_seed_warm_solves_but_never_trap_cold_ones():
+    # L(θ) = ½ θᵀAθ, spectrum 7 > 5 > … with −9 below: g = Aθ, and θ on an eigenvector makes g one too.
+    q, _ = torch.linalg.qr(torch.randn(40, 40, generator=torch.Generator().manual_seed(0), dtype=D))
+    evals = torch.cat([torch.tensor([7.0, 5.0, -9.0], dtype=D), torch.linspace(-1, 1, 37, dtype=D)])
+    a = q @ torch.diag(evals) @ q.T
+    theta = torch.nn.Parameter(0.5 * q[:, 0].clone())
+
+    def loss_fn(_):
+        return 0.5 * theta @ a @ theta
+    ctx = ProbeContext({"theta": theta}, loss_fn, [None], lr=0.1, step=0,
+                       update={"theta": torch.randn(40, generator=torch.Generator().manual_seed(2), dtype=D)})
+    # Warm, from a stale vector x₂ (an exact eigenvector: Krylov from it alone never leaves it) with g = x_top:
+    # the known pair (g, Hg) puts the answer into the first Rayleigh–Ritz, so the solve costs its one start HVP.
+    pr = Prober(ProbeConfig(every=1, tol=1e-8))
+    pr._warm["H"] = q[:, 1:2].clone()
+    out = pr(ctx)
+    assert math.isclose(out["probe/lambda_max"], 7.0, rel_tol=1e-10)
+    assert math.isclose(out["probe/step_sharpness"], 7.0, rel_tol=1e-10)
+    assert out["probe/hvps"] == 3 and out["probe/converged"] == 1.0   # step + update + the warm start
+    # Cold with θ on x₂: g spans an invariant subspace without x_top. Beside a random start it would win the first
+    # Rayleigh–Ritz (θ = 5) and trap the solve, so a cold solve starts from the random vector alone.
+    with torch.no_grad():
+        theta.copy_(0.5 * q[:, 1])
+    out = Prober(ProbeConfig(every=1, tol=1e-8, update_sharpness=False))(ctx)
+    assert math.isclose(out["probe/step_sharpness"], 5.0, rel_tol=1e-10)
+    assert math.isclose(out["probe/lambda_max"], 7.0, rel_tol=1e-8)
+    assert out["probe/converged"] == 1.0
+    # the trap is real for a solve started from g, which is why lambda_max starts from g only on request
+    from probes import lambda_max
+    trapped = lambda_max({"theta": theta}, loss_fn, [None], tol=1e-8, init="gradient")
+    assert math.isclose(float(trapped.values[0]), 5.0, rel_tol=1e-8)
+    assert math.isclose(float(lambda_max({"theta": theta}, loss_fn, [None], tol=1e-8).values[0]), 7.0, rel_tol=1e-8)
+    with pytest.raises(ValueError, match="gradient"):
+        lambda_max({"theta": theta}, loss_fn, [None], init="grad")

@@ -83,3 +83,33 @@ def test_bad_input_is_refused():
         top_eigenvalues(a, init=torch.ones(7, dtype=D))
     with pytest.raises(ValueError, match="max_hvps"):
         top_eigenvalues(a, k=3, max_hvps=2)
+
+
+def test_known_pairs_join_the_first_rayleigh_ritz_for_free():
+    a = decaying()
+    op = LinearOperator.from_matrix(a)
+    x_top = torch.linalg.eigh(a).eigenvectors[:, -1]
+    # the exact top eigenvector among the known vectors: converged without a single HVP
+    noise = torch.randn(300, generator=torch.Generator().manual_seed(1), dtype=D)
+    v = torch.stack([noise, 3.0 * x_top + 1e-9 * noise], 1)
+    res = top_eigenvalues(op, k=1, tol=1e-8, known=(v, a @ v))
+    assert res.hvps == 0 and res.converged and abs(float(res.values[0]) - 10.0) < 1e-8
+    # a generic known pair is a cold start that costs no HVP for its start vector: same answer, fewer HVPs
+    g = a @ noise + noise   # gradient-like: the outliers dominate it
+    plain = top_eigenvalues(op, k=1, tol=1e-6, init=g)
+    seeded = top_eigenvalues(op, k=1, tol=1e-6, known=(g, a @ g))
+    assert seeded.converged and abs(float(seeded.values[0]) - 10.0) < 1e-5
+    assert seeded.hvps == plain.hvps - 1
+    # k = 3 from one known vector: topped up with random vectors, still exact
+    three = top_eigenvalues(op, k=3, tol=1e-8, max_hvps=300, known=(g, a @ g))
+    torch.testing.assert_close(three.values, torch.tensor([10.0, 6.0, 4.0], dtype=D), rtol=1e-8, atol=0)
+
+
+def test_known_pairs_skip_zero_vectors_and_refuse_bad_shapes():
+    a = decaying()
+    op = LinearOperator.from_matrix(a)
+    zero = torch.zeros(300, dtype=D)
+    res = top_eigenvalues(op, k=1, tol=1e-6, known=(zero, zero))   # a zero gradient: random start instead
+    assert res.converged and abs(float(res.values[0]) - 10.0) < 1e-5
+    with pytest.raises(ValueError, match="known"):
+        top_eigenvalues(op, k=1, known=(torch.ones(300, 2, dtype=D), torch.ones(300, 1, dtype=D)))
