@@ -21,15 +21,19 @@ an estimate of ‖A‖ on the subspace):
   that side is conservative) and the running maximum of the one below (the tightest lower bound of the next
   eigenvalue seen; it overestimates δ while that eigenvalue is unresolved). The quadratic bound is used only where
   ‖r‖ ≤ δ/4, else the rigorous ‖r‖; only once ‖r_i‖ ≤ √tol·|θ_i| (a cold start's subspace can look
-  self-consistent around a tiny θ beside a large negative Ritz value); and the estimate is at least the geometric tail Δθ·ρ/(1−ρ) of the last step
-  (ρ: observed contraction of Δθ), which catches slow convergence. NOT a guarantee: δ comes from the subspace,
+  self-consistent around a tiny θ beside a large negative Ritz value); and the estimate is at least the geometric
+  tail Δθ·ρ/(1−ρ) of the last step (ρ: observed contraction of Δθ), which catches slow convergence. NOT a guarantee: δ comes from the subspace,
   so a near-double top eigenvalue whose partner is not in it yet can stop early (eigenvalues 10 and 9.99 over a
   bulk: error 1.4e-3 at tol 1e-3, 4e-5 at tol 1e-6; tests/test_probes_stop.py has the spectra where it holds).
   It pays when only λ is wanted: on the GPT-NeoX bench at 1e-3, 7 HVPs instead of 9 cold and 2 instead of 4
   warm; the vectors are only ~sqrt(tol) accurate, so "residual" stays the default here (a re-solve at an unchanged
   operator takes 1 HVP only from residual-accurate vectors); the Prober, which wants λ, uses "eigenvalue".
 Cost: k HVPs for A·X₀, then one HVP per unconverged column per iteration; a warm start from the eigenvectors of a
-nearby operator usually converges in 1–3 HVPs per vector.
+nearby operator usually converges in 1–3 HVPs per vector. Vectors whose images the caller already holds
+(``known=``, e.g. g and Hg from step sharpness) join the first Rayleigh–Ritz for free.
+For k = 1 the iterates span the Krylov space of the start vector, like Lanczos: the same Ritz value per HVP (on
+the GPT-NeoX bench, to two digits at every step), so a cold solve costs what Lanczos costs and warm starts and
+the cached HVP are where the speed comes from.
 """
 from __future__ import annotations
 
@@ -42,6 +46,10 @@ __all__ = ["EigResult", "top_eigenvalues"]
 DTYPE = torch.float64
 STOPS = ("residual", "eigenvalue")
 TEMPLE_MARGIN = 4.0   # the quadratic bound is trusted where ‖r‖ ≤ δ / TEMPLE_MARGIN
+GRAM_DROP = 1e-10     # Rayleigh–Ritz: directions with relative Gram eigenvalue below this are dependent
+ROW_DROP = 1e-8       # ... and rows shorter than this × the longest carry images that are mostly rounding (√eps)
+NOISE_AMPLIFICATION = 1e4   # ... and directions that would amplify the measured image noise more than this,
+NOISE_DROP_CAP = 1e-2       # ... up to this relative Gram eigenvalue (fd HVPs carry ~5e-4 noise in fp32)
 
 
 @dataclass
@@ -66,23 +74,35 @@ def _orthonormalize(v, drop: float = 1e-8):
     return v
 
 
-def _rayleigh_ritz(s, a_s, k, drop: float = 1e-10):
+def _rayleigh_ritz(s, a_s, k, drop: float = GRAM_DROP, row_drop: float = ROW_DROP):
     """Top-k Ritz pairs of A on the span of the ROWS of s (a_s = rows of A·s), for a non-orthonormal basis: the
     generalized problem (S A Sᵀ) z = θ (S Sᵀ) z on the small Gram matrices only (rows scaled to unit norm,
     directions with relative Gram eigenvalue below ``drop`` discarded). Returns θ (k, descending), coefficients
     Y (m, k) with Yᵀ S Sᵀ Y = I, and all Ritz values. Two tall-skinny products replace explicit
-    orthogonalisation, which took ~40 passes over n per iteration."""
+    orthogonalisation, which took ~40 passes over n per iteration.
+
+    Noisy images. The images of X and P rows are linear combinations of earlier images, not fresh HVPs, and an
+    fp32 HVP carries relative noise ~1e-7; a direction of relative Gram eigenvalue μ amplifies it by 1/√μ. Near
+    convergence P and W become nearly dependent (μ ~ 1e-10), the amplified noise made spurious directions of huge
+    θ, and the iteration diverged (λ = 1e110 on the embedded model at k = 4, tol 1e-7, below the HVP's noise
+    floor). The noise is measured here as the asymmetry of S·(AS)ᵀ, which exact images make symmetric, and
+    directions with μ < (1e4·noise)² are dropped too (amplified noise ≤ 1e-4·|θ|), at most μ < 1e-2 (fd HVPs in
+    fp32 are noisier than 1e4 amplification allows); with exact fp64 images this is below ``drop``. Rows shorter than ``row_drop`` × the longest take no part (zero coefficients)."""
     g = s @ s.T
     h = s @ a_s.T
-    d = g.diagonal().clamp_min(torch.finfo(DTYPE).tiny).sqrt()
-    g = g / (d[:, None] * d[None, :])
-    h = h / (d[:, None] * d[None, :])
+    d = g.diagonal().clamp_min(0).sqrt()
+    rows = torch.nonzero(d > row_drop * d.max()).squeeze(1)
+    g = g[rows][:, rows] / (d[rows, None] * d[None, rows])
+    h = h[rows][:, rows] / (d[rows, None] * d[None, rows])
+    noise = float((h - h.T).abs().max() / h.abs().max().clamp_min(torch.finfo(DTYPE).tiny))
     lam, u = torch.linalg.eigh(0.5 * (g + g.T))
-    good = lam > drop * lam.max()
+    good = lam > min(max(drop, (NOISE_AMPLIFICATION * noise) ** 2), NOISE_DROP_CAP) * lam.max()
     c = u[:, good] / lam[good].sqrt()
     theta, z = torch.linalg.eigh(c.T @ (0.5 * (h + h.T)) @ c)
     order = torch.argsort(theta, descending=True)[:k]
-    return theta[order], (c @ z[:, order]) / d[:, None], theta
+    y = torch.zeros(s.shape[0], order.shape[0], dtype=s.dtype, device=s.device)
+    y[rows] = (c @ z[:, order]) / d[rows, None]
+    return theta[order], y, theta
 
 
 def top_eigenvalues(op, k: int = 1, tol: float = 1e-3, init: torch.Tensor | None = None,
