@@ -50,8 +50,9 @@ class ProbeConfig:
     every: int = 250                       # λ_max (+ thresholds, update/step sharpness, Adam λ_max)
     k: int = 1                             # eigenvalues per solve (probe/lambda_max, probe/lambda_2, ...)
     tol: float = 1e-3                      # LOBPCG relative residual (stop="residual") or λ error (stop="eigenvalue")
-    stop: str = "eigenvalue"               # eigen-solve stop rule, see probes.eigs: λ within tol (fewer HVPs);
-                                           # "residual" also converges the eigenvector to tol
+    stop: str = "eigenvalue"               # eigen-solve stop rule, see probes.eigs: λ within tol, estimated (fewer
+                                           # HVPs; a near-double λ₁ can end 1.5× outside it); "residual" bounds
+                                           # |λ − θ| ≤ tol·|θ| for sure and converges the eigenvector too
     max_hvps: int = 40                     # per eigen-solve
     mode: str = "cache"                    # HVP mode: cache | recompute | fd
     warm_start: bool = True

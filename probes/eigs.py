@@ -25,6 +25,8 @@ an estimate of ‖A‖ on the subspace):
   tail Δθ·ρ/(1−ρ) of the last step (ρ: observed contraction of Δθ), which catches slow convergence. NOT a guarantee: δ comes from the subspace,
   so a near-double top eigenvalue whose partner is not in it yet can stop early (eigenvalues 10 and 9.99 over a
   bulk: error 1.4e-3 at tol 1e-3, 4e-5 at tol 1e-6; tests/test_probes_stop.py has the spectra where it holds).
+  Seen on a real model: the embedded GPT-NeoX after 50 SFT steps (λ₁ = 12.340, λ₂ = 12.015), a warm start
+  stopped at θ = 12.322, error 1.5e-3 at tol 1e-3, as convergence slowed once x₂ became the bottleneck.
   It pays when only λ is wanted: on the GPT-NeoX bench at 1e-3, 7 HVPs instead of 9 cold and 2 instead of 4
   warm; the vectors are only ~sqrt(tol) accurate, so "residual" stays the default here (a re-solve at an unchanged
   operator takes 1 HVP only from residual-accurate vectors); the Prober, which wants λ, uses "eigenvalue".
