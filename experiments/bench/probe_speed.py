@@ -62,6 +62,7 @@ class BenchConfig:
     cost_reps: int = 7
     track_points: int = 6      # λ_max along a run: solves this many times ...
     track_every: int = 10      # ... this many optimizer steps apart (the Prober's steady state; 0 points = skip)
+    track_warmup: int = 0      # optimizer steps before the first tracking point (past the start's transient)
     model: str = "tiny"        # "tiny": random GPT-NeoX of the sizes above, Adam-trained on the probe batch;
                                # "embedded" (the offline pre-trained default) or a local model dir: SFT on env_id
     env_id: str = "ArithRLVR-v0"   # LM only: SFT data; batch = examples, in grad_accum chunks
@@ -334,8 +335,9 @@ def tracking(cfg: BenchConfig, device, model, params, loss_fn, chunks, advance) 
     summed over the points; every solve is checked against a tight reference at its point."""
     if cfg.track_points <= 0:
         return {}
-    print(f"\nλ_max along a run: {cfg.track_points} solves, {cfg.track_every} training steps apart (min of "
-          f"{cfg.repeats} round-robin runs per point):")
+    advance(cfg.track_warmup)
+    print(f"\nλ_max along a run: {cfg.track_points} solves, {cfg.track_every} training steps apart, from step "
+          f"{cfg.track_warmup} (min of {cfg.repeats} round-robin runs per point):")
     print(f"{'point':>5s} {'λ_max':>9s}   " + "   ".join(f"{n:>24s}" for n in
                                                         ("probes (eigenvalue stop)", "probes (residual stop)",
                                                          "hessian-eigenthings", "pyhessian")))
