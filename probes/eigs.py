@@ -22,9 +22,10 @@ an estimate of ‖A‖ on the subspace):
   eigenvalue seen; it overestimates δ while that eigenvalue is unresolved). The quadratic bound is used only where
   ‖r‖ ≤ δ/4, else the rigorous ‖r‖; only once ‖r_i‖ ≤ √tol·|θ_i| (a cold start's subspace can look
   self-consistent around a tiny θ beside a large negative Ritz value); and the estimate is at least the geometric
-  tail Δθ·ρ/(1−ρ) of the last step (ρ: observed contraction of Δθ), which catches slow convergence. NOT a guarantee: δ comes from the subspace,
-  so a near-double top eigenvalue whose partner is not in it yet can stop early (eigenvalues 10 and 9.99 over a
-  bulk: error 1.4e-3 at tol 1e-3, 4e-5 at tol 1e-6; tests/test_probes_stop.py has the spectra where it holds).
+  tail Δθ·ρ/(1−ρ) of the last step (ρ: observed contraction of Δθ), which catches slow convergence.
+  NOT a guarantee: δ comes from the subspace, so a near-double top eigenvalue whose partner is not in it yet can
+  stop early (eigenvalues 10 and 9.99 over a bulk: error 1.4e-3 at tol 1e-3, 4e-5 at tol 1e-6;
+  tests/test_probes_stop.py has the spectra where it holds).
   Seen on a real model: the embedded GPT-NeoX after 50 SFT steps (λ₁ = 12.340, λ₂ = 12.015), a warm start
   stopped at θ = 12.322, error 1.5e-3 at tol 1e-3, as convergence slowed once x₂ became the bottleneck.
   It pays when only λ is wanted: on the GPT-NeoX bench at 1e-3, 7 HVPs instead of 9 cold and 2 instead of 4
@@ -89,7 +90,8 @@ def _rayleigh_ritz(s, a_s, k, drop: float = GRAM_DROP, row_drop: float = ROW_DRO
     θ, and the iteration diverged (λ = 1e110 on the embedded model at k = 4, tol 1e-7, below the HVP's noise
     floor). The noise is measured here as the asymmetry of S·(AS)ᵀ, which exact images make symmetric, and
     directions with μ < (1e4·noise)² are dropped too (amplified noise ≤ 1e-4·|θ|), at most μ < 1e-2 (fd HVPs in
-    fp32 are noisier than 1e4 amplification allows); with exact fp64 images this is below ``drop``. Rows shorter than ``row_drop`` × the longest take no part (zero coefficients)."""
+    fp32 are noisier than 1e4 amplification allows); with exact fp64 images this is below ``drop``. Rows shorter
+    than ``row_drop`` × the longest take no part (zero coefficients)."""
     g = s @ s.T
     h = s @ a_s.T
     d = g.diagonal().clamp_min(0).sqrt()

@@ -95,11 +95,7 @@ def setup(cfg: BenchConfig):
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
 
     def advance(steps):
-        for _ in range(steps):
-            opt.zero_grad()
-            sum(loss_fn(c) for c in chunks).backward()
-            opt.step()
-        model.zero_grad(set_to_none=True)
+        _train_steps(model, opt, loss_fn, lambda: chunks, steps)
     advance(cfg.pretrain_steps)
     model.eval()
     return device, model, dict(model.named_parameters()), loss_fn, chunks, advance
@@ -129,13 +125,17 @@ def setup_lm(cfg: BenchConfig):
     opt = torch.optim.SGD(params.values(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
 
     def advance(steps):
-        for _ in range(steps):
-            batch, _ = regime.next_batch(policy, 0)
-            opt.zero_grad()
-            sum(loss_fn(c) for c in batch).backward()
-            opt.step()
-        model.zero_grad(set_to_none=True)
+        _train_steps(model, opt, loss_fn, lambda: regime.next_batch(policy, 0)[0], steps)
     return device, model, params, loss_fn, chunks, advance
+
+
+def _train_steps(model, opt, loss_fn, next_batch, steps):
+    """``steps`` optimizer steps, each on the chunks ``next_batch()`` returns; leaves no gradients behind."""
+    for _ in range(steps):
+        opt.zero_grad()
+        sum(loss_fn(c) for c in next_batch()).backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
 
 
 def reference(params, loss_fn, chunks, model):
@@ -146,13 +146,14 @@ def reference(params, loss_fn, chunks, model):
 def ours(params, loss_fn, chunks, model, tol, budget=200, init=None, stop="residual",
          gradient_start=False, seed=0) -> Solve:
     """``gradient_start``: start from the probe-batch gradient, which the cached graph holds for free (the top
-    Hessian eigenvectors dominate it in training, Gur-Ari et al. 2018)."""
+    Hessian eigenvectors dominate it in training, Gur-Ari et al. 2018). ``solve.result`` keeps the last EigResult
+    (the tracking table warm-starts from its vectors)."""
     def solve():
         op = HessianOperator(params, loss_fn, chunks, model=model)
         start = op.gradient() if gradient_start and init is None else init
-        res = top_eigenvalues(op, k=1, tol=tol, max_hvps=budget, init=start, stop=stop,
-                              generator=torch.Generator().manual_seed(seed))
-        return res.hvps, float(res.values[0])
+        solve.result = top_eigenvalues(op, k=1, tol=tol, max_hvps=budget, init=start, stop=stop,
+                                       generator=torch.Generator().manual_seed(seed))
+        return solve.result.hvps, float(solve.result.values[0])
     return solve
 
 
@@ -329,10 +330,11 @@ TRACK_RESIDUAL = "probes warm start, residual stop"  # ‖r‖ ≤ tol·|θ|: a 
 
 
 def tracking(cfg: BenchConfig, device, model, params, loss_fn, chunks, advance) -> dict[str, dict]:
-    """λ_max along a training run, the Prober's use: ``track_points`` solves ``track_every`` training steps apart. Ours
-    starts each solve from its own previous eigenvector (the first from a random vector, as the Prober does) with the
-    Prober's default stop rule; the libraries, which take no start vector, solve cold with oracle stopping at every point. Totals are
-    summed over the points; every solve is checked against a tight reference at its point."""
+    """λ_max along a training run, the Prober's use: ``track_points`` solves ``track_every`` training steps apart.
+    Ours starts each solve from its own previous eigenvector (the first from a random vector, as the Prober does),
+    with the Prober's default stop rule and with the residual rule; the libraries, which take no start vector,
+    solve cold with oracle stopping at every point. Totals are summed over the points; every solve is checked
+    against a tight reference at its point."""
     if cfg.track_points <= 0:
         return {}
     advance(cfg.track_warmup)
@@ -362,12 +364,9 @@ def tracking(cfg: BenchConfig, device, model, params, loss_fn, chunks, advance) 
             t["points"] += 1
             cells.append(f"{r['hvps']:3d} HVP {r['seconds']:5.2f}s {err:7.1e}".rjust(24))
         print(f"{point:5d} {ref:9.4g}   " + "   ".join(cells))
-        # the next warm starts: each solve's own eigenvector (deterministic, so rerunning it reproduces it)
-        start = HessianOperator(params, loss_fn, chunks, model=model)
-        prev = top_eigenvalues(start, k=1, tol=cfg.rel_acc, stop="eigenvalue", init=prev,
-                               generator=torch.Generator().manual_seed(0)).vectors
-        prev_residual = top_eigenvalues(start, k=1, tol=cfg.rel_acc, init=prev_residual,
-                                        generator=torch.Generator().manual_seed(0)).vectors
+        # the next warm starts: each solve's own eigenvector
+        prev = prepared[TRACK_OURS].result.vectors
+        prev_residual = prepared[TRACK_RESIDUAL].result.vectors
     print(f"{'total':>15s}   " + "   ".join(f"{t['hvps']:3d} HVP {t['seconds']:5.2f}s {t['max_rel_err']:7.1e}".rjust(24)
                                            for t in totals.values()))
     complete = {k: v for k, v in totals.items() if v["points"] == cfg.track_points}
