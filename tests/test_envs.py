@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import envs
+from envs.arith import column_steps
 from envs.arith import HARD, arithmetic_corpus
 from envs.core import split_of
 from envs.instruct import FAMILIES
@@ -90,7 +91,39 @@ def test_easy_arith_format_is_the_documented_one():
     a, op, b = int(m[1]), m[2], int(m[3])
     value = a + b if op == "+" else a - b
     assert task.answer == str(value) and value >= 0 and a < 100 and b < 100
-    assert task.demonstration == f"{a}{op}{b}={value}\nAnswer: {value}"
+    assert task.demonstration == f"{column_steps(a, op, b)}\nAnswer: {value}"
+    assert task.demonstration.endswith(f"\n{a}{op}{b}={value}\nAnswer: {value}")
+    direct = envs.make_unwrapped("ArithRLVR-v0", working="direct").task(0)
+    assert direct.demonstration == f"{a}{op}{b}={value}\nAnswer: {value}" and direct.prompt == task.prompt
+
+
+@pytest.mark.parametrize("op", ["+", "-"])
+def test_column_working_is_true_digit_by_digit(op):
+    """Every line of the column working is a true one-digit fact of the right column, carries/borrows flow to the
+    next column, and the last line is the problem with its value — for every pair of operands below 100 and
+    20,000 random pairs below 1000."""
+    rng = np.random.default_rng(0)
+    pairs = [(a, b) for a in range(100) for b in range(100)] + [tuple(p) for p in rng.integers(0, 1000, (20_000, 2))]
+    for a, b in pairs:
+        a, b = (b, a) if op == "-" and a < b else (int(a), int(b))
+        lines = column_steps(a, op, b).split("\n")
+        assert lines[-1] == f"{a}{op}{b}={eval(f'{a}{op}{b}')}"
+        carry, digits = 0, []
+        for i, line in enumerate(lines[:-1]):
+            lhs, rhs = line.split("=")
+            terms = [int(t) for t in re.split(r"[+-]", lhs)]
+            assert eval(lhs) == int(rhs)
+            x, y = a // 10**i % 10, b // 10**i % 10
+            if op == "+":
+                assert terms == [x, y] + ([carry] if carry else []), (a, b, line)
+                carry, digit = int(rhs) // 10, int(rhs) % 10
+            else:
+                borrow = int(terms[0] >= 10)
+                assert terms == [x + 10 * borrow] + ([carry] if carry else []) + [y], (a, b, line)
+                carry, digit = borrow, int(rhs)
+            digits.append(digit)
+        assert carry == 0 or op == "+"
+        assert int("".join(map(str, reversed(digits)))) == eval(f"{a}{op}{b}")
 
 
 # ---- ground truth ----
@@ -103,7 +136,7 @@ def test_arith_answers_and_every_step_match_python_arithmetic(env_id):
         assert re.fullmatch(r"[0-9+\-*()]+", expr)
         value = eval(expr)  # only digits, + - * and parentheses (checked above)
         assert task.answer == str(value)
-        chain = task.demonstration.split("\n")[0].split("=")
+        chain = task.demonstration.split("\nAnswer:")[0].split("\n")[-1].split("=")  # after any column working
         assert chain[0] == expr and all(eval(s) == value for s in chain), task.demonstration
         if task.meta["word"]:
             a, op, b = re.fullmatch(r"(\d+)([+\-*])(\d+)", expr).groups()
