@@ -23,11 +23,9 @@ import tyro
 
 from experiments.demo import DemoConfig
 from experiments.phases import PhaseConfig
-from experiments.run import ConfigError, ModelConfig, RunConfig
+from experiments.run import ConfigError, RunConfig, default_config
 
-SFT_DEFAULT = RunConfig(regime="sft")
-LORA_DEFAULT = RunConfig(regime="sft", model=ModelConfig(lora_rank=8))
-RL_DEFAULT = RunConfig(regime="rl")
+SFT_DEFAULT, LORA_DEFAULT, RL_DEFAULT = (default_config(c) for c in ("sft", "lora", "rl"))
 
 
 @dataclass(frozen=True)

@@ -56,8 +56,12 @@ class ModelConfig:
 @dataclass(frozen=True)
 class EnvConfig:
     env_id: str = "ArithRLVR-v0"
-    n_train: int = 256              # fixed training set (train split); full-batch GD uses all of it
-    n_eval: int = 64                # held-out test-split tasks for eval/accuracy
+    # training set: the first n_train tasks of the train split's pool (None = the whole pool); full-batch GD uses
+    # all of it. Pools (envs.core.pool_of) are disjoint hash parts of the train split: "sft" (80 %) and "rl" (20 %),
+    # so RL after SFT trains on problems the SFT data never held; "auto" = the regime's own pool, "all" = both.
+    n_train: int | None = None
+    pool: str = "auto"
+    n_eval: int = 500               # held-out test-split tasks for eval/accuracy
     # keyword arguments of gym.make(env_id, ...) for every env of the run (train/eval tasks, rewards), e.g.
     # {"path": "alpaca.json"} for AlpacaSFT-v0, {"max_digits": 3, "ops": "+-*"} for ArithRLVR-v0;
     # CLI: --env.kwargs path alpaca.json max_digits 3. A dict, so EnvConfig/RunConfig are not hashable.
@@ -76,6 +80,17 @@ class RunConfig:
     out_dir: str = "runs"
     name: str | None = None         # default: derived from regime, env, optimizer, lr, batch, lora rank, seed
     wandb: bool = False             # offline wandb logging when True (WANDB_MODE overrides)
+
+
+def default_config(command: str) -> RunConfig:
+    """The defaults of ``eoslab sft | lora | rl``: one source for the CLI, the benchmarks and the studies."""
+    if command == "sft":
+        return RunConfig(regime="sft")
+    if command == "lora":
+        return RunConfig(regime="sft", model=ModelConfig(lora_rank=8))
+    if command == "rl":
+        return RunConfig(regime="rl")
+    raise ValueError(f"unknown command {command!r}; choose sft, lora or rl")
 
 
 class ConfigError(ValueError):
@@ -165,7 +180,27 @@ def make_env(e: EnvConfig):
     return envs.make_unwrapped(e.env_id, **e.kwargs)
 
 
-def _env_errors(e: EnvConfig) -> list[str]:
+POOLS = ("auto", "all", "sft", "rl")
+
+
+def train_tasks(env, e: EnvConfig, regime: str) -> list:
+    """The run's training set: the first ``e.n_train`` tasks of the train split whose problem falls in the pool
+    (``e.pool``, "auto" = the regime's), in the env's dataset order. ValueError if the pool is too small."""
+    from envs.core import pool_of
+
+    pool = regime if e.pool == "auto" else e.pool
+    tasks = env.tasks("train")
+    if pool != "all":
+        tasks = [t for t in tasks if pool_of(env.problem_key(t)) == pool]
+    if e.n_train is not None:
+        if e.n_train > len(tasks):
+            raise ValueError(f"env.n_train={e.n_train} exceeds the {len(tasks)} tasks of {e.env_id}'s train split "
+                             f"in pool {pool!r}")
+        tasks = tasks[:e.n_train]
+    return tasks
+
+
+def _env_errors(e: EnvConfig, regime: str = "sft") -> list[str]:
     import gymnasium as gym
 
     import envs
@@ -174,8 +209,10 @@ def _env_errors(e: EnvConfig) -> list[str]:
         known = ", ".join(envs.ENV_IDS)
         return [f"env.env_id={e.env_id!r} is not a registered env id (known: {known})"]
     errors = []
-    if e.n_train < 1:
-        errors.append(f"env.n_train={e.n_train} must be >= 1")
+    if e.n_train is not None and e.n_train < 1:
+        errors.append(f"env.n_train={e.n_train} must be >= 1 (or None: the whole pool)")
+    if e.pool not in POOLS:
+        errors.append(f"env.pool={e.pool!r} is unknown; choose one of {POOLS}")
     if e.n_eval < 0:
         errors.append(f"env.n_eval={e.n_eval} must be >= 0")
     if not isinstance(e.kwargs, dict) or not all(isinstance(k, str) for k in e.kwargs):
@@ -190,10 +227,14 @@ def _env_errors(e: EnvConfig) -> list[str]:
         return errors + [f"env.kwargs must be JSON-serialisable (it is recorded in config.json): {exc}"]
     try:
         env = make_env(e)
-        for split, n in (("train", e.n_train), ("test", e.n_eval)):
-            if n > env.split_size(split):
-                errors.append(f"env.n_{'train' if split == 'train' else 'eval'}={n} exceeds the "
-                              f"{env.split_size(split)} tasks of {e.env_id}'s {split} split")
+        if e.n_eval > env.split_size("test"):
+            errors.append(f"env.n_eval={e.n_eval} exceeds the {env.split_size('test')} tasks of {e.env_id}'s "
+                          "test split")
+        if not errors and regime in REGIMES:
+            try:
+                train_tasks(env, e, regime)
+            except ValueError as exc:
+                errors.append(str(exc))
     except Exception as exc:  # an env that cannot even be built (bad knob value, missing data file) is a config error
         errors.append(f"env {e.env_id!r} with kwargs {e.kwargs} cannot be built: {type(exc).__name__}: {exc}")
     return errors
@@ -217,10 +258,13 @@ def _train_errors(cfg: RunConfig) -> list[str]:
         if cfg.regime == "rl":
             errors.append("train.full_batch=True is for SFT (full-batch GD over a fixed dataset); "
                           "RL batches are rollouts (set ppo.prompts_per_step instead)")
+        elif cfg.env.n_train is None:
+            errors.append("train.full_batch=True needs an explicit env.n_train (the dataset that every step "
+                          "differentiates in full)")
         elif cfg.env.n_train >= 1 and t.micro_batch >= 1 and cfg.env.n_train % t.micro_batch:
             errors.append(f"train.full_batch=True needs env.n_train ({cfg.env.n_train}) divisible by "
                           f"train.micro_batch ({t.micro_batch}) so every chunk has the same size")
-    elif cfg.regime == "sft" and t.micro_batch * t.grad_accum > cfg.env.n_train >= 1:
+    elif cfg.regime == "sft" and cfg.env.n_train is not None and t.micro_batch * t.grad_accum > cfg.env.n_train >= 1:
         errors.append(f"effective batch micro_batch*grad_accum={t.micro_batch * t.grad_accum} exceeds "
                       f"env.n_train={cfg.env.n_train}")
     return errors
@@ -232,7 +276,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.regime not in REGIMES:
         errors.append(f"regime={cfg.regime!r} is unknown; choose one of {REGIMES} (LoRA: model.lora_rank > 0)")
     errors += _model_errors(cfg.model)
-    errors += _env_errors(cfg.env)
+    errors += _env_errors(cfg.env, cfg.regime)
     errors += [e for e in optim_errors(cfg.optim)]
     errors += _train_errors(cfg)
     if cfg.regime == "rl":
@@ -397,17 +441,17 @@ def run(cfg: RunConfig, resume: bool = True, progress: bool = True) -> Path:
     max_length = min(cfg.train.max_length, context)
 
     env = make_env(cfg.env)  # one env with the run's kwargs: tasks and verifier (PPO rewards, eval) both
-    train_tasks = env.tasks("train", cfg.env.n_train)
+    tasks = train_tasks(env, cfg.env, cfg.regime)
     eval_tasks = env.tasks("test", cfg.env.n_eval) if cfg.env.n_eval else []
 
     def score_fn(completions, answers):
         return envs.score_batch(env, completions, answers)
 
     if cfg.regime == "sft":
-        regime = SFTRegime(train_tasks, micro_batch=cfg.train.micro_batch, grad_accum=cfg.train.grad_accum,
+        regime = SFTRegime(tasks, micro_batch=cfg.train.micro_batch, grad_accum=cfg.train.grad_accum,
                            full_batch=cfg.train.full_batch, seed=seed, max_length=max_length)
     else:
-        regime = PPORegime(policy, train_tasks, score_fn, cfg.ppo, micro_batch=cfg.train.micro_batch, seed=seed,
+        regime = PPORegime(policy, tasks, score_fn, cfg.ppo, micro_batch=cfg.train.micro_batch, seed=seed,
                            max_length=max_length)
     groups = [{"params": list(policy.trainable_parameters().values())}]
     extra = getattr(regime, "extra_parameters", dict)()

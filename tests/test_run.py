@@ -208,3 +208,23 @@ def test_env_kwargs_reach_every_env_of_the_run(tiny_model_dir, tmp_path):
     prompts = [r["prompt"] for r in json.loads((run_dir / "samples.json").read_text())["rows"]]
     assert prompts and all("Repeat the word" in p for p in prompts)
     assert 0.0 <= rows[-1]["eval/accuracy"] <= 1.0
+
+
+def test_rl_trains_on_problems_that_sft_never_saw():
+    """Default SFT and RL runs draw from disjoint pools of the train split (whatever n_train), the pools together
+    are the train split, and neither touches a test problem."""
+    import envs
+    from experiments.run import train_tasks
+
+    env = envs.make_unwrapped("ArithRLVR-v0")
+    sft, rl = train_tasks(env, EnvConfig(), "sft"), train_tasks(env, EnvConfig(), "rl")
+    key = env.problem_key
+    assert len(sft) + len(rl) == len(env.tasks("train"))
+    assert not {key(t) for t in sft} & {key(t) for t in rl}
+    assert not ({key(t) for t in sft} | {key(t) for t in rl}) & {key(t) for t in env.tasks("test")}
+    assert 0.15 < len(rl) / (len(sft) + len(rl)) < 0.25  # RL_POOL_SHARE = 0.2
+    # n_train takes a prefix of the pool; "all" is the whole split in dataset order
+    assert train_tasks(env, EnvConfig(n_train=100), "rl") == rl[:100]
+    assert train_tasks(env, EnvConfig(pool="all"), "rl") == env.tasks("train")
+    with pytest.raises(ValueError, match="exceeds"):
+        train_tasks(env, EnvConfig(n_train=len(rl) + 1), "rl")
