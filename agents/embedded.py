@@ -36,6 +36,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import sysconfig
@@ -61,15 +62,16 @@ class EmbeddedConfig:
     # corpus
     corpus_chars: int = 2_000_000     # prose collected from the stdlib (whole stdlib ≈ 2.07M chars on CPython 3.11)
     retention_fraction: float = 0.05  # share of documents held out as the retention set
-    arith_fraction: float = 0.05      # arithmetic chars added to the training split, relative to corpus_chars
+    arith_fraction: float = 0.6       # arithmetic equation chars added to the training split, relative to corpus_chars
     # tokenizer + model
-    vocab_size: int = 4096
+    vocab_size: int = 2048            # the LM head is most of a step's cost at this width; digits need no merges
+    split_digits: bool = True         # every digit its own token (BPE never merges "37" into one symbol)
     n_layer: int = 2
     hidden: int = 128
     heads: int = 4
     context: int = 256
     # pre-training
-    steps: int = 450                  # 450 × 16 × 256 ≈ 1.8M tokens (3 epochs), ≈3 min at ~10k tokens/s
+    steps: int = 700                  # 700 × 16 × 256 ≈ 2.9M tokens (~0.9 epoch of 3.3M)
     batch_size: int = 16              # windows of `context` tokens per step
     lr: float = 3e-3
     warmup_steps: int = 30
@@ -166,15 +168,51 @@ def _documents_of(path: Path | None) -> list[str]:
     return docs
 
 
-def _arith_documents(n_chars: int, seed: int, lines_per_doc: int = 16) -> list[str]:
+# Arithmetic as it appears in web text: worksheets of bare equations, Q/A pairs, sentences, and worked exercises
+# (column working, as envs.arith demonstrates it) that end with an "Answer:" line. One document = one worksheet in
+# one format. The worked formats make the answer marker and the column procedure reachable from the base model
+# (RL from the base earns some reward); they are two formats among seven, and the base never sees the task's own
+# instruction, so SFT still has to teach the prompt -> working mapping.
+_ARITH_FORMATS = (
+    lambda e, v, steps: steps,
+    lambda e, v, steps: re.sub(r"(?<=[\d)])([-+*=])", r" \1 ", steps),  # binary operators only: "5 - 11 = -6"
+    lambda e, v, steps: f"Q: What is {e}?\nA: {v}",
+    lambda e, v, steps: f"{e} is {v}.",
+    lambda e, v, steps: f"Problem: {e}\nSolution: {steps}",
+    lambda e, v, steps: f"Compute {e}.\n{working(steps.split('='))}\nAnswer: {v}",
+    lambda e, v, steps: f"Compute {e}. Show your work.\n{working(steps.split('='))}\nAnswer: {v}",
+)
+_HARD_SHARE = 0.2
+
+
+def working(steps: list[str]) -> str:
+    from envs.arith import working as columns  # envs is optional: only arithmetic documents need it
+
+    return columns(steps)  # share of worksheets drawn from the hard preset (multi-step, '*', parentheses, negatives)
+
+
+def _arith_documents(n_chars: int, seed: int, lines_per_doc: int = 8) -> list[str]:
+    """Worksheets of train-split arithmetic (``envs.arith.arithmetic_corpus``) totalling about ``n_chars`` of
+    equations. Worksheet j is from the hard preset when ``sha256("sheet j") mod 100 < 100 * _HARD_SHARE`` and is
+    rendered in the format ``_ARITH_FORMATS[sha256(its lines) mod 7]``; each preset's lines are consumed in order,
+    so the worksheets of a smaller corpus are a prefix of a larger one's."""
     if n_chars <= 0:
         return []
     try:
-        from envs.arith import arithmetic_corpus
+        from envs.arith import HARD, arithmetic_corpus
     except ImportError:  # envs is optional for the model build; the corpus is then prose only
         return []
-    lines = arithmetic_corpus(max(1, n_chars // 8), seed=seed)  # lines average ~8 chars
-    return ["\n".join(lines[i : i + lines_per_doc]) for i in range(0, len(lines), lines_per_doc)]
+    n_docs = max(1, n_chars // (8 * lines_per_doc))  # equations average ~8 chars
+    hard = [_sha(f"sheet {j}") % 100 < 100 * _HARD_SHARE for j in range(n_docs)]
+    n_hard = sum(hard) * lines_per_doc
+    pools = {False: iter(arithmetic_corpus(n_docs * lines_per_doc - n_hard, seed=seed)),
+             True: iter(arithmetic_corpus(n_hard, seed=seed, config=HARD))}
+    docs = []
+    for is_hard in hard:
+        sheet = [next(pools[is_hard]) for _ in range(lines_per_doc)]
+        fmt = _ARITH_FORMATS[_sha("\n".join(sheet)) % len(_ARITH_FORMATS)]
+        docs.append("\n".join(fmt(ln.split("=")[0], ln.split("=")[-1], ln) for ln in sheet))
+    return docs
 
 
 @functools.lru_cache(maxsize=4)
@@ -215,15 +253,21 @@ def retention_texts(cfg: EmbeddedConfig = EmbeddedConfig(), split: str = "retent
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer + model
-def train_tokenizer(texts: Iterable[str], vocab_size: int):
+def train_tokenizer(texts: Iterable[str], vocab_size: int, split_digits: bool = False):
     """Byte-level BPE (GPT-2 byte alphabet, so every string round-trips) wrapped as PreTrainedTokenizerFast.
 
-    Special tokens: EOS_TOKEN (id 0) and PAD_TOKEN (id 1)."""
+    ``split_digits``: a ``Digits(individual_digits=True)`` pre-tokenizer runs first, so every digit is a token of
+    its own and a number's tokens are its digits: the same digit in the same place is the same token whatever
+    the number, which is what lets a small LM learn column arithmetic (byte-BPE merges frequent digit chunks
+    like "19" or "200" into single symbols, each with its own embedding to learn). Special tokens: EOS_TOKEN
+    (id 0) and PAD_TOKEN (id 1)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) \
+        if split_digits else byte_level
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -364,7 +408,7 @@ def build_embedded(cfg: EmbeddedConfig, out_dir: Path, progress: bool = True) ->
 
     t0 = time.perf_counter()
     corpus = build_corpus(cfg)
-    tokenizer = train_tokenizer(corpus["train"], cfg.vocab_size)
+    tokenizer = train_tokenizer(corpus["train"], cfg.vocab_size, split_digits=cfg.split_digits)
     train_stream = _token_stream(tokenizer, corpus["train"])
     retention_stream = _token_stream(tokenizer, corpus["retention"])
     # SDPA for pre-training (first-order only, ~1.4x faster than eager on CPU); LMPolicy reloads with eager

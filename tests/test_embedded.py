@@ -18,7 +18,7 @@ from agents.retention import perplexity
 
 TINY = EmbeddedConfig(
     corpus_chars=40_000, vocab_size=400, n_layer=1, hidden=32, heads=2, context=64,
-    steps=40, batch_size=8, lr=1e-2, warmup_steps=5, eval_tokens=2048, retention_fraction=0.2,
+    steps=40, batch_size=8, lr=1e-2, warmup_steps=5, eval_tokens=2048, retention_fraction=0.2, arith_fraction=0.05,
 )
 
 
@@ -45,6 +45,21 @@ def test_tokenizer_roundtrip_and_specials():
     assert len(tok) == TINY.vocab_size and tok.eos_token_id == 0 and tok.pad_token_id == 1
     for text in list(build_corpus(TINY)["retention"][:5]) + ["héllo wörld ✓ 12+34=46\n\ttab", ""]:
         assert tok.decode(tok(text)["input_ids"]) == text
+
+
+def test_digits_are_single_tokens():
+    texts = list(build_corpus(TINY)["train"]) + ["In 2019, 100 of 1290 years; 1234+56=1290."] * 50
+    tok = train_tokenizer(texts, vocab_size=TINY.vocab_size, split_digits=True)
+    text = "Compute 1234+56. 2019 was 100 years ago.\n1234+56=1290\nAnswer: 1290"
+    pieces = [tok.decode([i]) for i in tok(text)["input_ids"]]
+    assert "".join(pieces) == text
+    digit_pieces = [p for p in pieces if any(c.isdigit() for c in p)]
+    assert digit_pieces and all(len(p) == 1 for p in digit_pieces)  # never " 2", "19" or "100"
+    assert [p for p in pieces if p.isdigit()][:6] == ["1", "2", "3", "4", "5", "6"]
+    # Without the Digits pre-tokenizer the same corpus merges digit runs (the default before split_digits).
+    plain = train_tokenizer(texts, vocab_size=TINY.vocab_size)
+    assert any(len(plain.decode([i]).strip()) > 1 and plain.decode([i]).strip().isdigit()
+               for i in plain(text)["input_ids"])
 
 
 def test_pretraining_lowers_retention_loss(tmp_path):
@@ -95,7 +110,7 @@ def test_cache_key_tracks_the_code(monkeypatch):
 
     key = TINY.key()
     real = envs.arith.arithmetic_corpus
-    edited = lambda n, seed=0: [line.replace("=", " = ") for line in real(n, seed)]  # noqa: E731
+    edited = lambda n, seed=0, **kw: [line.replace("=", " = ") for line in real(n, seed, **kw)]  # noqa: E731
     monkeypatch.setattr(envs.arith, "arithmetic_corpus", edited)
     code_version.cache_clear()
     try:
