@@ -400,7 +400,7 @@ class Trainer:
                 ck = self.read_checkpoint(path)
             except CheckpointError as e:
                 failures.append(str(e))
-                warnings.warn(f"{e}; falling back to an older checkpoint", ResumeWarning, stacklevel=3)
+                warnings.warn(f"{e}; passing over it", ResumeWarning, stacklevel=3)
                 continue
             return self._apply_checkpoint(ck)
         if failures:

@@ -223,3 +223,30 @@ def test_overwrite_is_a_run_argument_too(tiny_model_dir, tmp_path):
     assert json.loads((run_dir / "config.json").read_text())["config"]["optim"]["momentum"] == 0.0
     validate(replace(cfg, overwrite=True))
     assert math.isfinite(json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["train/loss"])
+
+
+def test_corrupt_checkpoints_through_the_cli(tiny_model_dir, tmp_path, capsys):
+    """Newest checkpoint corrupt: one warning line, resumed from the older one (exit 0). None intact: one error
+    line, exit 1, status failed."""
+    out = tmp_path / "runs"
+    args = cli_args(tiny_model_dir, out, "--train.steps", "4", "--train.checkpoint-every", "2")
+    assert main(args) == 0
+    run_dir = out / "r"
+    (run_dir / "DONE").unlink()  # as if it had been stopped after its last checkpoint
+    weights = run_dir / "checkpoints" / "step_4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))
+    capsys.readouterr()
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    warning = [line for line in err.splitlines() if line.startswith("eoslab: warning:")]
+    assert len(warning) == 1 and "step_4" in warning[0] and "sha256" in warning[0]
+    assert "Traceback" not in err and json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+    (run_dir / "DONE").unlink()
+    for step in (2, 4):
+        (run_dir / "checkpoints" / f"step_{step}" / "rng.pt").write_bytes(b"\x00" * 10)
+    capsys.readouterr()
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("eoslab: error:") and "no intact checkpoint" in err[-1]
+    assert all(line.startswith("eoslab: ") for line in err if "Loading weights" not in line)  # HF's own bar
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
