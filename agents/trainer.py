@@ -417,6 +417,13 @@ class Trainer:
         return 0
 
     # ------------------------------------------------------------------ status / metrics
+    def _status_step(self) -> int:
+        """The step status.json reports (0 when there is none): the run got that far, whatever happens next."""
+        try:
+            return int(json.loads((self.run_dir / "status.json").read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
     def write_status(self, status: str, step: int, reason: str = "") -> None:
         write_json(self.run_dir / "status.json", {"status": status, "step": step, "reason": reason})
 
@@ -497,7 +504,7 @@ class Trainer:
             try:
                 start = self._resume()
             except CheckpointError as e:
-                self.write_status(STATUS_FAILED, 0, str(e))
+                self.write_status(STATUS_FAILED, self._status_step(), str(e))
                 raise
         self._truncate_metrics(start)
         self.write_status(STATUS_RUNNING, start)
