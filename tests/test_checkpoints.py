@@ -115,15 +115,19 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tiny_model_dir, tmp_path,
     assert read_metrics(tmp_path / "a") == read_metrics(tmp_path / "b")
 
 
-@pytest.mark.parametrize("loss", ["all", "row 3"])
+@pytest.mark.parametrize("loss", ["all", "row 3", "garbled row 3"])
 def test_rows_lost_from_metrics_are_regenerated_from_an_older_state(tiny_model_dir, tmp_path, data, loss):
-    """metrics.jsonl deleted (or a row removed) mid-run: the resume replays from a checkpoint before the first
+    """metrics.jsonl deleted (or a row removed or garbled) mid-run: the resume replays from a checkpoint before the first
     missing row (step 0 = the initial state), so every row is back, identical to an uninterrupted run."""
     make_trainer(tiny_model_dir, tmp_path / "a", data, steps=6, checkpoint_every=2).train()
     make_trainer(tiny_model_dir, tmp_path / "b", data, steps=4, checkpoint_every=2).train()
     metrics = tmp_path / "b" / "metrics.jsonl"
     if loss == "all":
         metrics.unlink()
+    elif loss == "garbled row 3":
+        lines = metrics.read_text().splitlines(keepends=True)
+        lines[3] = lines[3][:10] + "\x00\x17" + lines[3][12:]
+        metrics.write_text("".join(lines))
     else:
         metrics.write_text("".join(json.dumps(r) + "\n" for r in read_metrics(tmp_path / "b") if r["step"] != 3))
     with pytest.warns(UserWarning, match="no row for step"):
