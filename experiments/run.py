@@ -375,6 +375,11 @@ def _saved_config(run_dir: Path) -> dict:
                           "use --name to run elsewhere, or --overwrite to start it over") from None
 
 
+def _resumable(key: str) -> bool:
+    """May field ``key`` ("section.field") differ when a run dir is resumed? (See RESUMABLE_CHANGES.)"""
+    return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE_CHANGES)
+
+
 def _describe(changes: dict[str, list]) -> str:
     return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
 
@@ -391,16 +396,17 @@ def _check_existing(cfg: RunConfig, run_dir: Path) -> bool:
         changes = config_changes(_compared(_saved_config(run_dir)), new)
         if not changes:
             return True
+        resumable = all(_resumable(k) for k in changes)
         raise ConfigError(f"run dir {run_dir} holds a finished run (DONE) with a different config: "
                           f"{_describe(changes)}; use --name to run this config under another name, or "
-                          "--overwrite to discard the finished run")
+                          "--overwrite to discard the finished run"
+                          + (f", or delete {run_dir / 'DONE'} to continue it with these changes" if resumable else ""))
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:  # without a checkpoint the run starts over, so any change is fine
         return False
     if (run_dir / "config.json").exists():
         changes = config_changes(_compared(_saved_config(run_dir)), new)
-        bad = {k: v for k, v in changes.items()
-               if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_CHANGES)}
+        bad = {k: v for k, v in changes.items() if not _resumable(k)}
         if bad:
             raise ConfigError(f"run dir {run_dir} holds a run with a different config ({', '.join(bad)}: "
                               f"{_describe(bad)}); use --name to run elsewhere, or --overwrite to start over")

@@ -59,6 +59,7 @@ def test_a_finished_run_is_not_reused_for_another_config(tiny_model_dir, other_m
     assert main(args) == 2
     err = one_error_line(capsys)
     assert field in err and "DONE" in err and "--name" in err and "--overwrite" in err
+    assert ("to continue it" in err) == (field == "train.steps")  # only a resumable change can continue the run
     assert (run_dir / "metrics.jsonl").read_text() == metrics  # untouched
     assert main(args + ["--overwrite"]) == 0  # the explicit way to replace it
     saved = json.loads((run_dir / "config.json").read_text())["config"]
