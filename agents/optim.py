@@ -51,7 +51,7 @@ class OptimConfig:
 
 
 def config_errors(cfg: OptimConfig) -> list[str]:
-    """Human-readable problems with ``cfg`` (empty list = valid)."""
+    """Human-readable problems with ``cfg`` (empty list = valid). Comparisons are written so that NaN fails them."""
     errors = []
     if cfg.name not in OPTIMIZERS:
         errors.append(f"optim.name={cfg.name!r} is unknown; choose one of {OPTIMIZERS}")
@@ -61,18 +61,18 @@ def config_errors(cfg: OptimConfig) -> list[str]:
         errors.append(f"optim.momentum={cfg.momentum} must be in [0, 1)")
     if cfg.nesterov and (cfg.name != "sgd" or cfg.momentum == 0):
         errors.append("optim.nesterov=True needs name='sgd' and momentum > 0")
-    if cfg.weight_decay < 0:
-        errors.append(f"optim.weight_decay={cfg.weight_decay} must be >= 0")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        errors.append(f"optim.weight_decay={cfg.weight_decay} must be a finite number >= 0")
     if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
         errors.append(f"optim.betas={cfg.betas} must be two numbers in [0, 1)")
-    if cfg.eps <= 0:
-        errors.append(f"optim.eps={cfg.eps} must be > 0")
+    if not (math.isfinite(cfg.eps) and cfg.eps > 0):
+        errors.append(f"optim.eps={cfg.eps} must be a finite number > 0")
     if cfg.schedule not in SCHEDULES:
         errors.append(f"optim.schedule={cfg.schedule!r} is unknown; choose one of {SCHEDULES}")
     if cfg.warmup_steps < 0:
         errors.append(f"optim.warmup_steps={cfg.warmup_steps} must be >= 0")
-    if cfg.grad_clip is not None and not cfg.grad_clip > 0:
-        errors.append(f"optim.grad_clip={cfg.grad_clip} must be > 0 or None")
+    if cfg.grad_clip is not None and not (math.isfinite(cfg.grad_clip) and cfg.grad_clip > 0):
+        errors.append(f"optim.grad_clip={cfg.grad_clip} must be a finite number > 0, or None")
     return errors
 
 

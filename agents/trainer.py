@@ -11,18 +11,29 @@ Determinism: the model runs in eval mode (no dropout), so the objective is a det
 batch, which is also what the probes assume; data order is a pure function of (seed, cursor); rollouts draw from
 generators seeded per step. Probes use only a generator of their own and are side-effect free, so a run with probes
 on is bitwise identical to the run with probes off. Checkpoint ``step_N`` stores θ_N (trainable parameters, as
-safetensors), optimizer + scheduler state, every RNG state and the regime's data-order state, so resuming at N
-replays steps N.. exactly (bitwise on CPU).
+safetensors), optimizer + scheduler state, every RNG state, the regime's data-order state and the prober's state
+(warm-start vectors, the last update Δθ), so resuming at N replays steps N.. exactly (bitwise on CPU), probes included.
+
+Nothing read back from a run dir can execute code: tensors are safetensors, the ``.pt`` files hold only tensors and
+plain containers and load with ``torch.load(weights_only=True)``, and each checkpoint's ``manifest.json`` (sha256 of
+every file) is verified first. A resume takes the newest checkpoint that verifies and whose metrics rows are all
+present, warning about each one it passes over (a corrupt checkpoint, or rows lost from metrics.jsonl, which the
+replay from the older checkpoint regenerates); it fails with ``CheckpointError`` when every checkpoint is corrupt.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import math
 import os
+import pickle
 import random
+import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -35,6 +46,15 @@ from agents.optim import accumulate_gradients
 STATUS_RUNNING, STATUS_COMPLETED, STATUS_DIVERGED, STATUS_FAILED = "running", "completed", "diverged", "failed"
 FINAL_MODEL = "checkpoints/final_model"  # save_pretrained of the final policy: a model.name for a later run
 LINEAGE_FILE = "eoslab_lineage.json"  # in FINAL_MODEL: where the policy came from (see experiments.run)
+MANIFEST = "manifest.json"  # in each checkpoint: {"sha256": {file: hex digest}} of every other file
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that fails verification or safe loading; the message is one line."""
+
+
+class ResumeWarning(UserWarning):
+    """A resume that passed over a checkpoint or repaired metrics.jsonl."""
 
 
 @dataclass(frozen=True)
@@ -73,27 +93,113 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _metric_rows(path: Path) -> tuple[list[dict], list[int]]:
+    """Parsed rows of a metrics.jsonl and the (1-based) numbers of the lines that are not JSON.
+
+    Rows are appended one line at a time, so a crash can cut the last line short; a bad line elsewhere is damage."""
+    rows, bad = [], []
+    for i, line in enumerate(path.read_text(errors="replace").splitlines()):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                bad.append(i + 1)
+    return rows, bad
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    """Replace metrics.jsonl atomically (a crash leaves the old or the new file, never a half-written one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
 def read_metrics(run_dir: Path | str) -> list[dict]:
-    """Rows of metrics.jsonl (empty list when absent)."""
+    """Rows of metrics.jsonl (empty list when absent); lines that are not JSON (a torn last line) are left out."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _metric_rows(path)[0]
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every global RNG state as tensors and plain lists (loadable with ``torch.load(weights_only=True)``)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+             "python": [version, list(internal), gauss_next]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Inverse of :func:`rng_state`."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """``MANIFEST`` = sha256 of every other file in ``directory``."""
+    files = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
+    write_json(directory / MANIFEST, {"sha256": {name: _sha256(directory / name) for name in files}})
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise CheckpointError unless every file of ``path`` matches its manifest (no file missing or extra)."""
+    try:
+        listed = json.loads((path / MANIFEST).read_text())["sha256"]
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} has no {MANIFEST} (incomplete, or written by an older "
+                              "eoslab), so it cannot be verified") from None
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is corrupt") from None
+    present = {p.name for p in path.iterdir() if p.is_file() and p.name != MANIFEST}
+    extra, missing = sorted(present - set(listed)), sorted(set(listed) - present)
+    if extra or missing:
+        raise CheckpointError(f"checkpoint {path}: files {missing} missing / {extra} not in its {MANIFEST}")
+    bad = [name for name, digest in sorted(listed.items()) if _sha256(path / name) != digest]
+    if bad:
+        raise CheckpointError(f"checkpoint {path}: {', '.join(bad)} fail(s) the sha256 check (truncated or altered)")
+
+
+def safe_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, so a crafted pickle cannot run code."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL \S+|Unsupported operand \S+", str(e))
+        detail = found.group(0).strip() if found else str(e).splitlines()[0]
+        raise CheckpointError(f"{path} holds more than tensors and plain containers; refused to unpickle it "
+                              f"({detail})") from None
+    except Exception as e:  # truncated zip, bad magic, ...
+        raise CheckpointError(f"{path} cannot be read: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                              ) from None
+
+
+def _cpu_copy(obj: Any) -> Any:
+    """``obj`` with every tensor detached and copied to CPU (containers rebuilt, other values shared)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True).contiguous()
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
 
 
 def checkpoint_dirs(run_dir: Path | str) -> list[tuple[int, Path]]:
@@ -166,47 +272,86 @@ class Trainer:
         return params
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, step: int) -> Path:
-        """checkpoints/step_<step>/: model.safetensors, optimizer.pt, rng.pt, [regime.pt], state.json (last)."""
+    def _snapshot(self, step: int) -> dict:
+        """What checkpoint ``step_<step>`` holds, copied (tensors to CPU) so that later steps cannot change it."""
+        extra = getattr(self.regime, "extra_state", None)
+        prober_state = getattr(self.prober, "state_dict", None)
+        probe = {f"prober.{k}": v for k, v in (prober_state() if prober_state is not None else {}).items()}
+        probe.update({f"update.{k}": v for k, v in (self.last_update or {}).items()})
+        return {
+            "model": _cpu_copy(self.parameters()),
+            "optimizer": {"optimizer": _cpu_copy(self.optimizer.state_dict()),
+                          "scheduler": copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None
+                          else None},
+            "rng": rng_state(),
+            "regime": extra() if extra is not None else None,  # replaced, never mutated, by the regime
+            "probe": _cpu_copy(probe),
+            "state": {"step": step, "regime": self.regime.state_dict(), "lr": self.optimizer.param_groups[0]["lr"],
+                      "time": time.time()},
+        }
+
+    def save_checkpoint(self, step: int, snapshot: dict | None = None) -> Path:
+        """checkpoints/step_<step>/: model.safetensors, optimizer.pt, rng.pt, [regime.pt], [probe.safetensors],
+        state.json and manifest.json (sha256 of the others), written to a temporary dir and renamed into place.
+        ``snapshot`` (from ``_snapshot``) saves an earlier state; default: the current one."""
         from safetensors.torch import save_file
 
+        snap = snapshot if snapshot is not None else self._snapshot(step)
         final = self.run_dir / "checkpoints" / f"step_{step}"
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.parameters().items()},
-                  str(tmp / "model.safetensors"))
-        torch.save({"optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None},
-                   tmp / "optimizer.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
-        extra = getattr(self.regime, "extra_state", None)
-        if extra is not None and extra() is not None:
-            torch.save(extra(), tmp / "regime.pt")
-        write_json(tmp / "state.json", {"step": step, "regime": self.regime.state_dict(),
-                                        "lr": self.optimizer.param_groups[0]["lr"], "time": time.time()})
+        save_file(snap["model"], str(tmp / "model.safetensors"))
+        torch.save(snap["optimizer"], tmp / "optimizer.pt")
+        torch.save(snap["rng"], tmp / "rng.pt")
+        if snap["regime"] is not None:
+            torch.save(snap["regime"], tmp / "regime.pt")
+        if snap["probe"]:
+            save_file(snap["probe"], str(tmp / "probe.safetensors"))
+        write_json(tmp / "state.json", snap["state"])
+        write_manifest(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         return final
 
+    def read_checkpoint(self, path: Path) -> dict:
+        """Verify ``path`` against its manifest and load it without executing anything; changes no state.
+        Raises CheckpointError (one line) when it is corrupt, unsafe or not this model's."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        verify_checkpoint(path)
+        try:
+            tensors = load_file(str(path / "model.safetensors"))
+            probe = load_file(str(path / "probe.safetensors")) if (path / "probe.safetensors").exists() else {}
+            state = json.loads((path / "state.json").read_text())
+            int(state["step"]), state["regime"]
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path} cannot be read: {type(e).__name__}: {e}") from None
+        mismatch = set(self.parameters()) ^ set(tensors)
+        if mismatch:
+            raise CheckpointError(f"checkpoint {path} does not match the model's trainable parameters: "
+                                  f"{sorted(mismatch)[:5]}")
+        opt = safe_load(path / "optimizer.pt")
+        if not (isinstance(opt, dict) and {"optimizer", "scheduler"} <= set(opt)):
+            raise CheckpointError(f"checkpoint {path}: optimizer.pt lacks the optimizer/scheduler state")
+        return {"model": tensors, "optimizer": opt, "rng": safe_load(path / "rng.pt"), "state": state,
+                "regime": safe_load(path / "regime.pt") if (path / "regime.pt").exists() else None, "probe": probe}
+
     def load_checkpoint(self, path: Path) -> int:
-        """Restore θ, optimizer, scheduler, RNG and data order from ``path``; returns its step.
+        """Restore θ, optimizer, scheduler, RNG, data order and prober state from ``path``; returns its step.
 
         Optimizer hyper-parameters (lr, momentum, weight decay, betas...) are taken from the *current* optimizer,
         not from the checkpoint, so a resume with a changed LR continues from the saved state with the new LR."""
-        from safetensors.torch import load_file
+        return self._apply_checkpoint(self.read_checkpoint(path))
 
-        tensors = load_file(str(path / "model.safetensors"))
+    def _apply_checkpoint(self, ck: dict) -> int:
         params = self.parameters()
-        missing = set(params) ^ set(tensors)
-        if missing:
-            raise ValueError(f"checkpoint {path} does not match the model's trainable parameters: "
-                             f"{sorted(missing)[:5]}")
         with torch.no_grad():
             for k, p in params.items():
-                p.copy_(tensors[k])
+                p.copy_(ck["model"][k])
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        opt = torch.load(path / "optimizer.pt", weights_only=False)
+        opt = ck["optimizer"]
         self.optimizer.load_state_dict(opt["optimizer"])
         for group, hp in zip(self.optimizer.param_groups, fresh):
             group.update(hp)
@@ -217,14 +362,66 @@ class Trainer:
             factors = [f(self.scheduler.last_epoch) for f in self.scheduler.lr_lambdas]
             for group, b, f in zip(self.optimizer.param_groups, base, factors):
                 group["initial_lr"], group["lr"] = b, b * f
-        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-        state = json.loads((path / "state.json").read_text())
-        self.regime.load_state_dict(state["regime"])
-        if (path / "regime.pt").exists():
-            self.regime.load_extra_state(torch.load(path / "regime.pt", weights_only=False))
-        return int(state["step"])
+        set_rng_state(ck["rng"])
+        self.regime.load_state_dict(ck["state"]["regime"])
+        if ck["regime"] is not None:
+            self.regime.load_extra_state(ck["regime"])
+        load_probe = getattr(self.prober, "load_state_dict", None)
+        if load_probe is not None:
+            load_probe({k[len("prober."):]: v for k, v in ck["probe"].items() if k.startswith("prober.")})
+        live = self.policy.trainable_parameters()
+        update = {k[len("update."):]: v for k, v in ck["probe"].items() if k.startswith("update.")}
+        self.last_update = {k: v.to(live[k].device) for k, v in update.items()} if update else None
+        return int(ck["state"]["step"])
+
+    def _resume(self) -> int:
+        """Load the newest usable checkpoint; returns its step (0: start from the initial state).
+
+        Usable = verifies and safely loads, and metrics.jsonl holds every row before its step. Lines of
+        metrics.jsonl that are not JSON (a torn last line) are dropped. Each checkpoint passed over is reported as a ResumeWarning; rows missing before
+        a checkpoint are regenerated by replaying from an older one (from step 0 if none is older). Raises
+        ValueError when a checkpoint lies beyond ``config.steps`` (nothing is changed), CheckpointError when no
+        checkpoint is intact."""
+        dirs = checkpoint_dirs(self.run_dir)
+        if dirs and dirs[-1][0] > self.config.steps:
+            raise ValueError(f"{dirs[-1][1]} is at step {dirs[-1][0]}, beyond steps={self.config.steps}; "
+                             "raise steps or start a new run")
+        metrics = self.run_dir / "metrics.jsonl"
+        rows, bad = _metric_rows(metrics) if metrics.exists() else ([], [])
+        if bad:  # their steps become gaps below, regenerated like any lost row
+            n_lines = len(metrics.read_text(errors="replace").splitlines())
+            what = "a torn last line (a crash mid-write)" if bad == [n_lines] else f"lines {bad} that are not JSON"
+            warnings.warn(f"{metrics}: dropped {what}", ResumeWarning, stacklevel=3)
+            _write_rows(metrics, rows)
+        logged = {r.get("step") for r in rows}
+        first_gap = next(s for s in range(len(logged) + 1) if s not in logged)
+        passed = [step for step, _ in dirs if step > first_gap]
+        if passed:
+            warnings.warn(f"metrics.jsonl has no row for step {first_gap}; passing over checkpoint(s) "
+                          f"{', '.join(f'step_{s}' for s in passed)} to regenerate the missing rows from an earlier "
+                          "state", ResumeWarning, stacklevel=3)
+        failures = []
+        for step, path in reversed([(s, p) for s, p in dirs if s <= first_gap]):
+            try:
+                ck = self.read_checkpoint(path)
+            except CheckpointError as e:
+                failures.append(str(e))
+                warnings.warn(f"{e}; passing over it", ResumeWarning, stacklevel=3)
+                continue
+            return self._apply_checkpoint(ck)
+        if failures:
+            raise CheckpointError(f"no intact checkpoint to resume from ({failures[0]}); "
+                                  "start over with --overwrite (resume=False)")
+        return 0
 
     # ------------------------------------------------------------------ status / metrics
+    def _status_step(self) -> int:
+        """The step status.json reports (0 when there is none): the run got that far, whatever happens next."""
+        try:
+            return int(json.loads((self.run_dir / "status.json").read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
     def write_status(self, status: str, step: int, reason: str = "") -> None:
         write_json(self.run_dir / "status.json", {"status": status, "step": step, "reason": reason})
 
@@ -240,8 +437,8 @@ class Trainer:
         """Drop rows logged after the checkpoint we resume from (they will be recomputed identically)."""
         path = self.run_dir / "metrics.jsonl"
         if path.exists():
-            keep = [r for r in read_metrics(self.run_dir) if r["step"] < start]
-            path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            keep = [r for r in read_metrics(self.run_dir) if r["step"] < start] if start > 0 else []
+            _write_rows(path, keep)
 
     # ------------------------------------------------------------------ measurements
     def _measure(self, step: int, final: bool = False) -> dict:
@@ -301,12 +498,12 @@ class Trainer:
         cfg = self.config
         self.policy.model.eval()  # deterministic objective: no dropout (see module docstring)
         start = 0
-        ckpt = latest_checkpoint(self.run_dir) if resume else None
-        if ckpt is not None:
-            start = self.load_checkpoint(ckpt[1])
-            if start > cfg.steps:
-                raise ValueError(f"{ckpt[1]} is at step {start}, beyond steps={cfg.steps}; "
-                                 "raise steps or start a new run")
+        if resume:
+            try:
+                start = self._resume()
+            except CheckpointError as e:
+                self.write_status(STATUS_FAILED, self._status_step(), str(e))
+                raise
         self._truncate_metrics(start)
         self.write_status(STATUS_RUNNING, start)
         params = self.parameters()
@@ -316,8 +513,12 @@ class Trainer:
 
             bar = tqdm(total=cfg.steps, initial=start, desc=self.run_dir.name, disable=None, leave=False)
         step = start
+        on_disk = start if start > 0 else None  # step of the checkpoint holding the current state, if any
+        last_good: tuple[int, dict | None] | None = None  # newest state whose loss passed the divergence check
         try:
             for step in range(start, cfg.steps):
+                # θ_step is the last good state should θ_{step+1} diverge: keep a copy unless a checkpoint has it
+                snapshot = self._snapshot(step) if on_disk != step else None
                 row = {"step": step, **self._measure(step)}
                 chunks, batch_metrics = self.regime.next_batch(self.policy, step)
                 row.update(batch_metrics)
@@ -333,8 +534,13 @@ class Trainer:
                 if not math.isfinite(loss) or loss > cfg.divergence_loss or not math.isfinite(grad_norm):
                     self._append(row)
                     reason = f"train/loss={loss:.4g}, grad_norm={grad_norm:.4g} at step {step}"
+                    if last_good is not None:
+                        if last_good[1] is not None:
+                            self.save_checkpoint(*last_good)
+                        reason += f"; last good state: checkpoints/step_{last_good[0]}"
                     self._finish(STATUS_DIVERGED, step, reason)
                     return STATUS_DIVERGED
+                last_good = (step, snapshot)
                 want_update = self.prober is not None and self.prober.due(step + 1)
                 before = {k: p.detach().clone() for k, p in self.policy.trainable_parameters().items()} \
                     if want_update else None
@@ -351,6 +557,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.4f}")
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                     self.save_checkpoint(step + 1)
+                    on_disk = step + 1
                     self.write_status(STATUS_RUNNING, step + 1)
             final_row = self._measure(cfg.steps, final=True)
             if final_row:

@@ -8,13 +8,15 @@
     eoslab cohen [--lrs 0.3 0.45]                                                 Cohen et al. 2021 validation runs
     eoslab demo                                                                   the whole study, small, on CPU
 
-Every field of RunConfig is a flag (``eoslab sft --help``). Config errors are reported in one message before any
-model is loaded, with exit status 2 and no traceback.
+Every field of RunConfig is a flag (``eoslab sft --help``). Config errors (and a run dir that another process is
+using) are reported in one line before any model is loaded, with exit status 2 and no traceback; a run that cannot
+resume because no checkpoint is intact exits 1 with one line. Resume notices print as ``eoslab: warning: ...``.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Union
@@ -23,7 +25,7 @@ import tyro
 
 from experiments.demo import DemoConfig
 from experiments.phases import PhaseConfig
-from experiments.run import ConfigError, RunConfig, default_config
+from experiments.run import ConfigError, RunConfig, RunDirBusy, default_config
 
 SFT_DEFAULT, LORA_DEFAULT, RL_DEFAULT = (default_config(c) for c in ("sft", "lora", "rl"))
 
@@ -128,17 +130,38 @@ def parse(argv: list[str] | None = None):
     return tyro.cli(Command, args=argv, prog="eoslab", description=__doc__.split("\n\n")[0])
 
 
+def _show_resume_warning(message, category, filename, lineno, file=None, line=None):
+    """One ``eoslab: warning:`` line for the trainer's resume notices; any other warning as Python shows it."""
+    from agents.trainer import ResumeWarning
+
+    if issubclass(category, ResumeWarning):
+        print(f"eoslab: warning: {message}", file=sys.stderr)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
+
+
+_show_warning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point (``eoslab``)."""
+    from agents.trainer import CheckpointError
+
     cmd = parse(argv)
+    shown, warnings.showwarning = warnings.showwarning, _show_resume_warning
     try:
         return execute(cmd)
-    except ConfigError as e:
+    except (ConfigError, RunDirBusy) as e:
         print(f"eoslab: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except CheckpointError as e:
+        print(f"eoslab: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("eoslab: interrupted (runs resume from their last checkpoint)", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

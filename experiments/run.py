@@ -4,9 +4,12 @@
 lists every problem. ``run(cfg)`` validates, writes ``config.json`` (resolved config, git hash, argv), builds the
 policy (``model.name == "embedded"`` = the offline default of agents.embedded), the env's train / test tasks, the
 regime (SFT or PPO; LoRA is ``model.lora_rank > 0`` with either), the optimizer and the prober, and hands them to
-``agents.trainer.Trainer``. A run whose directory holds ``DONE`` is skipped; otherwise it resumes from the latest
-checkpoint. Resuming with a changed LR, batch size, step count, cadence or probe config is allowed and recorded in
-``config.json["resumed"]``; any other change is an error (use another ``name`` or ``resume=False``).
+``agents.trainer.Trainer``. One process at a time owns a run dir (an flock on ``LOCK_FILE``; a second one gets
+``RunDirBusy``). A run whose directory holds ``DONE`` is skipped when the config is the same and is an error when it
+differs; otherwise it resumes from the latest intact checkpoint. Resuming with a changed LR, batch size, step count,
+cadence or probe config is allowed and recorded in ``config.json["resumed"]``; any other change is an error (use
+another ``name``, or ``overwrite=True`` / ``resume=False`` to discard the old run and start over). A run dir that this
+call created is removed again when the run cannot be set up (model, device), so failures leave no orphans.
 
 ``env.kwargs`` go to every env of the run (``gym.make(env_id, **kwargs)``: train/eval tasks and the verifier that
 scores PPO rollouts and eval); they are checked against the env class's keyword arguments before anything loads.
@@ -16,6 +19,7 @@ saved final policy carries ``LINEAGE_FILE`` (base model, retention source), foll
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -41,6 +45,9 @@ REGIMES = ("sft", "rl")
 RESUMABLE_CHANGES = ("optim.lr", "train.steps", "train.micro_batch", "train.grad_accum", "train.eval_every",
                      "train.retention_every", "train.checkpoint_every", "train.divergence_loss",
                      "train.n_samples", "train.save_model", "probe.", "wandb")
+# Fields that never change what a run dir holds: they locate it or say how to treat an existing one.
+NOT_COMPARED = ("out_dir", "name", "overwrite")
+LOCK_FILE = ".lock"  # in the run dir: flock-ed by the process that runs it
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,7 @@ class RunConfig:
     out_dir: str = "runs"
     name: str | None = None         # default: derived from regime, env, optimizer, lr, batch, lora rank, seed
     wandb: bool = False             # offline wandb logging when True (WANDB_MODE overrides)
+    overwrite: bool = False         # discard an existing run dir of this name (finished or not) and start over
 
 
 def default_config(command: str) -> RunConfig:
@@ -95,6 +103,10 @@ def default_config(command: str) -> RunConfig:
 
 class ConfigError(ValueError):
     """A RunConfig that cannot run; the message lists every problem found."""
+
+
+class RunDirBusy(RuntimeError):
+    """Another live process holds the run dir's lock."""
 
 
 def run_name(cfg: RunConfig) -> str:
@@ -130,15 +142,91 @@ def _model_errors(m: ModelConfig) -> list[str]:
         errors.append(f"model.dtype={m.dtype!r} is not a torch floating dtype (e.g. 'float32', 'bfloat16')")
     if m.device != "auto":
         try:
-            torch.device(m.device)
+            device = torch.device(m.device)
         except (RuntimeError, TypeError):
             errors.append(f"model.device={m.device!r} is not a torch device (e.g. 'auto', 'cpu', 'cuda:0')")
+        else:
+            errors += _device_errors(device, m.device)
+    if m.name != "embedded" and Path(m.name).exists():
+        errors += _model_dir_errors(Path(m.name))
     if m.name != "embedded" and not Path(m.name).exists():
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
         if offline or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", m.name):
             errors.append(f"model.name={m.name!r} is neither 'embedded' nor an existing local directory"
                           + (" (HF_HUB_OFFLINE is set, so hub names cannot be fetched)" if offline else ""))
     return errors
+
+
+def _device_errors(device, name: str) -> list[str]:
+    """``device`` must exist on this machine (a missing accelerator fails here, before anything loads)."""
+    import torch
+
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            return [f"model.device={name!r} but CUDA is not available here (use 'auto' or 'cpu')"]
+        if device.index is not None and device.index >= count:
+            return [f"model.device={name!r} but only {count} CUDA device(s) exist"]
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return [f"model.device={name!r} but MPS is not available here (use 'auto' or 'cpu')"]
+    return []
+
+
+def _model_dir_errors(path: Path) -> list[str]:
+    """A local model.name must be a save_pretrained directory: a readable config.json (adapter_config.json for a
+    LoRA save) and weights whose safetensors headers parse. Reads headers only, no tensors."""
+    label = f"model.name={str(path)!r}"
+    if not path.is_dir():
+        return [f"{label} is a file; expected a model directory (save_pretrained output)"]
+    config = next((path / f for f in ("config.json", "adapter_config.json") if (path / f).is_file()), None)
+    if config is None:
+        return [f"{label} has no config.json (not a save_pretrained model directory)"]
+    try:
+        json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return [f"{label}: {config.name} is not valid JSON ({e})"]
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights and not any(path.glob("*.bin")):
+        return [f"{label} has no weights (*.safetensors or *.bin)"]
+    from safetensors import safe_open
+
+    for w in weights:
+        try:
+            with safe_open(str(w), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 - any parse failure means the file is unusable
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            return [f"{label}: {w.name} is not a valid safetensors file ({first})"]
+    return []
+
+
+def _finite_errors(obj, prefix: str = "") -> list[str]:
+    """``section.field=value must be finite`` for every NaN/inf float in a config (dataclasses, dicts, tuples)."""
+    if dataclasses.is_dataclass(obj):
+        return [e for f in dataclasses.fields(obj)
+                for e in _finite_errors(getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name)]
+    if isinstance(obj, dict):
+        return [e for k, v in obj.items() for e in _finite_errors(v, f"{prefix}.{k}")]
+    if isinstance(obj, (list, tuple)):
+        bad = [v for v in obj if isinstance(v, float) and not math.isfinite(v)]
+        return [f"{prefix}={obj!r} must hold finite numbers"] if bad else []
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return [f"{prefix}={obj} must be a finite number"]
+    return []
+
+
+def _out_dir_errors(cfg: RunConfig) -> list[str]:
+    """out_dir and the run dir must be (or become) directories: no file in the way."""
+    out = Path(cfg.out_dir)
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                return [f"out_dir={cfg.out_dir!r}: {p} is a file, not a directory"]
+            break
+    run_dir = out / run_name(cfg)
+    if run_dir.exists() and not run_dir.is_dir():
+        return [f"the run dir {run_dir} is a file, not a directory"]
+    return []
 
 
 def env_kwarg_names(env_id: str) -> tuple[str, ...]:
@@ -248,8 +336,8 @@ def _train_errors(cfg: RunConfig) -> list[str]:
     for name in ("eval_every", "retention_every", "checkpoint_every", "n_samples", "retention_tokens"):
         if getattr(t, name) < 0:
             errors.append(f"train.{name}={getattr(t, name)} must be >= 0 (0 = only at the start and end)")
-    if not (t.divergence_loss > 0 and not math.isnan(t.divergence_loss)):
-        errors.append(f"train.divergence_loss={t.divergence_loss} must be > 0")
+    if not (math.isfinite(t.divergence_loss) and t.divergence_loss > 0):
+        errors.append(f"train.divergence_loss={t.divergence_loss} must be a finite number > 0")
     if t.max_length < 2:
         errors.append(f"train.max_length={t.max_length} must be >= 2")
     if t.eval_max_new_tokens < 1:
@@ -285,6 +373,9 @@ def validate(cfg: RunConfig) -> None:
         errors.append(f"name={cfg.name!r} must be a plain directory name")
     if not isinstance(cfg.probe, ProbeConfig):
         errors.append("probe must be a probes.ProbeConfig")
+    errors += _out_dir_errors(cfg)
+    reported = {e.split("=")[0] for e in errors}
+    errors += [e for e in _finite_errors(cfg) if e.split("=")[0] not in reported]
     if errors:
         raise ConfigError("invalid run config:\n  - " + "\n  - ".join(errors))
 
@@ -315,25 +406,105 @@ def config_changes(old: dict, new: dict) -> dict[str, list]:
     return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def _record_config(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
-    """Write config.json; on a resume check that only resumable fields changed and append to "resumed"."""
+def _compared(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in NOT_COMPARED}
+
+
+def _saved_config(run_dir: Path) -> dict:
+    """config.json's "config" section; ConfigError when it cannot be read."""
+    try:
+        return json.loads((run_dir / "config.json").read_text())["config"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"run dir {run_dir} has no readable config.json ({type(e).__name__}); "
+                          "use --name to run elsewhere, or --overwrite to start it over") from None
+
+
+def _resumable(key: str) -> bool:
+    """May field ``key`` ("section.field") differ when a run dir is resumed? (See RESUMABLE_CHANGES.)"""
+    return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE_CHANGES)
+
+
+def _describe(changes: dict[str, list]) -> str:
+    return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+
+
+def _check_existing(cfg: RunConfig, run_dir: Path) -> bool:
+    """Before anything loads: may ``cfg`` continue in ``run_dir``? True = finished with this very config (skip).
+
+    Raises ConfigError when the dir holds a finished run with another config, a checkpointed run with a change
+    outside RESUMABLE_CHANGES, or a checkpoint beyond train.steps."""
+    from agents.trainer import latest_checkpoint
+
+    new = _compared(asdict(cfg))
+    if (run_dir / "DONE").exists():
+        changes = config_changes(_compared(_saved_config(run_dir)), new)
+        if not changes:
+            return True
+        resumable = all(_resumable(k) for k in changes)
+        raise ConfigError(f"run dir {run_dir} holds a finished run (DONE) with a different config: "
+                          f"{_describe(changes)}; use --name to run this config under another name, or "
+                          "--overwrite to discard the finished run"
+                          + (f", or delete {run_dir / 'DONE'} to continue it with these changes" if resumable else ""))
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:  # without a checkpoint the run starts over, so any change is fine
+        return False
+    if (run_dir / "config.json").exists():
+        changes = config_changes(_compared(_saved_config(run_dir)), new)
+        bad = {k: v for k, v in changes.items() if not _resumable(k)}
+        if bad:
+            raise ConfigError(f"run dir {run_dir} holds a run with a different config ({', '.join(bad)}: "
+                              f"{_describe(bad)}); use --name to run elsewhere, or --overwrite to start over")
+    if ckpt[0] > cfg.train.steps:
+        raise ConfigError(f"run dir {run_dir} has a checkpoint at step {ckpt[0]}, beyond train.steps="
+                          f"{cfg.train.steps}; set train.steps >= {ckpt[0]} to resume it, or --overwrite to start "
+                          "over")
+    return False
+
+
+def _record_config(cfg: RunConfig, run_dir: Path) -> None:
+    """Write config.json; on a resume append the changes (checked by ``_check_existing``) to "resumed"."""
     from agents.trainer import latest_checkpoint
 
     path = run_dir / "config.json"
     new = asdict(cfg)
     resumed = []
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if ckpt is not None and path.exists():  # without a checkpoint the run starts over, so any change is fine
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None and path.exists():
         old = json.loads(path.read_text())
-        changes = config_changes(old["config"], new)
-        bad = [k for k in changes if not any(k == r or (r.endswith(".") and k.startswith(r))
-                                             for r in RESUMABLE_CHANGES)]
-        if bad:
-            raise ConfigError(f"run dir {run_dir} holds a run with a different config ({', '.join(bad)}); "
-                              "use another name, or resume=False to start over")
+        changes = config_changes(_compared(old["config"]), _compared(new))
         resumed = old.get("resumed", []) + [{"from_step": ckpt[0], "changes": changes, "argv": sys.argv,
                                              "git_hash": git_hash()}]
     write_json(path, {"config": new, "git_hash": git_hash(), "argv": sys.argv, "resumed": resumed})
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path):
+    """Hold an exclusive flock on ``run_dir/LOCK_FILE`` for the block; RunDirBusy when another process holds it.
+
+    The kernel releases an flock when its holder exits or is killed, so a crashed run never blocks the next."""
+    import fcntl
+
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            raise RunDirBusy(f"run dir {run_dir} is in use by another process (pid {holder}); wait for it to end, "
+                             "or stop it and rerun to resume") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def _clear(run_dir: Path) -> None:
+    """Empty ``run_dir`` except its lock file (the lock must stay the one this process holds)."""
+    for p in run_dir.iterdir():
+        if p.name != LOCK_FILE:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def retention_source(model_name: str) -> str:
@@ -397,17 +568,38 @@ def _wandb_logger(cfg: RunConfig, run_dir: Path, name: str):
 
 # ---------------------------------------------------------------------------------------------------- run
 def run(cfg: RunConfig, resume: bool = True, progress: bool = True) -> Path:
-    """Train per ``cfg`` into ``out_dir/name``; returns the run dir. Skips a run that has DONE; resumes otherwise."""
+    """Train per ``cfg`` into ``out_dir/name``; returns the run dir. Skips a run that has DONE with the same config;
+    resumes otherwise. ``resume=False`` (like ``cfg.overwrite``) discards what the run dir holds."""
     validate(cfg)
     name = run_name(cfg)
     run_dir = Path(cfg.out_dir) / name
-    if resume and (run_dir / "DONE").exists():
-        return run_dir
-    if not resume and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _record_config(cfg, run_dir, resume)
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"out_dir={cfg.out_dir!r}: cannot create the run dir {run_dir} ({e.strerror or e})") from None
+    with run_dir_lock(run_dir):
+        try:
+            if cfg.overwrite or not resume:
+                _clear(run_dir)
+            elif _check_existing(cfg, run_dir):
+                return run_dir
+            trainer, wandb_run = _build(cfg, run_dir, name, progress)
+            _record_config(cfg, run_dir)
+        except BaseException:
+            if created:  # it failed before the run began: leave no orphan run dir
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        try:
+            trainer.train(resume=True)
+        finally:
+            if wandb_run is not None:
+                wandb_run.finish()
+    return run_dir
 
+
+def _build(cfg: RunConfig, run_dir: Path, name: str, progress: bool):
+    """Policy, tasks, regime, optimizer, prober and logger of ``cfg`` -> (Trainer, wandb run or None)."""
     import random
 
     import numpy as np
@@ -436,7 +628,12 @@ def run(cfg: RunConfig, resume: bool = True, progress: bool = True) -> Path:
     device = cfg.model.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    policy = LMPolicy.from_pretrained(path, lora=lora, dtype=cfg.model.dtype, device=device)
+    try:
+        policy = LMPolicy.from_pretrained(path, lora=lora, dtype=cfg.model.dtype, device=device)
+    except Exception as e:  # noqa: BLE001 - what validate's header checks cannot see (bad tensors, tokenizer)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"model.name={cfg.model.name!r} cannot be loaded on {device}: {type(e).__name__}: "
+                          f"{first}") from None
     context = policy.max_length or cfg.train.max_length
     max_length = min(cfg.train.max_length, context)
 
@@ -476,12 +673,7 @@ def run(cfg: RunConfig, resume: bool = True, progress: bool = True) -> Path:
     trainer = Trainer(policy, regime, optimizer, cfg.train, run_dir, scheduler=scheduler, prober=prober,
                       eval_tasks=eval_tasks, score_fn=score_fn, retention_fn=retention if texts else None,
                       log_fn=log_fn, grad_clip=cfg.optim.grad_clip, progress=progress, lineage=lineage)
-    try:
-        trainer.train(resume=resume)
-    finally:
-        if wandb_run is not None:
-            wandb_run.finish()
-    return run_dir
+    return trainer, wandb_run
 
 
 def replace(cfg: RunConfig, **sections) -> RunConfig:

@@ -122,6 +122,15 @@ class Prober:
         self.config = config
         self._warm: dict[str, torch.Tensor] = {}
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The warm-start eigenvectors as ``{"warm.<solve>": tensor}`` (safetensors-ready), all a resumed run needs
+        to probe as if it had never stopped: every random draw comes from a generator seeded by (seed, step)."""
+        return {f"warm.{k}": v for k, v in self._warm.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_dict`; vectors move to the operator's device when used."""
+        self._warm = {k[len("warm."):]: v for k, v in state.items() if k.startswith("warm.")}
+
     def _due(self, every: int, step: int) -> bool:
         return self.config.every > 0 and every > 0 and step % every == 0
 
@@ -129,9 +138,9 @@ class Prober:
         c = self.config
         return any(self._due(e, step) for e in (c.every, c.batch_sharpness_every, c.trace_every, c.blocks_every))
 
-    def _init(self, key: str, dim: int):
+    def _init(self, key: str, op: HessianOperator):
         v = self._warm.get(key) if self.config.warm_start else None
-        return v if v is not None and v.shape[0] == dim else None
+        return v.to(op.device) if v is not None and v.shape[0] == op.dim else None
 
     def __call__(self, ctx: ProbeContext) -> dict[str, float]:
         c, step = self.config, int(ctx.step)
@@ -157,7 +166,7 @@ class Prober:
                 if c.update_sharpness and ctx.update is not None:
                     out["probe/update_sharpness"], u, hu = rayleigh_pair(op, flat_update(ctx.update, op.names))
                     known.append((u, hu))
-                init = self._init("H", op.dim)
+                init = self._init("H", op)
                 pairs = (torch.stack([v for v, _ in known], 1), torch.stack([a for _, a in known], 1)) \
                     if known and init is not None else None
                 res = top_eigenvalues(op, k=c.k, tol=c.tol, init=init, max_hvps=c.max_hvps, generator=gen,
@@ -171,7 +180,7 @@ class Prober:
                     pre = adam_preconditioner(ctx.optimizer, op.params, ctx.lr)
                     if pre is not None:
                         ares = top_eigenvalues(preconditioned_operator(op, pre), k=1, tol=c.tol,
-                                               init=self._init("adam", op.dim), max_hvps=c.max_hvps, generator=gen,
+                                               init=self._init("adam", op), max_hvps=c.max_hvps, generator=gen,
                                                stop=c.stop)
                         self._warm["adam"] = ares.vectors.detach()
                         out["probe/adam_lambda_max"] = float(ares.values[0])

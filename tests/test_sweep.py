@@ -1,6 +1,7 @@
 """Sweep machinery on the tiny model: dry run, parallel workers, idempotence, a failing run, declared sweeps."""
 
 import json
+import shutil
 
 import pytest
 
@@ -58,8 +59,10 @@ def test_dry_run_then_run_then_idempotent(tiny_model_dir, tmp_path):
 
 
 def test_a_failing_run_is_reported_and_the_others_complete(tiny_model_dir, tmp_path):
-    not_a_model = tmp_path / "empty_model_dir"
-    not_a_model.mkdir()
+    # passes validate (config.json and weight headers are fine) but cannot load: its tokenizer is corrupt
+    not_a_model = tmp_path / "broken_tokenizer_model"
+    shutil.copytree(tiny_model_dir, not_a_model)
+    (not_a_model / "tokenizer.json").write_text("{")
     good = tiny_base(tiny_model_dir)
     bad = replace(good, model={"name": str(not_a_model)}, name="broken")
     results = {r.run_dir.name: r for r in execute(plan(Sweep("mixed", (bad, good)), tmp_path), workers=1,

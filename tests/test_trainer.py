@@ -78,6 +78,29 @@ def straight_rng(run_dir):
 
 
 @pytest.mark.parametrize("regime", ["sft", "rl"])
+def test_resume_with_probes_on_is_bitwise_identical(tiny_model_dir, tmp_path, data, regime):
+    """Twin of test_resume_continues_the_same_trajectory_bitwise with probes on: warm starts and the last update
+    Δθ are checkpointed, so every probe value after a resume is the uninterrupted run's (timings aside)."""
+
+    def prober():
+        return Prober(ProbeConfig(every=1, batch_sharpness_every=2, batch_min_samples=2, batch_max_samples=2,
+                                  max_hvps=6))
+
+    make_trainer(tiny_model_dir, tmp_path / "a", data, steps=6, regime=regime, prober=prober()).train()
+    make_trainer(tiny_model_dir, tmp_path / "b", data, steps=3, regime=regime, prober=prober()).train()
+    torch.manual_seed(12345)
+    make_trainer(tiny_model_dir, tmp_path / "b", data, steps=6, regime=regime, prober=prober()).train()
+    a, b = _rows_without_timing(tmp_path / "a"), _rows_without_timing(tmp_path / "b")
+    assert [r["step"] for r in b] == list(range(7))
+    assert "probe/update_sharpness" in b[3] and "probe/batch_sharpness" in b[4]
+    assert a == b
+
+
+def _rows_without_timing(run_dir):
+    return [{k: v for k, v in r.items() if k != "probe/seconds"} for r in read_metrics(run_dir)]
+
+
+@pytest.mark.parametrize("regime", ["sft", "rl"])
 def test_probes_on_and_off_train_bitwise_identically(tiny_model_dir, tmp_path, data, regime):
     off = make_trainer(tiny_model_dir, tmp_path / "off", data, steps=4, checkpoint_every=0, regime=regime)
     off.train()
