@@ -165,8 +165,9 @@ def check_text(completion: Any, answer: str, max_chars: int = MAX_COMPLETION_CHA
 # ---- lenient answer format ----
 ANSWER_FORMATS = ("strict", "lenient")
 
-# "Answer:" in any case, also bolded ("**Answer:**", "**Answer**:"), or a LaTeX \boxed{...} (no nested braces).
-_LENIENT_MARKERS = re.compile(r"answer[ \t*_]*:([^\n]*)|\\boxed[ \t]*\{([^{}\n]*)\}", re.IGNORECASE)
+# "Answer:" in any case, also bolded ("**Answer:**", "**Answer**:"), or a LaTeX \boxed{...} (its braces matched by
+# _braced, so that a JSON answer can sit inside).
+_LENIENT_MARKERS = re.compile(r"answer[ \t*_]*:([^\n]*)|\\boxed[ \t]*(?=\{)", re.IGNORECASE)
 # what an echo of the prompt's "End with 'Answer: <number>'." carries after the marker
 _PLACEHOLDER = re.compile(r"[ \t]*<(?:number|text)>['\".]*[ \t]*")
 _WRAPPERS = re.compile(r"\\(?:boxed|text|textbf|mathbf|mathrm)[ \t]*\{(.*)\}|\\\((.*)\\\)|\\\[(.*)\\\]"
@@ -236,6 +237,22 @@ def lenient_text(text: str) -> str | None:
     return canonical_text(unwrap_answer(text))
 
 
+def _braced(text: str, start: int) -> str | None:
+    """The text inside the balanced braces opening at ``text[start] == "{"`` on one line, or None if unclosed."""
+    depth = 0
+    for i in range(start, len(text)):
+        c = text[i]
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start + 1:i]
+        elif c == "\n":
+            return None
+    return None
+
+
 def check_marked_lenient(completion: Any, answer: str, canonical: Callable[[str], Any],
                          max_chars: int = MAX_COMPLETION_CHARS) -> Verdict:
     """:func:`check_marked` with the lenient markers (case-insensitive ``answer:`` and ``\\boxed{}``) on the
@@ -245,8 +262,11 @@ def check_marked_lenient(completion: Any, answer: str, canonical: Callable[[str]
     if error is not None:
         return _bad(error)
     values = set()
-    for m in _LENIENT_MARKERS.finditer(normalize_lenient(completion)):
-        text = m.group(1) if m.group(1) is not None else m.group(2)
+    normalized = normalize_lenient(completion)
+    for m in _LENIENT_MARKERS.finditer(normalized):
+        text = m.group(1) if m.group(1) is not None else _braced(normalized, m.end())
+        if text is None:  # an unclosed \boxed{: whatever it holds could be a second answer
+            return _bad()
         if _PLACEHOLDER.fullmatch(text):
             continue
         values.add(canonical(text))

@@ -568,3 +568,13 @@ def test_docstring_examples_hold(module):
 
     result = doctest.testmod(importlib.import_module(module))
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("env_id", PROCEDURAL)
+def test_verifier_formats_bench_strict_vs_lenient(env_id):
+    from experiments.bench.verifier_formats import acceptance
+    rates = acceptance(env_id, 40)
+    assert rates["demonstration"][:2] == (1.0, 1.0)
+    assert rates["formats"][:2] == (0.0, 1.0)  # strict stays strict; lenient pays every correct other format
+    assert rates["hacks"][:2] == (0.0, 0.0)
+    assert rates["hedges"][1] == 0.0  # conflicting answers under two marker kinds: only lenient reads both
