@@ -83,7 +83,7 @@ class InstructEnv(ProceduralTaskEnv):
     ## Arguments
     ``families``: subset of :data:`FAMILIES`; ``min_items``/``max_items``: list length for sort/acronym;
     ``answer_format``: ``"strict"`` (default) or ``"lenient"`` (case-insensitive marker, ``\\boxed{}``, bold/code/
-    quote wrappers, other scripts' digits; a count may carry unit words; see :mod:`envs.verify`); plus the
+    quote wrappers, other scripts' digits; a count may carry a unit word; see :mod:`envs.verify`); plus the
     :class:`~envs.core.TextTaskEnv` arguments.
 
     ## Version History

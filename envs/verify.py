@@ -17,7 +17,7 @@ Answer formats (env kwarg ``answer_format``):
 * ``"lenient"``: also accepts the usual ways a correct answer gets written (:func:`check_number_lenient`,
   :func:`check_text_lenient`): a case-insensitive marker (``answer:``, ``**Answer:**``, ``Final answer:``),
   ``\\boxed{…}`` as a second marker kind, bold/code/math wrappers around the answer, any script's decimal digits
-  (full-width, Arabic-Indic), and, for numbers, up to three trailing unit words (``42 apples``). Markers followed by
+  (full-width, Arabic-Indic), and, for numbers, one trailing unit word (``42 apples``). Markers followed by
   the prompt's ``<number>``/``<text>`` placeholder are an echo of the instruction and ignored. Every hack the
   strict verifier refuses for a reason other than format still scores 0 (tests/test_envs.py ``LENIENT_HACKS``),
   and all markers of both kinds must still agree.
@@ -173,13 +173,15 @@ _PLACEHOLDER = re.compile(r"[ \t]*<(?:number|text)>['\".]*[ \t]*")
 _WRAPPERS = re.compile(r"\\(?:boxed|text|textbf|mathbf|mathrm)[ \t]*\{(.*)\}|\\\((.*)\\\)|\\\[(.*)\\\]"
                        r"|\$\$(.*)\$\$|\$(.*)\$|\"(.*)\"|'(.*)'")
 _EDGE = " \t\r*_`"  # emphasis/code marks at either end (also the unbalanced "**" that closed "**Answer:**")
-# an answer followed by 1-3 unit words ("42 apples"); the words are letters only, so no second number hides there
-_UNIT_WORDS = re.compile(r"(.*?\S)[ \t]+([A-Za-z]{2,}(?:[ \t]+[A-Za-z]{2,}){0,2})\.?")
+# an answer followed by one unit word ("42 apples"): letters only, so no second number hides there, and one word,
+# so no phrase can take the answer back ("42 is wrong")
+_UNIT_WORD = re.compile(r"(.*?\S)[ \t]+([A-Za-z]{2,})\.?")
 # words that would change or hedge the number before them, so they are never read as a unit ("times" is a
 # count's unit: "3 times"; a multiplier after it would be a number word, which is listed)
 _NOT_UNITS = frozenset(
-    "or and not nor but than plus minus divided over by multiplied add added less more about around roughly "
-    "approximately nearly almost maybe perhaps either neither negative positive point percent squared cubed "
+    "or and not nor no but than plus minus divided over by multiplied add added less more about around roughly "
+    "approx approximately nearly almost maybe perhaps ish wrong incorrect false either neither negative positive "
+    "point percent squared cubed "
     "half quarter dozen dozens hundred hundreds thousand thousands million millions billion billions bn mn "
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety".split())
@@ -224,10 +226,10 @@ def unwrap_answer(text: str) -> str:
 
 
 def lenient_integer(text: str) -> int | None:
-    """:func:`parse_integer` after :func:`unwrap_answer`, allowing 1-3 trailing unit words (``42 apples``)."""
+    """:func:`parse_integer` after :func:`unwrap_answer`, allowing one trailing unit word (``42 apples``)."""
     text = unwrap_answer(text)
-    m = _UNIT_WORDS.fullmatch(text)
-    if m is not None and not {w.lower() for w in m.group(2).split()} & _NOT_UNITS:
+    m = _UNIT_WORD.fullmatch(text)
+    if m is not None and m.group(2).lower() not in _NOT_UNITS:
         text = unwrap_answer(m.group(1))
     return parse_integer(text)
 
