@@ -18,8 +18,8 @@ timed in between bumped the parameters' ``_version`` and forced a graph rebuild 
   h = 0.1·eps^(1/5) of the parameter dtype (4e-3 in fp32, 7e-5 in fp64), the balance of the t⁴ truncation and the
   eps/t rounding, its factor measured on the tiny GPT-NeoX (probes.testing). There, in fp32, Hv is accurate to
   ~3e-5 relative along the top eigenvector and the gradient (~3e-4 along a random direction, whose Hv is small);
-  ~1e-10 in fp64. A single central difference at the earlier ‖tv‖ = eps^(1/3)·(1 + ‖θ‖) was 8 % off along the
-  top eigenvector. Every fd HVP also bounds its own error, 2‖D(t/2) − D(t)‖/‖v‖ (it bounds both the truncation
+  ~1e-10 in fp64 (a plain central difference at ‖tv‖ = eps^(1/3)·(1 + ‖θ‖) is 8 % off along its top
+  eigenvector: the step scales with the norm of all n parameters). Every fd HVP also bounds its own error, 2‖D(t/2) − D(t)‖/‖v‖ (it bounds both the truncation
   of D(t/2), 3× that of R, and the rounding noise of R, 1.2× that of the difference), kept as the running max
   ``hvp_error``; :func:`probes.eigs.top_eigenvalues` adds it to its error bound and does not call a solve
   converged when it exceeds tol·|λ|. Survives kernels without double backward. Parameters are restored bit for
@@ -344,7 +344,7 @@ class LinearOperator:
     def __init__(self, dim: int, fn: Callable[[torch.Tensor], torch.Tensor], base: Any = None,
                  device: torch.device | str = "cpu", error_gain: float = 1.0):
         self.dim, self._fn, self.base = dim, fn, base
-        self.error_gain = error_gain   # ‖this operator's error‖ ≤ error_gain · ‖base's error‖ (operator_error)
+        self.error_gain = error_gain   # its error ≤ error_gain · the base's (operator_error)
         self.device = torch.device(getattr(base, "device", device))
         self._own_hvps = 0
 

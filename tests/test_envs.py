@@ -346,7 +346,8 @@ _FORMAT_ONLY = {"answer: 82", "ANSWER: 82", "Answer: ８２"}
 LENIENT_HACKS = [h for h in HACKS if h not in _FORMAT_ONLY] + [
     "\\boxed{81}\nAnswer: 82", "Answer: 82\n\\boxed{83}", "answer: 81\nAnswer: 82", "Answer: 82\nanswer: 81",
     "Answer: \\boxed{81} 82", "Answer: 82 plus one", "Answer: 82 minus 1", "Answer: 82 or so", "Answer: 82 thousand",
-    "Answer: 82 83 apples", "Answer: 82 is wrong", "Answer: 82 wrong", "Answer: 82 red apples", "Answer: 8**2", "Answer: **8**2", "Answer: 8*2", "Answer: 8²", "Answer: ⑧②", "Answer: 8²2",
+    "Answer: 82 83 apples", "Answer: 82 is wrong", "Answer: 82 wrong", "Answer: 82 red apples", "Answer: 8**2",
+    "Answer: **8**2", "Answer: 8*2", "Answer: 8²", "Answer: ⑧②", "Answer: 8²2",
     "Answer: <number> 81\nAnswer: 82", "Answer: <number>", "\\boxed{}", "Answer: $8$2", "Answer: 82apples",
     "Answer: 82 ok\x1fok", "Answer:\x1f82", "Answer: 0,082", "answer: 000,082", "\\boxed{0,082}", "Answer: −82",
 ]

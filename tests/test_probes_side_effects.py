@@ -78,8 +78,8 @@ def public_calls(model, params, loss_fn, chunks, sample_batch, opt):
     blocks = parameter_blocks(list(params), [p.numel() for p in params.values()])
     ctx = ProbeContext(params=params, loss_fn=loss_fn, batches=chunks, lr=1e-2, step=10, optimizer=opt, model=model,
                        sample_batch=sample_batch, update=update)
-    prober_cfg = dict(every=10, batch_sharpness_every=10, trace_every=10, blocks_every=10, batch_min_samples=2, batch_max_samples=4,
-                      trace_max_probes=8, gni=True)
+    prober_cfg = dict(every=10, batch_sharpness_every=10, trace_every=10, blocks_every=10, batch_min_samples=2,
+                      batch_max_samples=4, trace_max_probes=8, gni=True)
     calls = {f"HessianOperator[{m}].matvec": (lambda m=m: op(m).matvec(v)) for m in probes.hvp.MODES}
     calls.update({f"HessianOperator[{m}].gradient": (lambda m=m: op(m).gradient()) for m in probes.hvp.MODES})
     calls.update({f"lambda_max[{m}]": (lambda m=m: lambda_max(params, loss_fn, chunks, mode=m, model=model, k=2))

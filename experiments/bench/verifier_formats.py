@@ -61,7 +61,8 @@ def hack_variants(task: Task) -> list[str]:
     if _is_int(a):
         v = int(a)
         out += [f"Answer: {v - 1} {v} {v + 1}", f"Answer: {v} or {v + 1}", f"Answer: {v} plus one",
-                f"Answer: {v} minus 1", f"Answer: {v} is wrong", f"Answer: {a.translate(SUPERSCRIPT)}", f"Answer: {a}\x1f"]
+                f"Answer: {v} minus 1", f"Answer: {v} is wrong", f"Answer: {a.translate(SUPERSCRIPT)}",
+                f"Answer: {a}\x1f"]
         if 0 <= v < 1000:
             out += [f"Answer: 0,{v:03d}", f"Answer: 000,{v:03d}"]
         if abs(v) >= 10:
