@@ -19,12 +19,12 @@ timed in between bumped the parameters' ``_version`` and forced a graph rebuild 
   eps/t rounding, its factor measured on the tiny GPT-NeoX (probes.testing). There, in fp32, Hv is accurate to
   ~3e-5 relative along the top eigenvector and the gradient (~3e-4 along a random direction, whose Hv is small);
   ~1e-10 in fp64 (a plain central difference at ‖tv‖ = eps^(1/3)·(1 + ‖θ‖) is 8 % off along its top
-  eigenvector: the step scales with the norm of all n parameters). Every fd HVP also bounds its own error, 2‖D(t/2) − D(t)‖/‖v‖ (it bounds both the truncation
-  of D(t/2), 3× that of R, and the rounding noise of R, 1.2× that of the difference), kept as the running max
-  ``hvp_error``; :func:`probes.eigs.top_eigenvalues` adds it to its error bound and does not call a solve
-  converged when it exceeds tol·|λ|. Survives kernels without double backward. Parameters are restored bit for
-  bit from a copy, without bumping their ``_version`` (so a cache-mode operator on the same parameters keeps its
-  graphs).
+  eigenvector: the step scales with the norm of all n parameters). Every fd HVP also bounds its own error,
+  2‖D(t/2) − D(t)‖/‖v‖ (it bounds both the truncation of D(t/2), 3× that of R, and the rounding noise of R, 1.2×
+  that of the difference), kept as the running max ``hvp_error``; :func:`probes.eigs.top_eigenvalues` adds it to
+  its error bound and does not call a solve converged when it exceeds tol·|λ|. Survives kernels without double
+  backward. Parameters are restored bit for bit from a copy, without bumping their ``_version`` (so a cache-mode
+  operator on the same parameters keeps its graphs).
 
 Every pass over the chunks (graph build, gradient, recompute HVP, each fd gradient) runs with the global RNG set
 to the state it had when the operator was built, and the caller's RNG state is restored after it: the operator
