@@ -6,9 +6,10 @@ ProbeCallback measures, after the optimizer steps that ``Prober.due`` selects, t
     L(θ) = Σ_chunks Σ_tokens −log p_θ(y_t | y_<t) / N_tokens        (completion tokens of the frozen probe batch)
 
 which is SFTTrainer's token-mean cross-entropy evaluated on a fixed batch. Probe metrics (``probe/lambda_max``,
-``probe/two_over_eta``, ...) go through ``trainer.log`` when the callback is attached with ``attach_probes`` (so every
-reporting integration sees them) and otherwise straight into ``state.log_history``. Probes have no side effects,
-so a run with the callback follows the same trajectory as one without.
+``probe/two_over_eta``, ...) go through ``transformers.Trainer.log`` when the callback is attached with
+``attach_probes`` (so every reporting integration sees them) and otherwise straight into ``state.log_history``.
+Probes have no side effects, so a run with the callback follows the same trajectory as one without, and it logs
+the same entries besides the probe ones (see :meth:`ProbeCallback._log`).
 """
 from __future__ import annotations
 
@@ -117,9 +118,26 @@ class ProbeCallback(TrainerCallback):
         if metrics:
             self.history.append({"step": step, **metrics})
             if self.trainer is not None:
-                self.trainer.log(dict(metrics))
+                control = self._log(dict(metrics), control)
             else:
                 state.log_history.append({**metrics, "step": step})
+        return control
+
+    def _log(self, metrics: dict[str, float], control):
+        """Log probe metrics without changing the trainer's own logs.
+
+        The base ``Trainer.log``, not the trainer's: TRL's ``SFTTrainer.log``/``GRPOTrainer.log`` fold their
+        accumulated train metrics (token accuracy, rewards, ...) into whatever is logged and clear them, so a probe
+        entry would take them from the next loss entry. And ``control.should_log`` is put back: the callback
+        handler's ``on_log`` resets it, which made the trainer skip its own loss entry at every probed logging step
+        (and average the next one over the skipped window).
+        """
+        from transformers import Trainer
+
+        should_log = control.should_log
+        Trainer.log(self.trainer, metrics)
+        control = self.trainer.control  # log() rebinds it to what the on_log callbacks returned
+        control.should_log = should_log
         return control
 
 

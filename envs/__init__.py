@@ -12,6 +12,9 @@ Ids (``gym.make(id, **kwargs)`` overrides any knob; also reachable as ``gym.make
 * ``ArithRLVR-hard-v0``  1-3 digits, ``+ - *``, 1-3 operations, parentheses, 20% word problems, negatives.
 * ``InstructRLVR-v0``    programmatically checked instruction following (7 families).
 * ``AlpacaSFT-v0``       Alpaca-format instruction data, soft token-F1 reward (NOT exactly verifiable).
+
+The verifiable ids take ``answer_format="strict"`` (default: exactly ``Answer: <answer>``) or ``"lenient"`` (the
+usual other ways to write a correct answer; still 0 for hacks and conflicting answers), see :mod:`envs.verify`.
 """
 
 from __future__ import annotations

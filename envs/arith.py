@@ -15,8 +15,11 @@ learnable by the embedded 1M-parameter model: each line is a one-digit fact plus
 the training data, so held-out problems are new combinations of seen steps. Measured with AdamW 1e-3, batch 64,
 on the embedded model: held-out accuracy 0.07 ("direct") vs 0.19 ("columns") after 500 SFT steps.
 
-The canonical problem (the split key) is the expression, so a word problem and the bare expression with the
-same numbers always land in the same split.
+``meta["key"]`` is the problem's expression (``"37+45"``; a word problem has the key of its bare expression) and
+deduplicates the dataset. ``meta["split_key"]`` (:func:`split_key`) decides the split: it is the same for every
+problem whose expression tree equals this one up to swapping the two operands of any ``+`` or ``*``, so ``1+3``
+and ``3+1``, or ``2*(4+5)`` and ``(5+4)*2``, always land in the same split. It does not identify problems equal
+only by associativity (``1+2+3`` vs ``1+3+2``) or by value.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 
 from envs.core import SPLITS, ProceduralTaskEnv, Task, Uniforms, split_of
-from envs.verify import Verdict, check_number
+from envs.verify import Verdict, check_answer_format, check_number, check_number_lenient
 
 INSTRUCTION = "End with 'Answer: <number>'."
 _NAMES = ("Ann", "Ben", "Cara", "Dan", "Eva", "Finn", "Gus", "Hana")
@@ -152,8 +155,52 @@ def working(steps: list[str], style: str = "columns") -> str:
     return "=".join(steps)
 
 
+def _parse(tokens: list, pos: int = 0) -> tuple:
+    """(parse tree of the sum starting at ``tokens[pos]``, position after it): ``*`` binds tighter than ``+ -``,
+    all left-associative. A tree is an int or ``(op, left, right)``."""
+    left, pos = _parse_product(tokens, pos)
+    while pos < len(tokens) and tokens[pos] in ("+", "-"):
+        right, after = _parse_product(tokens, pos + 1)
+        left, pos = (tokens[pos], left, right), after
+    return left, pos
+
+
+def _parse_product(tokens: list, pos: int) -> tuple:
+    left, pos = _parse_atom(tokens, pos)
+    while pos < len(tokens) and tokens[pos] == "*":
+        right, after = _parse_atom(tokens, pos + 1)
+        left, pos = ("*", left, right), after
+    return left, pos
+
+
+def _parse_atom(tokens: list, pos: int) -> tuple:
+    if tokens[pos] == "(":
+        tree, pos = _parse(tokens, pos + 1)
+        return tree, pos + 1  # past the ")"
+    return tokens[pos], pos + 1
+
+
+def _canonical(tree) -> str:
+    if isinstance(tree, int):
+        return str(tree)
+    op, left, right = tree
+    a, b = _canonical(left), _canonical(right)
+    if op in "+*" and b < a:  # commutative: one order for both
+        a, b = b, a
+    return f"({a}{op}{b})"
+
+
+def split_key(tokens: list) -> str:
+    """The split key of an expression (token list): its parse tree printed fully parenthesised, the operands of
+    every ``+`` and ``*`` in string order, outer parentheses dropped: ``3+1`` -> ``1+3``; ``3+4*5`` ->
+    ``(4*5)+3``."""
+    key = _canonical(_parse(tokens)[0])
+    return key[1:-1] if key.startswith("(") else key
+
+
 def draw_problem(cfg: ArithConfig, r: Uniforms) -> dict:
-    """One problem: {"key", "word", "steps", "value", "n_ops", "text"}; ``key`` is the canonical expression."""
+    """One problem: {"key", "split_key", "word", "steps", "value", "n_ops", "text"}; ``key`` is the expression,
+    ``split_key`` its :func:`split_key`."""
     for _ in range(1000):
         word = cfg.word_problems > 0.0 and r.u() < cfg.word_problems
         n_ops = 1 if word or cfg.min_ops == cfg.max_ops == 1 else r.int(cfg.min_ops, cfg.max_ops)
@@ -169,6 +216,7 @@ def draw_problem(cfg: ArithConfig, r: Uniforms) -> dict:
             key = f"{a}{op}{b}"
             value = a + b if op == "+" else a - b if op == "-" else a * b
             steps = [key, str(value)]
+            tokens = [a, op, b]
         else:
             tokens: list = [values[0]]
             for op, v in zip(ops, values[1:]):
@@ -185,7 +233,8 @@ def draw_problem(cfg: ArithConfig, r: Uniforms) -> dict:
             text = _WORD_TEMPLATES[op].format(n=r.pick(_NAMES), i=r.pick(_ITEMS), a=a, b=b)
         else:
             text = f"Compute {key}."
-        return {"key": key, "word": word, "steps": steps, "value": value, "n_ops": n_ops, "text": text}
+        return {"key": key, "split_key": split_key(tokens), "word": word, "steps": steps, "value": value,
+                "n_ops": n_ops, "text": text}
     raise RuntimeError(f"no valid problem in 1000 draws for {cfg}")  # unreachable for validated configs
 
 
@@ -201,7 +250,9 @@ class ArithEnv(ProceduralTaskEnv):
     ``Text(max_completion_chars, charset=CHARSET, min_length=0)`` / ``Text(512, charset=CHARSET, min_length=0)``.
 
     ## Arguments
-    The :class:`ArithConfig` fields as keyword arguments, plus the :class:`~envs.core.TextTaskEnv` arguments.
+    The :class:`ArithConfig` fields as keyword arguments; ``answer_format``: ``"strict"`` (default, exactly
+    ``Answer: <integer>``) or ``"lenient"`` (also ``**42**``, ``\\boxed{42}``, ``answer: 42``, ``42 apples``,
+    other scripts' digits; see :mod:`envs.verify`); plus the :class:`~envs.core.TextTaskEnv` arguments.
 
     ## Version History
     * v0: initial version; demonstrations of one-operation problems show column working (``working="columns"``)
@@ -210,15 +261,20 @@ class ArithEnv(ProceduralTaskEnv):
 
     family = "arith"
 
-    def __init__(self, **kwargs):
+    def __init__(self, *, answer_format: str = "strict", **kwargs):
         knobs = {k: kwargs.pop(k) for k in list(kwargs) if k in _KNOBS}  # the rest go to TextTaskEnv
         self.config = ArithConfig(**knobs)
         self._knobs = asdict(self.config)
+        self.answer_format = check_answer_format(answer_format)
+        self._check = check_number if answer_format == "strict" else check_number_lenient
         super().__init__(**kwargs)
 
     def draw(self, r):
         p = draw_problem(self.config, r)
         return p["key"], p
+
+    def split_key_of(self, key, p):
+        return p["split_key"]
 
     def build(self, key, p, task_id):
         answer = str(p["value"])
@@ -228,14 +284,14 @@ class ArithEnv(ProceduralTaskEnv):
             demonstration=self._working(p) + "\nAnswer: " + answer,
             task_id=task_id,
             family=self.family,
-            meta={"key": key, "word": p["word"], "n_ops": p["n_ops"], **self._knobs},
+            meta={"key": key, "split_key": p["split_key"], "word": p["word"], "n_ops": p["n_ops"], **self._knobs},
         )
 
     def _working(self, p: dict) -> str:
         return working(p["steps"], self.config.working)
 
     def check(self, completion, answer) -> Verdict:
-        return check_number(completion, answer, self.max_completion_chars)
+        return self._check(completion, answer, self.max_completion_chars)
 
 
 def arithmetic_corpus(n: int, seed: int = 0, config: ArithConfig = ArithConfig(), test_fraction: float = 0.1
@@ -253,7 +309,7 @@ def arithmetic_corpus(n: int, seed: int = 0, config: ArithConfig = ArithConfig()
         r = Uniforms(seed, corpus_stream, i)
         while True:
             p = draw_problem(config, r)
-            if split_of(p["key"], test_fraction) == "train":
+            if split_of(p["split_key"], test_fraction) == "train":
                 break
         lines.append("=".join(p["steps"]))
     return lines

@@ -32,6 +32,7 @@ from envs.verify import MAX_COMPLETION_CHARS, Verdict
 
 CHARSET = string.digits + string.ascii_letters + string.punctuation + " \n\t"
 SPLITS = {"train": 0, "test": 1}  # split id = the stream that enters every item seed (see Uniforms)
+RESET_OPTIONS = ("index", "split")
 _PARTITION_SALT = b"eoslab-split-v0|"
 
 
@@ -51,7 +52,12 @@ def split_of(key: str, test_fraction: float) -> str:
     """Which split a canonical problem ``key`` belongs to: a fixed hash partition of the problem space.
 
     ``crc32(salt + key) / 2**32 < test_fraction`` -> "test", else "train". Train and test can never share a
-    problem, in dataset mode and in infinite mode alike, whatever the seeds.
+    key, in dataset mode and in infinite mode alike, whatever the seeds.
+
+    Split key v1: envs pass the key that identifies twins of a problem (:meth:`TextTaskEnv.split_key`; the
+    arithmetic envs' ``meta["split_key"]`` is the same for ``1+3`` and ``3+1``), so a problem and its twins share
+    a split. (v0 keyed on ``meta["key"]``: 366 of the 598 commutative one-operation test problems of the default
+    ArithRLVR-v0 dataset had their swapped twin in train.) Env ids are unchanged: same problems, new partition.
     """
     return "test" if zlib.crc32(_PARTITION_SALT + key.encode()) < test_fraction * 4294967296.0 else "train"
 
@@ -146,6 +152,10 @@ class TextTaskEnv(gym.Env[str, str]):
         """Canonical problem used to deduplicate the dataset (default: the prompt)."""
         return task.prompt
 
+    def split_key(self, task: Task) -> str:
+        """Key whose :func:`split_of` gives the task's split; shared by twins (default: :meth:`problem_key`)."""
+        return self.problem_key(task)
+
     def format_answer(self, answer: str) -> str:
         """Shortest completion that states ``answer`` in the env's format (used by the SB3 answer-choice view)."""
         return f"Answer: {answer}"
@@ -194,9 +204,17 @@ class TextTaskEnv(gym.Env[str, str]):
 
     # ---- gymnasium API ----
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict]:
-        """New episode. ``options={"index": i, "split": s}`` pins the task (e.g. for GRPO groups)."""
+        """New episode. ``options={"index": i, "split": s}`` pins the task (e.g. for GRPO groups); ``options``
+        must be None or a dict with only those keys (ValueError otherwise)."""
+        if options is None:
+            options = {}
+        elif not isinstance(options, dict):
+            raise ValueError(f"options must be None or a dict like {{'index': 0, 'split': 'test'}}, "
+                             f"got {type(options).__name__}: {options!r}")
+        unknown = sorted(map(str, set(options) - set(RESET_OPTIONS)))
+        if unknown:
+            raise ValueError(f"unknown reset option(s) {unknown}; known: {list(RESET_OPTIONS)}")
         super().reset(seed=seed)
-        options = options or {}
         split = check_split(options.get("split", self.split))
         index = options.get("index")
         if index is None:
@@ -282,8 +300,8 @@ class ProceduralTaskEnv(TextTaskEnv):
     """A TextTaskEnv whose tasks are generated: subclasses implement :meth:`draw` and :meth:`build`.
 
     ``task(index, split)`` makes ``r = Uniforms(base_seed, split_id, index)`` and calls ``draw(r)`` until the
-    drawn problem's key falls in ``split`` under :func:`split_of` (rejection sampling keeps the split partition
-    exact; the expected number of draws is 1 / share of the split).
+    drawn problem's split key (:meth:`split_key_of`) falls in ``split`` under :func:`split_of` (rejection sampling
+    keeps the split partition exact; the expected number of draws is 1 / share of the split).
     """
 
     family = "task"
@@ -295,14 +313,22 @@ class ProceduralTaskEnv(TextTaskEnv):
     def build(self, key: str, fields: dict, task_id: str) -> Task:
         raise NotImplementedError
 
+    def split_key_of(self, key: str, fields: dict) -> str:
+        """Split key of a drawn problem (default: its key); :meth:`build` stores it as ``meta["split_key"]``
+        when it differs."""
+        return key
+
     def task(self, index: int, split: str | None = None) -> Task:
         split = check_split(self.split if split is None else split)
         r = Uniforms(self.base_seed, SPLITS[split], int(index))
         for _ in range(10_000):
             key, fields = self.draw(r)
-            if split_of(key, self.test_fraction) == split:
+            if split_of(self.split_key_of(key, fields), self.test_fraction) == split:
                 return self.build(key, fields, f"{self.family}/{split}/{index}")
         raise RuntimeError(f"no {split} problem found in 10000 draws; test_fraction={self.test_fraction} too extreme")
 
     def problem_key(self, task: Task) -> str:
         return task.meta["key"]
+
+    def split_key(self, task: Task) -> str:
+        return task.meta.get("split_key", task.meta["key"])

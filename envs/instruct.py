@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 
 from envs.core import ProceduralTaskEnv, Task, Uniforms
-from envs.verify import Verdict, check_text
+from envs.verify import Verdict, check_answer_format, check_text, check_text_lenient
 
 INSTRUCTION = "End with 'Answer: <text>'."
 FAMILIES = ("reverse", "sort", "count", "json", "upper", "acronym", "repeat")
@@ -82,7 +82,9 @@ class InstructEnv(ProceduralTaskEnv):
 
     ## Arguments
     ``families``: subset of :data:`FAMILIES`; ``min_items``/``max_items``: list length for sort/acronym;
-    plus the :class:`~envs.core.TextTaskEnv` arguments.
+    ``answer_format``: ``"strict"`` (default) or ``"lenient"`` (case-insensitive marker, ``\\boxed{}``, bold/code/
+    quote wrappers, other scripts' digits; a count may carry a unit word; see :mod:`envs.verify`); plus the
+    :class:`~envs.core.TextTaskEnv` arguments.
 
     ## Version History
     * v0: initial version.
@@ -91,7 +93,7 @@ class InstructEnv(ProceduralTaskEnv):
     family = "instruct"
 
     def __init__(self, *, families: tuple[str, ...] | list[str] = FAMILIES, min_items: int = 3, max_items: int = 5,
-                 **kwargs):
+                 answer_format: str = "strict", **kwargs):
         families = tuple(families)
         unknown = set(families) - set(FAMILIES)
         if not families or unknown:
@@ -99,6 +101,8 @@ class InstructEnv(ProceduralTaskEnv):
         if not 1 <= min_items <= max_items <= 10:
             raise ValueError(f"need 1 <= min_items <= max_items <= 10, got {min_items}, {max_items}")
         self.families, self.min_items, self.max_items = families, min_items, max_items
+        self.answer_format = check_answer_format(answer_format)
+        self._check = check_text if answer_format == "strict" else check_text_lenient
         super().__init__(**kwargs)
 
     def draw(self, r):
@@ -118,4 +122,4 @@ class InstructEnv(ProceduralTaskEnv):
         )
 
     def check(self, completion, answer) -> Verdict:
-        return check_text(completion, answer, self.max_completion_chars)
+        return self._check(completion, answer, self.max_completion_chars)

@@ -44,6 +44,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .hvp import operator_error
+
 __all__ = ["EigResult", "top_eigenvalues"]
 
 DTYPE = torch.float64
@@ -52,7 +54,7 @@ TEMPLE_MARGIN = 4.0   # the quadratic bound is trusted where ‖r‖ ≤ δ / TE
 GRAM_DROP = 1e-10     # Rayleigh–Ritz: directions with relative Gram eigenvalue below this are dependent
 ROW_DROP = 1e-8       # ... and rows shorter than this × the longest carry images that are mostly rounding (√eps)
 NOISE_AMPLIFICATION = 1e4   # ... and directions that would amplify the measured image noise more than this,
-NOISE_DROP_CAP = 1e-2       # ... up to this relative Gram eigenvalue (fd HVPs carry ~5e-4 noise in fp32)
+NOISE_DROP_CAP = 1e-2       # ... up to this relative Gram eigenvalue (fd HVPs carry ~3e-4 noise in fp32)
 
 
 @dataclass
@@ -63,7 +65,8 @@ class EigResult:
     converged: bool
     iterations: int
     residuals: torch.Tensor  # (k,) ‖A x − θ x‖ / max|θ_RR|
-    errors: torch.Tensor | None = None   # (k,) the bound the stop rule used on |λ − θ|, / max|θ_RR|
+    errors: torch.Tensor | None = None   # (k,) bound on |λ − θ| used by the stop rule (at least the operator's
+                                         # own error bound, fd mode), / max|θ_RR|
 
 
 def _orthonormalize(v, drop: float = 1e-8):
@@ -144,7 +147,8 @@ def top_eigenvalues(op, k: int = 1, tol: float = 1e-3, init: torch.Tensor | None
         lam, u = torch.linalg.eigh(0.5 * (a + a.T))
         order = torch.argsort(lam, descending=True)[:k]
         zero = torch.zeros(k, dtype=DTYPE)
-        return EigResult(lam[order].cpu(), u[:, order], op.hvps - start, True, 0, zero, zero.clone())
+        return _with_operator_error(EigResult(lam[order].cpu(), u[:, order], op.hvps - start, True, 0, zero,
+                                              zero.clone()), op, tol, lam.abs().max())
 
     known_v, known_av = _known_pairs(known, n, device)
     cols = []
@@ -237,7 +241,21 @@ def top_eigenvalues(op, k: int = 1, tol: float = 1e-3, init: torch.Tensor | None
         s, a_s, s_next, as_next = s_next, as_next, s, a_s
     x = s[:k].clone()
     del bufs, s, a_s, s_next, as_next
-    return EigResult(theta.cpu(), x.T, op.hvps - start, converged, iterations, rel.cpu(), err.cpu())
+    return _with_operator_error(EigResult(theta.cpu(), x.T, op.hvps - start, converged, iterations, rel.cpu(),
+                                          err.cpu()), op, tol, scale)
+
+
+def _with_operator_error(res: EigResult, op, tol: float, scale) -> EigResult:
+    """Add the operator's own error bound (fd HVPs, :func:`probes.hvp.operator_error`) to ``errors``: an eigenvalue
+    of Â is within ‖Â − A‖ of one of A, so a solve is not converged when that bound exceeds tol·scale."""
+    bound = operator_error(op)
+    if bound == 0.0:
+        return res
+    rel = bound / max(float(scale), torch.finfo(DTYPE).tiny)
+    errors = res.errors if res.errors is not None else res.residuals
+    res.errors = torch.clamp(errors, min=rel)
+    res.converged = res.converged and rel <= tol
+    return res
 
 
 def _known_pairs(known, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,9 +13,23 @@ timed in between bumped the parameters' ``_version`` and forced a graph rebuild 
   ``_version`` changes (an in-place update), and hold the activations of every chunk.
 - ``recompute``: every HVP re-runs forward + double backward per chunk (MLP ≈2.8 G, GPT-NeoX ≈3.2–3.7 G), memory
   of one chunk.
-- ``fd``: central difference (∇L(θ+tv) − ∇L(θ−tv)) / 2t (2 G; error ≲1e-6 relative in fp64, ≈5e-4 in fp32);
-  survives kernels without double backward. Parameters are restored bit for bit from a copy, without bumping
-  their ``_version`` (so a cache-mode operator on the same parameters keeps its graphs).
+- ``fd``: Richardson-extrapolated central differences R = D(t/2) + (D(t/2) − D(t))/3 with
+  D(t) = (∇L(θ+tv) − ∇L(θ−tv)) / 2t (4 G): truncation O(t⁴) instead of O(t²). ‖tv‖ = h·(1 + RMS(θ)) with
+  h = 0.1·eps^(1/5) of the parameter dtype (4e-3 in fp32, 7e-5 in fp64), the balance of the t⁴ truncation and the
+  eps/t rounding, its factor measured on the tiny GPT-NeoX (probes.testing). There, in fp32, Hv is accurate to
+  ~3e-5 relative along the top eigenvector and the gradient (~3e-4 along a random direction, whose Hv is small);
+  ~1e-10 in fp64 (a plain central difference at ‖tv‖ = eps^(1/3)·(1 + ‖θ‖) is 8 % off along its top
+  eigenvector: the step scales with the norm of all n parameters). Every fd HVP also bounds its own error,
+  2‖D(t/2) − D(t)‖/‖v‖ (it bounds both the truncation of D(t/2), 3× that of R, and the rounding noise of R, 1.2×
+  that of the difference), kept as the running max ``hvp_error``; :func:`probes.eigs.top_eigenvalues` adds it to
+  its error bound and does not call a solve converged when it exceeds tol·|λ|. Survives kernels without double
+  backward. Parameters are restored bit for bit from a copy, without bumping their ``_version`` (so a cache-mode
+  operator on the same parameters keeps its graphs).
+
+Every pass over the chunks (graph build, gradient, recompute HVP, each fd gradient) runs with the global RNG set
+to the state it had when the operator was built, and the caller's RNG state is restored after it: the operator
+never advances the torch (CPU and CUDA), numpy or python RNG, and a model in train mode (dropout) gives one fixed
+operator, the Hessian of the loss under the same dropout masks in every pass and mode.
 
 Why our own operator rather than hessian-eigenthings/PyHessian: neither keeps the first-order graph across chunks
 (hessian-eigenthings recomputes it per HVP: 1.6 G vs 2.8 G on an MLP, 2.0–2.2 G vs 3.2–3.7 G on the GPT-NeoX
@@ -27,12 +41,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import random
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 
-__all__ = ["HessianOperator", "LinearOperator", "hvp_guard", "check_model", "flatten", "as_named_params"]
+__all__ = ["HessianOperator", "LinearOperator", "hvp_guard", "check_model", "flatten", "as_named_params",
+           "rng_state", "fixed_rng", "operator_error"]
 
 MODES = ("cache", "recompute", "fd")
 REDUCE_DTYPE = torch.float64
@@ -101,11 +118,54 @@ def hvp_guard():
         raise
 
 
+def rng_state() -> tuple:
+    """The global RNG states: torch CPU, torch CUDA (None when CUDA is not initialised), numpy, python."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda, np.random.get_state(), random.getstate()
+
+
+def _set_rng_state(state: tuple) -> None:
+    cpu, cuda, np_state, py_state = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+    np.random.set_state(np_state)
+    random.setstate(py_state)
+
+
+@contextlib.contextmanager
+def fixed_rng(state: tuple | None = None):
+    """Run the block from the global RNG ``state`` (None: the current one) and restore the caller's state after
+    it, so the block's random draws (dropout) neither depend on nor advance the caller's RNG."""
+    caller = rng_state()
+    if state is not None:
+        _set_rng_state(state)
+    try:
+        yield
+    finally:
+        _set_rng_state(caller)
+
+
+def operator_error(op: Any) -> float:
+    """Bound on ‖(Â − A)v‖ for unit v of an approximate operator (``hvp_error``, the fd mode), through the
+    ``base`` of composed operators times their ``error_gain``; 0.0 for exact ones."""
+    gain = 1.0
+    while op is not None:
+        err = getattr(op, "hvp_error", None)
+        if err is not None:
+            return gain * float(err)
+        gain *= float(getattr(op, "error_gain", 1.0))
+        op = getattr(op, "base", None)
+    return 0.0
+
+
 class HessianOperator:
     """v ↦ H v for H = ∇²_θ Σ_c loss_fn(batches[c]) over ``params``; counts HVPs in ``.hvps``.
 
     ``matvec`` takes a flat vector (n,) or a block (n, k) (k HVPs) and returns float64 of the same shape.
     ``gradient()`` returns the flat gradient Σ_c ∇L_c (free in ``cache`` mode, 1 G otherwise).
+    ``hvp_error``: running max of the fd error bound per unit vector (0.0 in the exact modes). ``fd_step``: the h
+    of ‖tv‖ = h·(1 + RMS(θ)) (default 0.1·eps^(1/5) of the parameter dtype).
     """
 
     def __init__(self, params: Mapping[str, torch.Tensor] | Iterable[torch.Tensor],
@@ -124,6 +184,8 @@ class HessianOperator:
         self.hvps = 0               # Hessian-vector products taken (columns of every matvec)
         self.gradient_evals = 0     # first-order passes over the probe batch (graph builds, fd, gradient())
         self.fd_step = fd_step
+        self.hvp_error = 0.0
+        self._rng = rng_state()   # every pass over the chunks runs from this state (fixed dropout masks)
         low = sorted({str(p.dtype) for p in self.params if p.dtype in (torch.bfloat16, torch.float16)})
         if low:
             warnings.warn(f"probes: parameters in {low}: HVPs lose ~3% accuracy in bf16 (research §E); "
@@ -155,7 +217,7 @@ class HessianOperator:
 
     def _build_graph(self) -> None:
         graph = []
-        with hvp_guard():
+        with hvp_guard(), fixed_rng(self._rng):
             for batch in self.batches:
                 grads = self._chunk_grad(batch, create_graph=True)
                 graph.append(grads)
@@ -180,13 +242,17 @@ class HessianOperator:
             return self._grad.clone()
         if self._grad is not None and self._versions == self._versions_now():
             return self._grad.clone()
+        total = self._full_gradient()
+        self._grad, self._versions = total, self._versions_now()
+        return total.clone()
+
+    def _full_gradient(self) -> torch.Tensor:
         total = torch.zeros(self.dim, dtype=REDUCE_DTYPE, device=self.device)
-        with hvp_guard():
+        with hvp_guard(), fixed_rng(self._rng):
             for batch in self.batches:
                 total += self._flat(self._chunk_grad(batch, create_graph=False))
         self.gradient_evals += 1
-        self._grad, self._versions = total, self._versions_now()
-        return total.clone()
+        return total
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """H v for v of shape (n,) or (n, k); returns float64. Costs k HVPs."""
@@ -208,9 +274,10 @@ class HessianOperator:
                 for c, grads in enumerate(self._graph):
                     self._hvp_from_grads(grads, parts, out, retain=True, first=c == 0)
             else:
-                for c, batch in enumerate(self.batches):
-                    self._hvp_from_grads(self._chunk_grad(batch, create_graph=True), parts, out, retain=False,
-                                         first=c == 0)
+                with fixed_rng(self._rng):
+                    for c, batch in enumerate(self.batches):
+                        self._hvp_from_grads(self._chunk_grad(batch, create_graph=True), parts, out, retain=False,
+                                             first=c == 0)
         return out
 
     __matmul__ = matvec
@@ -233,36 +300,34 @@ class HessianOperator:
             offset += p.numel()
 
     def _fd(self, v: torch.Tensor) -> torch.Tensor:
-        # Central difference; t scaled so that ‖t v‖ ≈ cbrt(eps)·(1 + ‖θ‖) balances truncation O(t²) and
-        # rounding O(eps/t) error (standard Newton–Krylov choice).
-        dtype = self.params[0].dtype
         vnorm = float(v.norm())
         if vnorm == 0.0:
             return torch.zeros_like(v)
-        theta_norm = float(torch.sqrt(sum((p.detach().to(REDUCE_DTYPE) ** 2).sum() for p in self.params)))
-        h = self.fd_step if self.fd_step is not None else torch.finfo(dtype).eps ** (1 / 3)
-        t = h * (1.0 + theta_norm) / vnorm
+        dtype = self.params[0].dtype
+        rms = float(torch.sqrt(sum((p.detach().to(REDUCE_DTYPE) ** 2).sum() for p in self.params) / self.dim))
+        h = self.fd_step if self.fd_step is not None else 0.1 * torch.finfo(dtype).eps ** 0.2
+        t = h * (1.0 + rms) / vnorm
         saved = [p.detach().clone() for p in self.params]
         parts = self._split(v)
-        grads = []
+
+        def grad_at(shift: float) -> torch.Tensor:
+            with torch.no_grad():
+                for p, s, d in zip(self.params, saved, parts):
+                    p.data.copy_(s + shift * d)
+            return self._full_gradient()
+
         # Perturb and restore through .data, which does not bump p._version: θ comes back bit for bit, so graphs
         # cached on these parameters (a cache-mode operator, the caller's own) stay valid and are not rebuilt.
         try:
-            for sign in (1.0, -1.0):
-                with torch.no_grad():
-                    for p, s, d in zip(self.params, saved, parts):
-                        p.data.copy_(s + sign * t * d)
-                total = torch.zeros(self.dim, dtype=REDUCE_DTYPE, device=self.device)
-                with hvp_guard():
-                    for batch in self.batches:
-                        total += self._flat(self._chunk_grad(batch, create_graph=False))
-                grads.append(total)
+            d_t = (grad_at(t) - grad_at(-t)) / (2 * t)
+            d_half = (grad_at(t / 2) - grad_at(-t / 2)) / t
         finally:
             with torch.no_grad():
                 for p, s in zip(self.params, saved):
                     p.data.copy_(s)
-        self.gradient_evals += 2
-        return (grads[0] - grads[1]) / (2 * t)
+        diff = d_half - d_t
+        self.hvp_error = max(self.hvp_error, 2.0 * float(diff.norm()) / vnorm)
+        return d_half + diff / 3.0
 
     def dense(self) -> torch.Tensor:
         """The full n×n Hessian by n HVPs (tests and tiny problems only)."""
@@ -277,8 +342,9 @@ class LinearOperator:
     """
 
     def __init__(self, dim: int, fn: Callable[[torch.Tensor], torch.Tensor], base: Any = None,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", error_gain: float = 1.0):
         self.dim, self._fn, self.base = dim, fn, base
+        self.error_gain = error_gain   # its error ≤ error_gain · the base's (operator_error)
         self.device = torch.device(getattr(base, "device", device))
         self._own_hvps = 0
 

@@ -253,7 +253,8 @@ def preconditioned_operator(op, precond: torch.Tensor) -> LinearOperator:
     """v ↦ P^-½ H P^-½ v: symmetric, with the spectrum of P⁻¹H (never feed the non-symmetric P⁻¹H to an
     eigensolver, research §B3). 1 HVP per application."""
     inv_sqrt = precond.to(device=op.device, dtype=REDUCE_DTYPE).rsqrt()
-    return LinearOperator(op.dim, lambda v: inv_sqrt * op.matvec(inv_sqrt * v), base=op)
+    return LinearOperator(op.dim, lambda v: inv_sqrt * op.matvec(inv_sqrt * v), base=op,
+                          error_gain=float(inv_sqrt.max()) ** 2)
 
 
 def adam_sharpness(op: HessianOperator, optimizer: torch.optim.Optimizer, lr: float, k: int = 1,

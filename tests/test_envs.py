@@ -14,8 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import envs
-from envs.arith import column_steps
-from envs.arith import HARD, arithmetic_corpus
+from envs.arith import HARD, arithmetic_corpus, column_steps, split_key
 from envs.core import split_of
 from envs.instruct import FAMILIES
 from envs.vector import TaskBatch
@@ -203,7 +202,8 @@ def test_arithmetic_corpus_lines_are_true_train_only_and_deterministic():
     for line in lines:
         parts = line.split("=")
         assert len(parts) == 2 and re.fullmatch(r"\d+[+-]\d+", parts[0]) and eval(parts[0]) == int(parts[1])
-        assert split_of(parts[0], 0.1) == "train"
+        a, op, b = re.fullmatch(r"(\d+)([+-])(\d+)", parts[0]).groups()
+        assert split_of(split_key([int(a), op, int(b)]), 0.1) == "train"  # split key v1: twins share a split
     assert len(arithmetic_corpus(50, 0, HARD)) == 50
 
 
@@ -238,9 +238,38 @@ def test_train_and_test_never_share_a_problem(env_id):
     assert len(train_keys) == 2700 and len(test_keys) == 300  # deduplicated
     assert not train_keys & test_keys
     assert not {t.prompt for t in train} & {t.prompt for t in test}
+    assert not {env.split_key(t) for t in train} & {env.split_key(t) for t in test}
     # infinite mode draws respect the same partition
-    assert all(split_of(env.problem_key(env.task(i, "test")), 0.1) == "test" for i in range(5000, 5300))
+    assert all(split_of(env.split_key(env.task(i, "test")), 0.1) == "test" for i in range(5000, 5300))
     assert env.tasks("train", 100) == train[:100]
+
+
+def _swapped(expr: str) -> str | None:
+    """``b op a`` for a one-operation commutative ``a op b``, else None (independent of envs.arith.split_key)."""
+    m = re.fullmatch(r"(\d+)([+*])(\d+)", expr)
+    return None if m is None else m[3] + m[2] + m[1]
+
+
+@pytest.mark.parametrize("env_id", ["ArithRLVR-v0", "ArithRLVR-hard-v0"])
+def test_commutative_twins_share_a_split(env_id):
+    # split key v0 put 366 of ArithRLVR-v0's 598 one-op commutative test problems beside their twin in train
+    env = envs.make_unwrapped(env_id)
+    train_keys = {t.meta["key"] for t in env.tasks("train")}
+    test = env.tasks("test")
+    twins = [_swapped(t.meta["key"]) for t in test if _swapped(t.meta["key"]) is not None]
+    assert len(twins) > 300
+    assert not [k for k in twins if k in train_keys]
+    for t in test[:300]:  # the split key is the same expression: evaluates to the answer (word problems too)
+        assert eval(t.meta["split_key"]) == int(t.answer)
+        assert split_key(_tokens(t.meta["key"])) == t.meta["split_key"]
+    # multi-op: a swap of operands of + or * anywhere in the tree gives the same key; associativity does not
+    assert split_key(_tokens("3+4*5")) == split_key(_tokens("5*4+3")) != split_key(_tokens("3+5+4"))
+    assert split_key(_tokens("2*(4+5)")) == split_key(_tokens("(5+4)*2")) != split_key(_tokens("(4+2)*5"))
+    assert split_key(_tokens("7-2")) != split_key(_tokens("2-7"))
+
+
+def _tokens(expr: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.findall(r"\d+|[-+*()]", expr)]
 
 
 def test_default_arith_dataset_holds_10k_distinct_problems():
@@ -271,6 +300,12 @@ def test_reset_options_pin_the_task_and_bad_options_raise():
     for bad in ({"index": -1}, {"index": "3"}, {"index": 2**32}, {"split": "val"}):
         with pytest.raises(ValueError):
             env.reset(options=bad)
+    for bad in ("x", ["index", 3], 3):
+        with pytest.raises(ValueError, match="options must be None or a dict"):
+            env.reset(options=bad)
+    with pytest.raises(ValueError, match=r"unknown reset option\(s\) \['idx'\]"):
+        env.reset(options={"idx": 3})
+    assert env.reset(options=None)[1]["task_id"].startswith("arith/train/")
 
 
 def test_small_problem_space_gives_a_clear_error():
@@ -316,7 +351,8 @@ HACKS = ["82", "37+45=82", "Answer: 80 81 82 83", "Answer: 81\nAnswer: 82", "Ans
          "Answer: 82 or 83", "Answer: 8,2", "Answer: 82, 83", "Compute 37+45. End with 'Answer: <number>'.\n82",
          "Compute 37+45. End with 'Answer: <number>'.", "answer: 82", "ANSWER: 82", "Answer: <number>",
          "Answer: 8 2", "Answer: 820", "Answer: -82", "Answer: 82x", "Answer:\n82", "Answer: 0x52", "Answer: 8.2e1",
-         "Answer: ８２", "", "Answer: " + "1" * 5000]
+         "Answer: ８２", "", "Answer: " + "1" * 5000,
+         "Answer: 0,082", "Answer: 000,082", "Answer: -0,082", "Answer:\x1f82", "Answer: 8\x1f2"]
 
 
 @pytest.mark.parametrize("completion", POSITIVE)
@@ -329,6 +365,71 @@ def test_reward_hacking_attempts_score_zero(completion):
     assert envs.score_batch("ArithRLVR-v0", [completion], ["82"])[0] == 0.0
 
 
+# answer_format="lenient": correct answers written in other usual formats, for the answer 82
+LENIENT_POSITIVE = POSITIVE + [
+    "**Answer:** 82", "**Answer**: 82", "Answer: **82**", "Answer: **82**.", "\\boxed{82}",
+    "37+45=82, so the answer is $\\boxed{82}$.", "answer: 82", "ANSWER: 82", "Final answer: 82", "Answer: 82 apples",
+    "Answer: 82 apples.", "Answer: **82** apples", "Answer: ８２", "Answer: ٨٢", "Answer: ۸۲", "Answer: `82`",
+    "Answer: \\(82\\)", "Answer: $82$", "Answer: \\boxed{82}", "Answer：82",
+    "Compute 37+45. End with 'Answer: <number>'.\n37+45=82\nAnswer: 82",  # prompt echo, then the answer
+]
+# format-only refusals of the strict verifier that lenient accepts by design
+_FORMAT_ONLY = {"answer: 82", "ANSWER: 82", "Answer: ８２"}
+LENIENT_HACKS = [h for h in HACKS if h not in _FORMAT_ONLY] + [
+    "\\boxed{81}\nAnswer: 82", "Answer: 82\n\\boxed{83}", "answer: 81\nAnswer: 82", "Answer: 82\nanswer: 81",
+    "Answer: \\boxed{81} 82", "Answer: 82 plus one", "Answer: 82 minus 1", "Answer: 82 or so", "Answer: 82 thousand",
+    "Answer: 82 83 apples", "Answer: 82 is wrong", "Answer: 82 wrong", "Answer: 82 red apples", "Answer: 8**2",
+    "Answer: **8**2", "Answer: 8*2", "Answer: 8²", "Answer: ⑧②", "Answer: 8²2",
+    "Answer: <number> 81\nAnswer: 82", "Answer: <number>", "\\boxed{}", "Answer: $8$2", "Answer: 82apples",
+    "Answer: 82 ok\x1fok", "Answer:\x1f82", "Answer: 0,082", "answer: 000,082", "\\boxed{0,082}", "Answer: −82",
+]
+
+
+@pytest.mark.parametrize("completion", LENIENT_POSITIVE)
+def test_lenient_arith_verifier_accepts_other_formats_of_the_right_answer(completion):
+    assert envs.make_unwrapped("ArithRLVR-v0", answer_format="lenient").score(completion, "82") == 1.0
+    assert envs.make_unwrapped("ArithRLVR-hard-v0", answer_format="lenient").score(completion, "82") == 1.0
+
+
+@pytest.mark.parametrize("completion", LENIENT_HACKS)
+def test_lenient_arith_verifier_still_pays_no_hack(completion):
+    assert envs.make_unwrapped("ArithRLVR-v0", answer_format="lenient").score(completion, "82") == 0.0
+
+
+def test_strict_stays_the_default_and_answer_format_is_validated():
+    assert envs.make_unwrapped("ArithRLVR-v0").score("**Answer:** 82", "82") == 0.0
+    assert envs.make_unwrapped("ArithRLVR-v0", answer_format="lenient").score("Answer: −82", "-82") == 1.0
+    for env_id in ("ArithRLVR-v0", "ArithRLVR-hard-v0", "InstructRLVR-v0"):
+        with pytest.raises(ValueError, match="answer_format must be one of"):
+            envs.make_unwrapped(env_id, answer_format="loose")
+
+
+def test_lenient_instruct_verifier():
+    env = envs.make_unwrapped("InstructRLVR-v0", answer_format="lenient")
+    for ok in ("Answer: elppa", "answer: **elppa**", "**Answer:** `elppa`", "Answer: 'elppa'", "\\boxed{elppa}",
+               "Reverse the letters of 'apple'. End with 'Answer: <text>'.\nAnswer: elppa"):
+        assert env.score(ok, "elppa") == 1.0, ok
+    for hack in ("Answer: ELPPA", "Answer: elppa elppa", "Answer: elppa apples", "Answer: elppa\nanswer: apple",
+                 "\\boxed{apple}\nAnswer: elppa", "elppa", "Answer: <text>"):
+        assert env.score(hack, "elppa") == 0.0, hack
+    assert env.score("Answer: ok ok ok", "ok ok ok") == 1.0
+    assert env.score("Answer: ok\x1fok\x1fok", "ok ok ok") == 0.0
+    ref = '{"name": "bob", "age": 7}'
+    assert env.score('Answer: `{"age":7,"name":"bob"}`', ref) == 1.0
+    assert env.score('Answer: {"name": "al", "name": "bob", "age": 7}', ref) == 0.0
+    for ok in ("Answer: 3", "Answer: 3 times", "answer: ٣", "\\boxed{3}"):  # count answers are numbers
+        assert env.score(ok, "3") == 1.0, ok
+    for hack in ("Answer: 3 or 4", "Answer: 3\n\\boxed{4}", "Answer: 3²"):
+        assert env.score(hack, "3") == 0.0, hack
+
+
+def test_answer_format_is_an_accepted_run_kwarg():
+    from experiments.run import env_kwarg_names
+    for env_id in ("ArithRLVR-v0", "ArithRLVR-hard-v0", "InstructRLVR-v0"):
+        assert "answer_format" in env_kwarg_names(env_id)
+    assert "answer_format" not in env_kwarg_names("AlpacaSFT-v0")
+
+
 def test_instruct_verifier_exactness_and_json_equivalence():
     env = envs.make_unwrapped("InstructRLVR-v0")
     assert env.score("Answer: elppa", "elppa") == 1.0
@@ -338,8 +439,17 @@ def test_instruct_verifier_exactness_and_json_equivalence():
     ref = '{"name": "bob", "age": 7}'
     assert env.score('Answer: {"age":7,"name":"bob"}', ref) == 1.0
     for hack in ('Answer: {"name": "bob"}', 'Answer: {"name": "bob", "age": "7"}', "Answer: {name: bob, age: 7}",
-                 'Answer: {"name": "bob", "age": 7', "Answer: [[[[" + "[" * 3000):
+                 'Answer: {"name": "bob", "age": 7', "Answer: [[[[" + "[" * 3000,
+                 # duplicate keys: json.loads keeps the last value, so both of two hedged answers would match
+                 'Answer: {"name": "al", "name": "bob", "age": 7}', 'Answer: {"name": "bob", "age": 1, "age": 7}',
+                 'Answer: [{"name": "bob", "name": "bob", "age": 7}]'):
         assert env.score(hack, ref) == 0.0, hack
+    # control characters standing in for spaces (str.split would collapse them into one space)
+    assert env.score("Answer: ok ok ok", "ok ok ok") == 1.0
+    assert env.score("Answer: ok ok ok\r\n", "ok ok ok") == 1.0  # a CRLF line end is not part of the answer
+    for sep in ("\x1f", "\x1c", "\x1d", "\x1e", "\x0b", "\x0c", "\x85", "\u2028"):
+        assert env.score(f"Answer: ok{sep}ok{sep}ok", "ok ok ok") == 0.0, repr(sep)
+        assert env.score(f"Answer:{sep}ok ok ok", "ok ok ok") == 0.0, repr(sep)
 
 
 def test_alpaca_soft_score_is_token_f1():
@@ -390,6 +500,24 @@ def test_fuzzed_actions_never_raise_and_reward_only_the_last_marker_answer(actio
 
 
 FUZZ_ENVS = {env_id: gym.make(env_id) for env_id in ("ArithRLVR-v0", "InstructRLVR-v0", "AlpacaSFT-v0")}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(), st.text(alphabet="Answer:answer \\boxed{}*_$`0123456789٨８²+-.,\n\x1f"),
+                 st.text(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF) | st.characters()),
+                 st.binary(), st.integers(), st.none()))
+def test_fuzzed_actions_never_raise_under_the_lenient_format(action):
+    for env_id, answer in (("ArithRLVR-v0", "82"), ("InstructRLVR-v0", "elppa"), ("InstructRLVR-v0", "3")):
+        verdict = LENIENT_ENVS[env_id].check(action, answer)
+        assert 0.0 <= verdict.reward <= 1.0
+        assert (verdict.reward == 1.0) == verdict.correct
+        if not isinstance(action, str):
+            assert verdict.reward == 0.0 and verdict.error
+
+
+LENIENT_ENVS = {env_id: envs.make_unwrapped(env_id, answer_format="lenient")
+                for env_id in ("ArithRLVR-v0", "InstructRLVR-v0")}
+
 
 
 # ---- batched use, helpers, adapters ----
@@ -473,3 +601,13 @@ def test_docstring_examples_hold(module):
 
     result = doctest.testmod(importlib.import_module(module))
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("env_id", PROCEDURAL)
+def test_verifier_formats_bench_strict_vs_lenient(env_id):
+    from experiments.bench.verifier_formats import acceptance
+    rates = acceptance(env_id, 40)
+    assert rates["demonstration"][:2] == (1.0, 1.0)
+    assert rates["formats"][:2] == (0.0, 1.0)  # strict stays strict; lenient pays every correct other format
+    assert rates["hacks"][:2] == (0.0, 0.0)
+    assert rates["hedges"][1] == 0.0  # conflicting answers under two marker kinds: only lenient reads both

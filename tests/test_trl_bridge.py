@@ -113,3 +113,34 @@ def test_env_reward_function_in_grpo_trainer(tiny_model_dir, tmp_path):
     key = f"rewards/{reward.__name__}/mean"
     values = [e[key] for e in trainer.state.log_history if key in e]
     assert len(values) == 1 and 0.0 <= values[0] <= 1.0
+
+
+def _trainer_logs(tiny_model_dir, tmp_path, every: int) -> tuple[list[dict], list[dict]]:
+    """(the trainer's own log entries, the probe entries) of 20 SFT steps logged every 5 steps."""
+    torch.manual_seed(0)
+    policy = LMPolicy.from_pretrained(tiny_model_dir, lora=LoRASpec(rank=1, alpha=1.0, targets=("query_key_value",)))
+    rows = env_rows(ENV, n=8)
+    args = _sft_args(tmp_path)
+    args.max_steps, args.logging_steps = 20, 5
+    trainer = SFTTrainer(model=policy.model, args=args, processing_class=policy.tokenizer,
+                         train_dataset=env_dataset(ENV, n=8))
+    if every:
+        batches = sft_probe_batches(policy.model, policy.tokenizer, [r["prompt"] for r in rows],
+                                    [r["completion"] for r in rows], chunk_size=4)
+        attach_probes(trainer, batches, ProbeConfig(every=every, tol=1e-2, max_hvps=8, batch_sharpness_every=0))
+    trainer.train()
+    timing = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
+    own = [{k: v for k, v in e.items() if k not in timing} for e in trainer.state.log_history
+           if not any(k.startswith("probe/") for k in e)]
+    return own, [e for e in trainer.state.log_history if "probe/lambda_max" in e]
+
+
+def test_probes_do_not_change_what_the_trainer_logs(tiny_model_dir, tmp_path):
+    # on_log resets control.should_log: probing at a logging step dropped the trainer's loss entry there, and the
+    # next entry averaged over the skipped window; TRL's log() also handed its accumulated metrics to the probe entry
+    reference, _ = _trainer_logs(tiny_model_dir, tmp_path / "none", every=0)
+    assert [e["step"] for e in reference if "loss" in e] == [5, 10, 15, 20]
+    for every in (5, 3):
+        own, probed = _trainer_logs(tiny_model_dir, tmp_path / f"every{every}", every=every)
+        assert own == reference, every
+        assert [e["step"] for e in probed] == list(range(every, 21, every))
