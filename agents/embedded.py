@@ -62,7 +62,7 @@ class EmbeddedConfig:
     # corpus
     corpus_chars: int = 2_000_000     # prose collected from the stdlib (whole stdlib ≈ 2.07M chars on CPython 3.11)
     retention_fraction: float = 0.05  # share of documents held out as the retention set
-    arith_fraction: float = 0.6       # arithmetic equation chars added to the training split, relative to corpus_chars
+    arith_fraction: float = 0.3       # arithmetic equation chars added to the training split, relative to corpus_chars
     # tokenizer + model
     vocab_size: int = 2048            # the LM head is most of a step's cost at this width; digits need no merges
     split_digits: bool = True         # every digit its own token (BPE never merges "37" into one symbol)
@@ -168,21 +168,26 @@ def _documents_of(path: Path | None) -> list[str]:
     return docs
 
 
-# Arithmetic as it appears in web text: worksheets of bare equations, Q/A pairs, sentences, and worked exercises
-# (column working, as envs.arith demonstrates it) that end with an "Answer:" line. One document = one worksheet in
-# one format. The worked formats make the answer marker and the column procedure reachable from the base model
-# (RL from the base earns some reward); they are two formats among seven, and the base never sees the task's own
-# instruction, so SFT still has to teach the prompt -> working mapping.
-_ARITH_FORMATS = (
+# Arithmetic as it appears in web text: worksheets of bare equations, Q/A pairs and sentences (the "direct" formats),
+# and worked exercises that show column working (as envs.arith demonstrates it) and end with an "Answer:" line. One
+# document = one worksheet in one format; half of the worksheets are worked. The worked ones make the column procedure
+# and the answer marker reachable from the base model (RL from the base earns some reward), and a base that can
+# already work columns needs a shorter SFT, which forgets less of its prose (measured: a base with 2 worked formats of
+# 7 needed ~750 AdamW steps at 1e-3 for 0.66 held-out, while its prose perplexity rose 3.3x in the first 150). The
+# base never sees the task's own instruction, so SFT still has to teach the prompt -> working mapping.
+_DIRECT_FORMATS = (
     lambda e, v, steps: steps,
     lambda e, v, steps: re.sub(r"(?<=[\d)])([-+*=])", r" \1 ", steps),  # binary operators only: "5 - 11 = -6"
     lambda e, v, steps: f"Q: What is {e}?\nA: {v}",
     lambda e, v, steps: f"{e} is {v}.",
     lambda e, v, steps: f"Problem: {e}\nSolution: {steps}",
+)
+_WORKED_FORMATS = (
     lambda e, v, steps: f"Compute {e}.\n{working(steps.split('='))}\nAnswer: {v}",
     lambda e, v, steps: f"Compute {e}. Show your work.\n{working(steps.split('='))}\nAnswer: {v}",
+    lambda e, v, steps: f"Problem: {e}\nWorking:\n{working(steps.split('='))}\nAnswer: {v}",
 )
-_HARD_SHARE = 0.2
+_HARD_SHARE = 0.1  # share of worksheets drawn from the hard preset (multi-step, '*', parentheses, negatives)
 
 
 def working(steps: list[str]) -> str:
@@ -194,7 +199,7 @@ def working(steps: list[str]) -> str:
 def _arith_documents(n_chars: int, seed: int, lines_per_doc: int = 8) -> list[str]:
     """Worksheets of train-split arithmetic (``envs.arith.arithmetic_corpus``) totalling about ``n_chars`` of
     equations. Worksheet j is from the hard preset when ``sha256("sheet j") mod 100 < 100 * _HARD_SHARE`` and is
-    rendered in the format ``_ARITH_FORMATS[sha256(its lines) mod 7]``; each preset's lines are consumed in order,
+    rendered in a worked or a direct format picked by ``sha256(its lines)``; each preset's lines are consumed in order,
     so the worksheets of a smaller corpus are a prefix of a larger one's."""
     if n_chars <= 0:
         return []
@@ -210,7 +215,9 @@ def _arith_documents(n_chars: int, seed: int, lines_per_doc: int = 8) -> list[st
     docs = []
     for is_hard in hard:
         sheet = [next(pools[is_hard]) for _ in range(lines_per_doc)]
-        fmt = _ARITH_FORMATS[_sha("\n".join(sheet)) % len(_ARITH_FORMATS)]
+        h = _sha("\n".join(sheet))
+        formats = _WORKED_FORMATS if h % 2 else _DIRECT_FORMATS
+        fmt = formats[(h // 2) % len(formats)]
         docs.append("\n".join(fmt(ln.split("=")[0], ln.split("=")[-1], ln) for ln in sheet))
     return docs
 
