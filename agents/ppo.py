@@ -40,7 +40,7 @@ class PPOConfig:
 
     prompts_per_step: int = 8
     group_size: int = 4
-    max_new_tokens: int = 24
+    max_new_tokens: int = 64        # room for the column working of ArithRLVR (~45 tokens for 2 digits)
     temperature: float = 1.0
     clip_eps: float = 0.2
     kl_coef: float = 0.05

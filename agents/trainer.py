@@ -72,7 +72,7 @@ class TrainConfig:
     checkpoint_every: int = 250     # 0 = only at the end
     divergence_loss: float = 50.0   # loss above this (or non-finite) ends the run as "diverged"
     max_length: int = 128
-    eval_max_new_tokens: int = 32
+    eval_max_new_tokens: int = 64   # column working of a 3-digit sum is ~50 tokens
     n_samples: int = 6              # eval prompts shown base vs fine-tuned in samples.json
     save_model: bool = True         # save_pretrained the final policy to <run>/checkpoints/final_model
 

@@ -7,13 +7,13 @@ import sys
 import pytest
 
 from experiments.cli import main, one_line, parse
-from experiments.run import ConfigError, RunConfig
+from experiments.run import ConfigError, RunConfig, default_config
 
 
 def test_run_subcommands_and_seed_knobs():
-    assert parse(["sft"]) == RunConfig(regime="sft")
+    assert parse(["sft"]) == default_config("sft") and parse(["rl"]) == default_config("rl")
     lora = parse(["lora"])
-    assert lora.regime == "sft" and lora.model.lora_rank == 8
+    assert lora == default_config("lora") and lora.regime == "sft" and lora.model.lora_rank == 8
     assert parse(["lora", "--model.lora-rank", "32"]).model.lora_rank == 32
     assert parse(["rl", "--ppo.group-size", "8"]).ppo.group_size == 8
     cfg = parse(["sft", "--optim.name", "sgd", "--optim.lr", "1e-4", "--optim.momentum", "0.9",
