@@ -1,10 +1,11 @@
 """``eoslab demo`` (``make demo``): the whole study, small, on CPU, in under 15 minutes on a fresh 2-core machine.
 
 1. builds (first time, ~4-5 min) or loads the embedded GPT-NeoX model (agents.embedded);
-2. runs three small learning-rate studies with probes on both cores, on verifiable instruction tasks
-   (InstructRLVR-v0): full SFT, LoRA SFT (rank 8) and RLVR (PPO, group baseline; from a 150-step SFT warm start,
-   since the base model never emits the answer format and would get zero reward variance), each with the seed's
-   optimizer (SGD, momentum 0.9, weight decay 1e-4) and effective batch 16 = 4×4 (RL: 4 prompts × 4 samples).
+2. runs three small learning-rate studies with probes on both cores, on arithmetic with column working
+   (ArithRLVR-v0): full SFT, LoRA SFT (rank 8) and RLVR (PPO, group baseline; from a 150-step warm start of
+   `eoslab sft` at its defaults, a policy that has learnt part of the task, so rewards vary within groups), each
+   with the seed's optimizer (SGD, momentum 0.9, weight decay 1e-4) and effective batch 16 = 4×4 (RL: 4 prompts ×
+   4 samples).
    The learning rates reach above the seed's 1e-4…1e-2, because on the 1.4M-parameter model only η ≳ 0.1 brings
    η·λ_max near the momentum edge 2+2β = 3.8 within 80 steps (measured: η·λ ≈ 0.4 at η = 0.01, ≈ 4 at η = 0.1);
 3. runs the Cohen et al. 2021 validation (full-batch GD on a tanh MLP, experiments.cohen2021) on the second core
@@ -45,7 +46,7 @@ def demo_sweeps(cfg: DemoConfig):
     from agents.optim import OptimConfig
     from agents.ppo import PPOConfig
     from agents.trainer import TrainConfig
-    from experiments.run import EnvConfig, ModelConfig, RunConfig, replace
+    from experiments.run import EnvConfig, ModelConfig, RunConfig, default_config, replace
     from experiments.sweep import WARM_START, Sweep, grid
     from probes import ProbeConfig
 
@@ -55,17 +56,20 @@ def demo_sweeps(cfg: DemoConfig):
     sft = RunConfig(
         regime="sft",
         model=ModelConfig(name=cfg.model),
-        env=EnvConfig(env_id="InstructRLVR-v0", n_train=512, n_eval=32),
+        env=EnvConfig(env_id="ArithRLVR-v0", n_eval=32),
         optim=OptimConfig(name="sgd", momentum=0.9, weight_decay=1e-4),
         train=TrainConfig(steps=cfg.sft_steps, micro_batch=4, grad_accum=4, eval_every=50, retention_every=50,
-                          retention_tokens=4096, checkpoint_every=0, n_samples=4, eval_max_new_tokens=16),
+                          retention_tokens=4096, checkpoint_every=0, n_samples=4),
         probe=probe,
     )
     lora = replace(sft, model={"lora_rank": cfg.lora_rank}, train={"steps": cfg.lora_steps})
-    warm = replace(sft, name="warm-start-sft", optim={"lr": 1e-2}, probe=ProbeConfig(every=0),
-                   train={"steps": cfg.warm_start_steps})
+    # the warm start is `eoslab sft` at its defaults (AdamW), shortened: a policy that has learnt part of the task
+    warm = replace(default_config("sft"), name="warm-start-sft", model={"name": cfg.model}, env=sft.env,
+                   probe=ProbeConfig(every=0), train={"steps": cfg.warm_start_steps, "eval_every": 50,
+                                                      "retention_every": 50, "retention_tokens": 4096,
+                                                      "checkpoint_every": 0, "n_samples": 4})
     rl = replace(sft, regime="rl", model={"name": WARM_START}, ppo=PPOConfig(prompts_per_step=4, group_size=4,
-                                                                             max_new_tokens=16),
+                                                                             max_new_tokens=48, temperature=0.7),
                  train={"steps": cfg.rl_steps, "micro_batch": 8, "grad_accum": 1, "eval_every": 20,
                         "retention_every": 20, "save_model": False})
     return [
