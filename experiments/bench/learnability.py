@@ -95,7 +95,9 @@ def plan(env_id: str, args) -> list[tuple[str, object]]:
     def steps(c, n):
         return replace(c, train={"steps": n}) if n else c
 
-    warm = steps(cfg("sft", name="warm-start-sft"), args.warm_steps)
+    # the first warm_steps steps of the SFT default: its cosine would decay over warm_steps instead of the default's
+    # 1000, so the warm start keeps the warm-up and holds the peak LR (the default's LR at step 150 is 0.97 x peak)
+    warm = steps(cfg("sft", name="warm-start-sft", optim={"schedule": "constant"}), args.warm_steps)
     warm_dir = Path(warm.out_dir) / "warm-start-sft" / "checkpoints" / "final_model"
     runs = {"sft": [("sft", steps(cfg("sft"), args.sft_steps))], "lora": [("lora", steps(cfg("lora"), args.lora_steps))],
             "sgd": [], "rl": [("warm start", warm), ("rl", steps(cfg("rl", model={"name": str(warm_dir)},
