@@ -40,7 +40,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     p, d = k / n, 1 + z * z / n
     c = (p + z * z / (2 * n)) / d
     h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return c - h, c + h
+    return max(0.0, c - h), min(1.0, c + h)  # clamp the rounding at k = 0 or n
 
 
 def timed_run(cfg) -> tuple[Path, float]:
@@ -88,7 +88,7 @@ def plan(env_id: str, args) -> list[tuple[str, object]]:
 
     def cfg(command: str, **sections):
         base = default_config(command)
-        c = replace(base, out_dir=str(args.out / env_id), env={"env_id": env_id},
+        c = replace(base, out_dir=str(args.out / env_id), env={"env_id": env_id, "n_eval": args.n_eval},
                     model={"name": args.model} if command != "rl" else {})
         return replace(c, **sections) if sections else c
 
@@ -128,6 +128,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--envs", nargs="+", default=list(ENVS))
     p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=REGIMES)
     p.add_argument("--model", default="embedded", help="'embedded' or a local model directory")
+    p.add_argument("--n-eval", type=int, default=500, help="held-out test problems scored at start and end")
     p.add_argument("--out", type=Path, default=Path("runs/bench/learnability"))
     p.add_argument("--sft-steps", type=int, default=0, help="0 = the default of `eoslab sft`")
     p.add_argument("--lora-steps", type=int, default=0, help="0 = the default of `eoslab lora`")
