@@ -68,7 +68,7 @@ _POOL_SALT = b"eoslab-pool-v0|"
 
 
 def pool_of(key: str, rl_share: float = RL_POOL_SHARE) -> str:
-    """Which train pool a canonical problem ``key`` belongs to: the first 8 bytes of ``sha256(pool salt + key)``,
+    """Which train pool a problem belongs to, given its split key (shared by twins): the first 8 bytes of ``sha256(pool salt + key)``,
     read as a fraction of 2**64, below ``rl_share`` -> "rl", else "sft". A second hash partition (its own salt,
     so it is independent of :func:`split_of`), so RL after SFT trains on problems the SFT data never contained,
     whatever either run's ``n_train``. sha256, not crc32: crc32 is affine in the key's bits, and the pools of

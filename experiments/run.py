@@ -298,7 +298,7 @@ def train_tasks(env, e: EnvConfig, regime: str) -> list:
     pool = regime if e.pool == "auto" else e.pool
     tasks = env.tasks("train")
     if pool != "all":
-        tasks = [t for t in tasks if pool_of(env.problem_key(t)) == pool]
+        tasks = [t for t in tasks if pool_of(env.split_key(t)) == pool]  # twins (1+3, 3+1) share a pool
     if e.n_train is not None:
         if e.n_train > len(tasks):
             raise ValueError(f"env.n_train={e.n_train} exceeds the {len(tasks)} tasks of {e.env_id}'s train split "

@@ -218,7 +218,7 @@ def test_rl_trains_on_problems_that_sft_never_saw():
 
     env = envs.make_unwrapped("ArithRLVR-v0")
     sft, rl = train_tasks(env, EnvConfig(), "sft"), train_tasks(env, EnvConfig(), "rl")
-    key = env.problem_key
+    key = env.split_key  # the same for a problem and its twins (3+1 for 1+3): they never straddle two pools
     assert len(sft) + len(rl) == len(env.tasks("train"))
     assert not {key(t) for t in sft} & {key(t) for t in rl}
     assert not ({key(t) for t in sft} | {key(t) for t in rl}) & {key(t) for t in env.tasks("test")}
