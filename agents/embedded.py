@@ -196,7 +196,7 @@ _HARD_SHARE = 0.1  # share of worksheets drawn from the hard preset (multi-step,
 def working(steps: list[str]) -> str:
     from envs.arith import working as columns  # envs is optional: only arithmetic documents need it
 
-    return columns(steps)  # share of worksheets drawn from the hard preset (multi-step, '*', parentheses, negatives)
+    return columns(steps)
 
 
 def _arith_documents(n_chars: int, seed: int, lines_per_doc: int = 8) -> list[str]:

@@ -281,14 +281,11 @@ class ArithEnv(ProceduralTaskEnv):
         return Task(
             prompt=f"{p['text']} {INSTRUCTION}\n",
             answer=answer,
-            demonstration=self._working(p) + "\nAnswer: " + answer,
+            demonstration=working(p["steps"], self.config.working) + "\nAnswer: " + answer,
             task_id=task_id,
             family=self.family,
             meta={"key": key, "split_key": p["split_key"], "word": p["word"], "n_ops": p["n_ops"], **self._knobs},
         )
-
-    def _working(self, p: dict) -> str:
-        return working(p["steps"], self.config.working)
 
     def check(self, completion, answer) -> Verdict:
         return self._check(completion, answer, self.max_completion_chars)
