@@ -118,3 +118,20 @@ def test_eigenvalue_stop_cold_start_is_not_fooled_by_a_large_negative_ritz_value
     res = top_eigenvalues(LinearOperator.from_matrix(a), k=1, tol=1e-3, stop="eigenvalue", max_hvps=200,
                           generator=torch.Generator().manual_seed(seed))
     assert abs(float(res.values[0]) - truth) <= 1e-3 * abs(truth)
+
+
+def test_eigenvalue_stop_cold_start_resolves_a_close_top_pair():
+    """λ₁ = 42.86 just above λ₂ = 40.49 (the embedded model's SFT batch), over a bulk: a cold Krylov subspace first
+    holds a mix of the two, whose Temple gap estimate (to the bulk) says converged at θ between λ₂ and λ₁. The
+    confirming iteration the eigenvalue stop takes sees θ rise and goes on; it still costs no more than the
+    residual stop."""
+    n = 2000
+    a = torch.diag(torch.cat([torch.tensor([42.86, 40.49], dtype=D), torch.linspace(-5.0, 5.0, n - 2, dtype=D)]))
+    hvps = {"eigenvalue": 0, "residual": 0}
+    for seed in range(10):
+        for stop in hvps:
+            res = top_eigenvalues(LinearOperator.from_matrix(a), k=1, tol=1e-3, stop=stop, max_hvps=200,
+                                  generator=torch.Generator().manual_seed(seed))
+            assert res.converged and abs(float(res.values[0]) - 42.86) <= 1e-3 * 42.86, (seed, stop, res.values)
+            hvps[stop] += res.hvps
+    assert hvps["eigenvalue"] <= hvps["residual"]
