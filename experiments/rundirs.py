@@ -2,8 +2,9 @@
 
 Reads ``config.json``, ``metrics.jsonl``, ``status.json``/``DONE`` and ``samples.json``; imports no training code,
 so a report can be built on a machine with nothing but numpy and matplotlib. Stability thresholds are taken from
-the logged probe keys when present, else derived from the saved optimizer config:
-GD 2/η; heavy-ball momentum β (2+2β)/η; Adam on the preconditioned Hessian (2+2β₁)/((1-β₁)η).
+the logged probe keys when present, else derived from the saved optimizer config by the probes' own formulas
+(:mod:`probes.thresholds`, torch-free): GD 2/η, momentum (heavy ball or Nesterov, with dampening), Adam on the
+preconditioned Hessian.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from probes.thresholds import adam_threshold, momentum_threshold
 
 
 @dataclass
@@ -91,6 +94,17 @@ class Run:
         return float(self._get("optim", "momentum", default=0.0) or 0.0)
 
     @property
+    def nesterov(self) -> bool:
+        return self.optimizer == "sgd" and bool(self._get("optim", "nesterov", default=False))
+
+    @property
+    def dampening(self) -> float:
+        """SGD dampening τ (OptimConfig leaves it at torch's default 0; a config that sets it is read)."""
+        if self.optimizer != "sgd":
+            return 0.0
+        return float(self._get("optim", "dampening", default=0.0) or 0.0)
+
+    @property
     def beta1(self) -> float:
         betas = self._get("optim", "betas", default=(0.9, 0.999))
         return float(betas[0])
@@ -100,11 +114,12 @@ class Run:
         return self.optimizer in ("adam", "adamw")
 
     def edge(self, key: str = "probe/lambda_max") -> float:
-        """η·θ for the sharpness ``key``: 2 (GD), 2+2β (heavy-ball momentum β), (2+2β₁)/(1-β₁) (Adam, on the
-        preconditioned λ_max; the raw λ_max of an Adam run is compared with 2/η)."""
+        """η·θ for the sharpness ``key`` (the threshold at η = 1): 2 (GD), 2+2β (heavy-ball momentum β),
+        (2+2β)/(1+2β) (Nesterov), (2+2β₁)/(1-β₁) (Adam, on the preconditioned λ_max; the raw λ_max of an Adam run
+        is compared with 2/η)."""
         if key == "probe/adam_lambda_max":
-            return (2 + 2 * self.beta1) / (1 - self.beta1)
-        return 2 + 2 * self.momentum
+            return adam_threshold(1.0, self.beta1)
+        return momentum_threshold(1.0, self.momentum, self.dampening, self.nesterov)
 
     def eta(self, steps: np.ndarray) -> np.ndarray:
         """η in force at ``steps`` (logged train/lr, for schedules; else the configured lr)."""
