@@ -1,18 +1,38 @@
 """Curvature probes for any loss over any parameter set: HVP operator, largest-algebraic eigen-solver, sharpness
-measurements and the ``Prober`` layer the trainers call. Imports nothing from ``agents`` or ``envs``."""
-from .blocks import DEFAULT_BLOCK_PATTERNS, block_operator, parameter_blocks
-from .context import ProbeConfig, ProbeContext, Prober, preserved_state
-from .eigs import EigResult, top_eigenvalues
-from .hvp import HessianOperator, LinearOperator, check_model
-from .sharpness import (BatchSharpness, TraceEstimate, adam_preconditioner, adam_sharpness, batch_sharpness,
-                        block_lambda_max, hutchinson_trace, lambda_max, preconditioned_operator, rayleigh_pair,
-                        rayleigh_quotient,
-                        stability_thresholds, step_sharpness, update_sharpness)
+measurements, stability thresholds and the ``Prober`` layer the trainers call. Imports nothing from ``agents`` or
+``envs``.
 
-__all__ = [
-    "HessianOperator", "LinearOperator", "check_model", "top_eigenvalues", "EigResult", "lambda_max",
-    "rayleigh_quotient", "rayleigh_pair", "step_sharpness", "update_sharpness", "batch_sharpness", "BatchSharpness",
-    "adam_preconditioner", "preconditioned_operator", "adam_sharpness", "stability_thresholds",
-    "hutchinson_trace", "TraceEstimate", "block_lambda_max", "parameter_blocks", "block_operator",
-    "DEFAULT_BLOCK_PATTERNS", "ProbeContext", "ProbeConfig", "Prober", "preserved_state",
-]
+The names below load their module on first use (PEP 562), so ``import probes.thresholds`` stays free of torch:
+run-dir readers and reports use the same threshold formulas as the probes without installing torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+_HOME = {  # public name -> the module that defines it
+    "DEFAULT_BLOCK_PATTERNS": "blocks", "block_operator": "blocks", "parameter_blocks": "blocks",
+    "ProbeConfig": "config",
+    "ProbeContext": "context", "preserved_state": "context", "Prober": "prober",
+    "EigResult": "eigs", "top_eigenvalues": "eigs",
+    "HessianOperator": "hvp", "LinearOperator": "hvp", "check_model": "hvp",
+    "PROBES": "registry", "ProbeKind": "registry",
+    "BatchSharpness": "sharpness", "TraceEstimate": "sharpness", "adam_preconditioner": "sharpness",
+    "adam_sharpness": "sharpness", "batch_sharpness": "sharpness", "block_lambda_max": "sharpness",
+    "hutchinson_trace": "sharpness", "lambda_max": "sharpness", "preconditioned_operator": "sharpness",
+    "rayleigh_pair": "sharpness", "rayleigh_quotient": "sharpness", "step_sharpness": "sharpness",
+    "update_sharpness": "sharpness",
+    "stability_thresholds": "thresholds",
+}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'probes' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    globals()[name] = value   # resolved once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOME))

@@ -9,7 +9,7 @@ Costs are in HVPs of the probe-batch operator unless stated; G = one probe-batch
 - Adam/AdamW preconditioned sharpness (Cohen et al. 2022, arXiv 2207.14484): λ₁(P^-½ H P^-½) with
   P = (1 − β₁ᵗ)(√(v/(1 − β₂ᵗ)) + ε), against (2 + 2β₁)/((1 − β₁)η). Decoupled weight decay adds ηλ·I to the update
   Jacobian outside the preconditioner and is not included.
-- momentum SGD: heavy ball is stable on a quadratic iff λ < (2 + 2β)/η (Nesterov: (2 + 2β)/((1 + 2β)η)).
+- the thresholds these are compared with (2/η, momentum, Adam) are in :mod:`probes.thresholds`.
 - Hutchinson trace E_z[zᵀHz] with Rademacher z; per-block traces tr(H_bb) = E[z_bᵀ(Hz)_b] from the same HVPs.
 """
 from __future__ import annotations
@@ -26,9 +26,10 @@ from .eigs import EigResult, top_eigenvalues
 from .hvp import REDUCE_DTYPE, HessianOperator, LinearOperator
 
 __all__ = [
-    "lambda_max", "rayleigh_quotient", "rayleigh_pair", "step_sharpness", "update_sharpness", "flat_update",
+    "lambda_max", "rayleigh_quotient", "rayleigh_pair", "step_pair", "step_sharpness", "update_pair",
+    "update_sharpness", "flat_update", "ESTIMATORS",
     "BatchSharpness", "batch_sharpness", "adam_preconditioner", "preconditioned_operator", "adam_sharpness",
-    "stability_thresholds", "TraceEstimate", "hutchinson_trace", "block_lambda_max", "t_quantile",
+    "TraceEstimate", "hutchinson_trace", "block_lambda_max", "t_quantile",
 ]
 
 
@@ -74,9 +75,15 @@ def rayleigh_quotient(op, u: torch.Tensor) -> float:
     return rayleigh_pair(op, u)[0]
 
 
+def step_pair(op: HessianOperator) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """(gᵀHg / gᵀg, g, Hg) with g, H of the probe batch: step sharpness (EoSS, when it is the live batch) and the
+    pair that can seed an eigen-solve. 1 HVP."""
+    return rayleigh_pair(op, op.gradient())
+
+
 def step_sharpness(op: HessianOperator) -> float:
     """gᵀHg / gᵀg with g, H of the probe batch (EoSS step sharpness when it is the live batch). 1 HVP."""
-    return rayleigh_quotient(op, op.gradient())
+    return step_pair(op)[0]
 
 
 def flat_update(update: Mapping[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
@@ -87,10 +94,16 @@ def flat_update(update: Mapping[str, torch.Tensor], names: Sequence[str]) -> tor
     return torch.cat([update[n].detach().to(REDUCE_DTYPE).reshape(-1) for n in names])
 
 
+def update_pair(op: HessianOperator, update: Mapping[str, torch.Tensor] | torch.Tensor
+                ) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """(ΔθᵀHΔθ / ΔθᵀΔθ, Δθ, HΔθ) for the optimizer's last update Δθ (name -> tensor, or flat). 1 HVP."""
+    u = update if isinstance(update, torch.Tensor) else flat_update(update, op.names)
+    return rayleigh_pair(op, u)
+
+
 def update_sharpness(op: HessianOperator, update: Mapping[str, torch.Tensor] | torch.Tensor) -> float:
     """ΔθᵀHΔθ / ΔθᵀΔθ for the optimizer's last update Δθ. 1 HVP."""
-    u = update if isinstance(update, torch.Tensor) else flat_update(update, op.names)
-    return rayleigh_quotient(op, u)
+    return update_pair(op, update)[0]
 
 
 # ---- batch sharpness and GNI --------------------------------------------------------------------------------
@@ -203,27 +216,7 @@ def batch_sharpness(params, loss_fn: Callable[[Any], torch.Tensor],
     return out
 
 
-# ---- optimizer-aware thresholds and the Adam preconditioner ------------------------------------------------
-def stability_thresholds(optimizer: torch.optim.Optimizer | None, lr: float) -> dict[str, float]:
-    """2/η; for momentum SGD (2 + 2β)/((1 − dampening)η) (Nesterov: divided by 1 + 2β); for Adam/AdamW
-    (2 + 2β₁)/((1 − β₁)η). Hyper-parameters from the first param group, η = ``lr``. No HVPs."""
-    if lr <= 0:
-        raise ValueError(f"probes: lr must be positive, got {lr}")
-    out = {"two_over_eta": 2.0 / lr}
-    if optimizer is None or not optimizer.param_groups:
-        return out
-    group = optimizer.param_groups[0]
-    if "betas" in group:
-        beta1 = float(group["betas"][0])
-        out["adam_threshold"] = (2 + 2 * beta1) / ((1 - beta1) * lr)
-    elif float(group.get("momentum", 0.0) or 0.0) > 0:
-        beta = float(group["momentum"])
-        damp = float(group.get("dampening", 0.0) or 0.0)
-        thr = (2 + 2 * beta) / ((1 - damp) * lr)
-        out["momentum_threshold"] = thr / (1 + 2 * beta) if group.get("nesterov", False) else thr
-    return out
-
-
+# ---- the Adam preconditioner -------------------------------------------------------------------------------
 def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
                         lr: float) -> torch.Tensor | None:
     """Flat P = (1 − β₁ᵗ)(√(v/(1 − β₂ᵗ)) + ε) · η/η_g from Adam/AdamW state, so that the step is
@@ -250,8 +243,8 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Mapping[str, t
 
 
 def preconditioned_operator(op, precond: torch.Tensor) -> LinearOperator:
-    """v ↦ P^-½ H P^-½ v: symmetric, with the spectrum of P⁻¹H (never feed the non-symmetric P⁻¹H to an
-    eigensolver, research §B3). 1 HVP per application."""
+    """v ↦ P^-½ H P^-½ v: symmetric, with the spectrum of P⁻¹H, as in Cohen et al. 2022 (P⁻¹H itself is not
+    symmetric, and a symmetric eigen-solver on it is wrong). 1 HVP per application."""
     inv_sqrt = precond.to(device=op.device, dtype=REDUCE_DTYPE).rsqrt()
     return LinearOperator(op.dim, lambda v: inv_sqrt * op.matvec(inv_sqrt * v), base=op,
                           error_gain=float(inv_sqrt.max()) ** 2)
@@ -259,13 +252,14 @@ def preconditioned_operator(op, precond: torch.Tensor) -> LinearOperator:
 
 def adam_sharpness(op: HessianOperator, optimizer: torch.optim.Optimizer, lr: float, k: int = 1,
                    tol: float = 1e-3, init: torch.Tensor | None = None, max_hvps: int | None = None,
-                   generator: torch.Generator | None = None) -> EigResult | None:
-    """λ₁..λ_k of P^-½ H P^-½ (compare with (2 + 2β₁)/((1 − β₁)η)); None before Adam has state."""
+                   generator: torch.Generator | None = None, stop: str = "residual") -> EigResult | None:
+    """λ₁..λ_k of P^-½ H P^-½ (compare with :func:`probes.thresholds.adam_threshold`); None before Adam has
+    state. Costs what :func:`top_eigenvalues` costs, one HVP per application."""
     precond = adam_preconditioner(optimizer, op.params, lr)
     if precond is None:
         return None
     return top_eigenvalues(preconditioned_operator(op, precond), k=k, tol=tol, init=init, max_hvps=max_hvps,
-                           generator=generator)
+                           generator=generator, stop=stop)
 
 
 # ---- trace and per-block quantities ------------------------------------------------------------------------

@@ -1,0 +1,113 @@
+"""``ProbeConfig``: which probes run when, and the tolerances of each, grouped by the probe they configure.
+
+The fields stay flat, one level under ``probe``: their names are the CLI flags (``--probe.batch-rse``), the keys of
+``config.json`` that resume and sweeps compare (``probe.every``), and the keyword arguments of every sweep.
+``probes.registry`` says which cadence field schedules each probe kind.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .blocks import DEFAULT_BLOCK_PATTERNS
+from .eigs import STOPS
+from .hvp import MODES
+from .sharpness import ESTIMATORS
+
+__all__ = ["ProbeConfig"]
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Probe cadences (in optimizer steps; 0 = off) and tolerances. ``every=0`` disables probing altogether.
+
+    Defaults keep the probes near 10 % of a run's time (experiments/bench/probe_overhead.py): a warm λ_max solve
+    (graph ≈1.3 G + 2–4 HVPs at ≈2 G each) plus update and step sharpness (1 HVP each) costs ≈11 probe-batch
+    gradients, so every 250 steps is ≈4 %; batch sharpness + GNI (≤16 draws, ≈5 G each) every 1000 steps is ≈4 %.
+    This is about the EoSS cadence (every 256 steps); short runs and the demo set denser cadences explicitly.
+    """
+    # ---- λ_max and what shares its operator (cadence ``every``) ----
+
+    #: λ_max, the stability thresholds, step/update sharpness and the Adam-preconditioned λ_max every this many
+    #: steps; 0 turns every probe off.
+    every: int = 250
+    #: eigenvalues per solve (probe/lambda_max, probe/lambda_2, ...).
+    k: int = 1
+    #: eigen-solve tolerance relative to max|θ|, on the λ error (stop="eigenvalue") or on the residual
+    #: with stop="residual".
+    tol: float = 1e-3
+    #: eigen-solve stop rule (probes.eigs). "eigenvalue": every λ estimated within tol (Kato–Temple estimate, then
+    #: confirmed by one more iteration); fewer HVPs, not a guarantee. "residual": ‖Hx − θx‖ ≤ tol·max|θ|, which
+    #: bounds |λ − θ| for sure and converges the eigenvector too.
+    stop: str = "eigenvalue"
+    #: HVP budget per eigen-solve; a solve that hits it logs probe/converged = 0.
+    max_hvps: int = 40
+    #: start each solve from the eigenvectors of the previous probe (checkpointed with the run).
+    warm_start: bool = True
+    #: gᵀHg/gᵀg for the probe-batch gradient g (1 HVP).
+    step_sharpness: bool = True
+    #: ΔθᵀHΔθ/ΔθᵀΔθ for the last optimizer update Δθ (1 HVP; needs ProbeContext.update).
+    update_sharpness: bool = True
+    #: λ_max of the Adam-preconditioned Hessian P^-½HP^-½ when the optimizer is Adam-family (one more solve).
+    adam: bool = True
+
+    # ---- batch sharpness and GNI over fresh minibatches (cadence ``batch_sharpness_every``) ----
+
+    #: batch sharpness every this many steps (needs ProbeContext.sample_batch); 0 = off.
+    batch_sharpness_every: int = 1000
+    #: minibatches drawn before the stop rule may end the estimate.
+    batch_min_samples: int = 8
+    #: most minibatches drawn per estimate.
+    batch_max_samples: int = 16
+    #: stop once the relative standard error of ``batch_estimator`` is at most this.
+    batch_rse: float = 0.05
+    #: estimator the stop rule watches: ratio_of_means E[gᵀH_Bg]/E[‖g‖²] or mean_of_ratios E[gᵀH_Bg/‖g‖²] (both
+    #: are logged).
+    batch_estimator: str = "ratio_of_means"
+    #: also the gradient-noise interaction E[g_BᵀHg_B]/‖∇L‖² (+1 full-batch HVP per draw, ≈+40 % of its cost).
+    gni: bool = False
+    #: level of the logged Student-t confidence intervals.
+    confidence: float = 0.95
+
+    # ---- Hutchinson trace (cadence ``trace_every``) ----
+
+    #: trace of H and per-block traces every this many steps; 0 = off.
+    trace_every: int = 0
+    #: most Rademacher probes (1 HVP each) per trace estimate.
+    trace_max_probes: int = 32
+    #: stop once the trace's relative standard error is at most this (after min(8, trace_max_probes) probes).
+    trace_rse: float = 0.05
+
+    # ---- per-block λ_max (cadence ``blocks_every``) ----
+
+    #: λ_max of each diagonal Hessian block H_bb every this many steps (one solve per block); 0 = off.
+    blocks_every: int = 0
+    #: (block, regex on the parameter name) pairs, first match wins; with ProbeContext.model set, fused Q/K/V
+    #: matrices (block attn_qkv) are split into attn_qk / attn_vo.
+    block_patterns: tuple[tuple[str, str], ...] = DEFAULT_BLOCK_PATTERNS
+
+    # ---- shared by every probe ----
+
+    #: HVP mode (probes.hvp): cache (graph kept, fastest), recompute (least memory) or fd (finite differences,
+    #: for kernels without double backward).
+    mode: str = "cache"
+    #: probe in eval mode (dropout off, deterministic); every module's train/eval flag is restored after.
+    eval_mode: bool = True
+    #: random seed of the probes' private generator, drawn anew from (seed, step) at every probe.
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("every", "batch_sharpness_every", "trace_every", "blocks_every", "k", "max_hvps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ProbeConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.mode not in MODES:
+            raise ValueError(f"ProbeConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.batch_estimator not in ESTIMATORS:
+            raise ValueError(f"ProbeConfig.batch_estimator invalid: {self.batch_estimator!r}")
+        if not 0 < self.confidence < 1 or self.tol <= 0:
+            raise ValueError("ProbeConfig: need 0 < confidence < 1 and tol > 0")
+        if self.stop not in STOPS:
+            raise ValueError(f"ProbeConfig.stop must be one of {STOPS}, got {self.stop!r}")
+        if self.every > 0 and (self.k < 1 or self.max_hvps < self.k):
+            raise ValueError("ProbeConfig: need k >= 1 and max_hvps >= k")
+        if not 1 <= self.batch_min_samples <= self.batch_max_samples:
+            raise ValueError("ProbeConfig: need 1 <= batch_min_samples <= batch_max_samples")

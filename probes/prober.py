@@ -1,0 +1,63 @@
+"""The regime-agnostic probe schedule: ``Prober(config)(ctx) -> {"probe/...": float}`` on a cadence.
+
+At a due step the Prober builds one probe-batch :class:`~probes.hvp.HessianOperator`, runs every due kind of
+:data:`probes.registry.PROBES` on it in registry order inside :func:`~probes.context.preserved_state` (no side
+effects), and adds ``probe/hvps`` (over all operators) and ``probe/seconds``. It keeps the warm-start eigenvectors
+between probe steps. Every random draw comes from a private ``torch.Generator`` seeded from (config.seed, step), so
+a resumed run probes as if it had never stopped.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .config import ProbeConfig
+from .context import ProbeContext, preserved_state
+from .hvp import HessianOperator
+from .registry import PROBES, ProbeStep
+
+__all__ = ["Prober"]
+
+
+class Prober:
+    """Stateful probe schedule: keeps the last eigenvectors for warm starts."""
+
+    def __init__(self, config: ProbeConfig = ProbeConfig()):
+        self.config = config
+        self._warm: dict[str, torch.Tensor] = {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The warm-start eigenvectors as ``{"warm.<solve>": tensor}`` (safetensors-ready), all a resumed run needs
+        to probe as if it had never stopped: every random draw comes from a generator seeded by (seed, step)."""
+        return {f"warm.{k}": v for k, v in self._warm.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_dict`; vectors move to the operator's device when used."""
+        self._warm = {k[len("warm."):]: v for k, v in state.items() if k.startswith("warm.")}
+
+    def _due(self, cadence: str, step: int) -> bool:
+        every = getattr(self.config, cadence)
+        return self.config.every > 0 and every > 0 and step % every == 0
+
+    def due(self, step: int) -> bool:
+        return any(self._due(kind.cadence, step) for kind in PROBES)
+
+    def __call__(self, ctx: ProbeContext) -> dict[str, float]:
+        c, step = self.config, int(ctx.step)
+        due = [kind for kind in PROBES if self._due(kind.cadence, step)]
+        if not due:
+            return {}
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed((c.seed * 1_000_003 + step) % (2 ** 63))
+        with preserved_state(ctx.model, c.eval_mode):
+            op = HessianOperator(ctx.params, ctx.loss_fn, ctx.batches, mode=c.mode, model=ctx.model)
+            run = ProbeStep(ctx, c, op, gen, self._warm)
+            for kind in due:
+                run.out.update(kind.measure(run))
+            hvps = run.other_hvps + op.hvps
+            op.release()
+        out = {f"probe/{k}": v for k, v in run.out.items()}
+        out["probe/hvps"] = float(hvps)
+        out["probe/seconds"] = time.perf_counter() - t0
+        return out
