@@ -86,13 +86,13 @@ def _rayleigh_ritz(s, a_s, k, drop: float = GRAM_DROP, row_drop: float = ROW_DRO
     generalized problem (S A Sᵀ) z = θ (S Sᵀ) z on the small Gram matrices only (rows scaled to unit norm,
     directions with relative Gram eigenvalue below ``drop`` discarded). Returns θ (k, descending), coefficients
     Y (m, k) with Yᵀ S Sᵀ Y = I, and all Ritz values. Two tall-skinny products replace explicit
-    orthogonalisation, which took ~40 passes over n per iteration.
+    orthogonalisation, which would take ~40 passes over n per iteration.
 
     Noisy images. The images of X and P rows are linear combinations of earlier images, not fresh HVPs, and an
     fp32 HVP carries relative noise ~1e-7; a direction of relative Gram eigenvalue μ amplifies it by 1/√μ. Near
-    convergence P and W become nearly dependent (μ ~ 1e-10), the amplified noise made spurious directions of huge
-    θ, and the iteration diverged (λ = 1e110 on the embedded model at k = 4, tol 1e-7, below the HVP's noise
-    floor). The noise is measured here as the asymmetry of S·(AS)ᵀ, which exact images make symmetric, and
+    convergence P and W become nearly dependent (μ ~ 1e-10), and the amplified noise would create spurious
+    directions of huge θ that derail the iteration whenever tol is below the HVP's noise floor (e.g. tol 1e-7 in
+    fp32). The noise is measured here as the asymmetry of S·(AS)ᵀ, which exact images make symmetric, and
     directions with μ < (1e4·noise)² are dropped too (amplified noise ≤ 1e-4·|θ|), at most μ < 1e-2 (fd HVPs in
     fp32 are noisier than 1e4 amplification allows); with exact fp64 images this is below ``drop``. Rows shorter
     than ``row_drop`` × the longest take no part (zero coefficients)."""

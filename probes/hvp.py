@@ -4,9 +4,8 @@ The operator is H = ∇²_θ Σ_c L_c(θ), the Hessian of the SUM of chunk losse
 adapters only under LoRA, so its dimension is the trainable-parameter count). Each chunk loss is already weighted
 so that the chunks sum to the full probe-batch loss, which makes the chunked HVP exact.
 
-Modes (cost in G = one gradient of the probe batch on CPU: MLP from research/probes-anchors.md §E; GPT-NeoX 1.8M
-from experiments/bench/probe_speed.py; its earlier "cache ≈ recompute" reading was an artifact, the fd operator
-timed in between bumped the parameters' ``_version`` and forced a graph rebuild before every cache HVP):
+Modes (cost in G = one gradient of the probe batch on CPU, on a tanh MLP and on the 1.8M-parameter GPT-NeoX of
+experiments/bench/probe_speed.py):
 - ``cache``: one forward + ``grad(create_graph=True)`` per chunk (≈1.3 G), graphs kept; each HVP is one extra
   backward through them (MLP ≈1.6 G, GPT-NeoX ≈2.0–2.2 G: 6 matmuls per linear layer, the minimum for an exact
   HVP, plus the elementwise double backward of GELU/LayerNorm/softmax/CE). The graphs are rebuilt when a parameter's
@@ -33,7 +32,8 @@ operator, the Hessian of the loss under the same dropout masks in every pass and
 
 Why our own operator rather than hessian-eigenthings/PyHessian: neither keeps the first-order graph across chunks
 (hessian-eigenthings recomputes it per HVP: 1.6 G vs 2.8 G on an MLP, 2.0–2.2 G vs 3.2–3.7 G on the GPT-NeoX
-bench), weights chunks by their share of the loss, or guards attention kernels (research §F).
+bench), weights chunks by their share of the loss, or refuses attention kernels without double backward
+(:func:`check_model`).
 
 Vectors are flat, float64 on the parameter device (reductions in fp64); the HVP itself runs in the parameter dtype.
 """
@@ -188,7 +188,7 @@ class HessianOperator:
         self._rng = rng_state()   # every pass over the chunks runs from this state (fixed dropout masks)
         low = sorted({str(p.dtype) for p in self.params if p.dtype in (torch.bfloat16, torch.float16)})
         if low:
-            warnings.warn(f"probes: parameters in {low}: HVPs lose ~3% accuracy in bf16 (research §E); "
+            warnings.warn(f"probes: parameters in {low}: HVPs lose ~3% accuracy in bf16; "
                           "probe a float32 copy for reliable curvature.", stacklevel=2)
         check_model(model)
         self._graph: list[tuple[torch.Tensor, ...]] | None = None
