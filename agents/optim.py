@@ -32,9 +32,10 @@ class OptimConfig:
     """Optimizer hyper-parameters.
 
     ``name="sgd"`` with ``momentum=0`` is plain (stochastic or full-batch) gradient descent; ``momentum>0`` is
-    heavy-ball (Nesterov with ``nesterov=True``), stable up to λ_max = (2 + 2β)/η. ``weight_decay`` is L2 added to the
-    gradient for SGD/Adam and decoupled for AdamW (torch semantics). ``schedule`` multiplies ``lr`` by 1 (constant),
-    a linear decay to 0, or a cosine decay to 0 over the run, after ``warmup_steps`` of linear warm-up.
+    heavy-ball, stable up to λ_max = (2 + 2β)/η (Nesterov with ``nesterov=True``: (2 + 2β)/((1 + 2β)η); see
+    probes.thresholds). ``weight_decay`` is L2 added to the gradient for SGD/Adam and decoupled for AdamW (torch
+    semantics). ``schedule`` multiplies ``lr`` by 1 (constant), a linear decay to 0, or a cosine decay to 0 over the
+    run, after ``warmup_steps`` of linear warm-up.
     ``grad_clip`` clips the global gradient L2 norm (None = off).
     """
 
