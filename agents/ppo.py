@@ -30,6 +30,7 @@ import torch
 
 from agents.optim import split
 from agents.sft import stream_indices
+from agents.tokens import token_stats
 
 ADVANTAGES = ("group", "value")
 
@@ -104,20 +105,11 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def forward_stats(model, chunk: dict, want_hidden: bool = False):
-    """One forward: (log π(label) [B,T-1], entropy [B,T-1], mask [B,T-1], last hidden state [B,T-1,d] or None).
-
-    Same indexing as LMPolicy.token_logprobs: position t predicts labels[:, t+1]."""
-    out = model(input_ids=chunk["input_ids"], attention_mask=chunk["attention_mask"], use_cache=False,
-                output_hidden_states=want_hidden)
-    logits = out.logits[:, :-1].float()
-    target = chunk["labels"][:, 1:]
-    mask = target != -100
-    logz = torch.logsumexp(logits, dim=-1)
-    picked = logits.gather(-1, target.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
-    logp = (picked - logz) * mask
-    entropy = logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-    hidden = out.hidden_states[-1][:, :-1] if want_hidden else None
-    return logp, entropy, mask, hidden
+    """One forward: (log π(label) [B,T-1], entropy [B,T-1], mask [B,T-1], last hidden state [B,T-1,d] or None);
+    ``agents.tokens.token_stats`` on a chunk."""
+    s = token_stats(model, chunk["input_ids"], chunk["attention_mask"], chunk["labels"], entropy=True,
+                    hidden=want_hidden)
+    return s.logp, s.entropy, s.mask, s.hidden
 
 
 def _mix(*ints: int) -> int:
@@ -139,7 +131,7 @@ class PPORegime:
         self.micro_batch, self.seed, self.max_length = micro_batch, seed, max_length
         self.cursor = 0                        # prompts consumed (data-order state)
         self.buffer: list[dict] | None = None  # chunks of the current rollout (reused for ppo_epochs steps)
-        self.lora = hasattr(policy.model, "disable_adapter") and hasattr(policy.model, "peft_config")
+        self.lora = policy.uses_lora
         self.reference = None
         if config.kl_coef > 0 and not self.lora:
             self.reference = copy.deepcopy(policy.model).eval().requires_grad_(False)
