@@ -66,20 +66,52 @@ class ResumeWarning(UserWarning):
 class TrainConfig:
     """Loop settings. Effective batch = micro_batch * grad_accum examples (SFT) unless full_batch (all n_train)."""
 
-    steps: int = 1000               # optimizer steps (default probe cadence: λ_max every 250, batch sharpness every 1000)
+    steps: int = 1000
+    """Optimizer steps."""
     micro_batch: int = 4
+    """Examples per chunk (one forward/backward); RL: completions per chunk of the rollout buffer."""
     grad_accum: int = 4
-    full_batch: bool = False        # every step = exact full-batch GD over the training set (chunked)
+    """Chunks per optimizer step (SFT); the gradient is their exact sum."""
+    full_batch: bool = False
+    """SFT only: every step is exact full-batch GD over the env.n_train training tasks (chunked)."""
     seed: int = 0
-    eval_every: int = 100           # greedy accuracy on the eval tasks (0 = only at start and end)
-    retention_every: int = 100      # held-out pre-training perplexity (0 = only at start and end)
-    retention_tokens: int = 8192    # predicted tokens per perplexity measurement (0 = no retention)
-    checkpoint_every: int = 250     # 0 = only at the end
-    divergence_loss: float = 50.0   # loss above this (or non-finite) ends the run as "diverged"
+    """Random seed: data order, rollout sampling, value-head init."""
+    eval_every: int = 100
+    """Greedy accuracy on the eval tasks every this many steps (0 = only at start and end)."""
+    retention_every: int = 100
+    """Held-out pre-training perplexity every this many steps (0 = only at start and end)."""
+    retention_tokens: int = 8192
+    """Predicted tokens per perplexity measurement (0 = no retention)."""
+    checkpoint_every: int = 250
+    """Checkpoint every this many steps (0 = only at the end)."""
+    divergence_loss: float = 50.0
+    """A loss above this (or a non-finite one) ends the run as diverged."""
     max_length: int = 128
-    eval_max_new_tokens: int = 64   # column working of a 3-digit sum is ~50 tokens
-    n_samples: int = 6              # eval prompts shown base vs fine-tuned in samples.json
-    save_model: bool = True         # save_pretrained the final policy to <run>/checkpoints/final_model
+    """Tokens per training sequence (prompt + completion); longer completions are cut."""
+    eval_max_new_tokens: int = 64
+    """Greedy tokens per eval completion (the column working of a 3-digit sum is ~50 tokens)."""
+    n_samples: int = 6
+    """Eval prompts shown base vs fine-tuned in samples.json."""
+    save_model: bool = True
+    """save_pretrained the final policy to <run>/checkpoints/final_model (a model.name for a later run)."""
+
+
+def config_errors(t: TrainConfig) -> list[str]:
+    """Problems with ``t`` on its own ([] = valid); how it fits the regime and env is the run config's check."""
+    errors = []
+    for name in ("steps", "micro_batch", "grad_accum"):
+        if getattr(t, name) < 1:
+            errors.append(f"train.{name}={getattr(t, name)} must be >= 1")
+    for name in ("eval_every", "retention_every", "checkpoint_every", "n_samples", "retention_tokens"):
+        if getattr(t, name) < 0:
+            errors.append(f"train.{name}={getattr(t, name)} must be >= 0 (0 = only at the start and end)")
+    if not (math.isfinite(t.divergence_loss) and t.divergence_loss > 0):
+        errors.append(f"train.divergence_loss={t.divergence_loss} must be a finite number > 0")
+    if t.max_length < 2:
+        errors.append(f"train.max_length={t.max_length} must be >= 2")
+    if t.eval_max_new_tokens < 1:
+        errors.append(f"train.eval_max_new_tokens={t.eval_max_new_tokens} must be >= 1")
+    return errors
 
 
 # ---------------------------------------------------------------------------------------------------- RNG

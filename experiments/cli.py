@@ -25,7 +25,7 @@ import tyro
 
 from experiments.demo import DemoConfig
 from experiments.phases import PhaseConfig
-from experiments.run import ConfigError, RunConfig, RunDirBusy, default_config
+from experiments.run import ConfigError, RunConfig, RunDirBusy, default_config, run
 
 SFT_DEFAULT, LORA_DEFAULT, RL_DEFAULT = (default_config(c) for c in ("sft", "lora", "rl"))
 
@@ -73,10 +73,7 @@ Command = Union[
 def execute(cmd) -> int:
     """Run a parsed command; returns the exit status."""
     if isinstance(cmd, RunConfig):
-        from experiments.run import run, validate
-
-        validate(cmd)
-        run_dir = run(cmd)
+        run_dir = run(cmd)  # validates first (the one check), then trains
         print(f"run dir: {run_dir}")
     elif isinstance(cmd, SweepCommand):
         from experiments.sweep import load_sweep, run_sweep
