@@ -66,8 +66,7 @@ class ModelConfig:
     """Which pre-trained model a run starts from, how it is parameterized and where it runs."""
 
     name: str = "embedded"
-    """"embedded" = the offline default model of agents.embedded; else a local save_pretrained directory (e.g. a
-    run's checkpoints/final_model) or a Hugging Face hub name."""
+    """"embedded" (offline default, agents.embedded), a save_pretrained directory (a run's final_model) or a hub name."""
     lora_rank: int = 0
     """0 = full fine-tuning; > 0 = train peft LoRA adapters of this rank only."""
     lora_alpha: float = 16.0

@@ -40,18 +40,31 @@ class PPOConfig:
     """PPO / GRPO-style RLVR settings. Buffer = prompts_per_step * group_size completions per rollout."""
 
     prompts_per_step: int = 8
+    """Prompts per rollout."""
     group_size: int = 4
-    max_new_tokens: int = 64        # room for the column working of ArithRLVR (~45 tokens for 2 digits)
+    """Completions sampled per prompt (the group of a group baseline)."""
+    max_new_tokens: int = 64
+    """Sampled tokens per completion (room for ArithRLVR's column working, ~45 tokens for 2 digits)."""
     temperature: float = 1.0
+    """Sampling temperature of the rollouts (> 0)."""
     clip_eps: float = 0.2
+    """PPO ratio clip ε: ρ is clipped to [1 - ε, 1 + ε]."""
     kl_coef: float = 0.05
+    """β of the k3 KL penalty to the reference policy (0 = no penalty)."""
     entropy_coef: float = 0.0
-    advantage: str = "group"        # "group" (GRPO-style baseline) | "value" (value head + GAE)
-    scale_by_std: bool = False      # group advantages / group std (GRPO) instead of centred only (Dr. GRPO)
-    ppo_epochs: int = 1             # optimizer steps per rollout buffer (1 = on-policy, ρ = 1 at θ)
-    gamma: float = 1.0              # GAE discount (value advantages)
+    """Entropy bonus coefficient c_H."""
+    advantage: str = "group"
+    """group (reward minus the group mean, GRPO-style) or value (value head + GAE)."""
+    scale_by_std: bool = False
+    """Group advantages divided by the group std (GRPO) instead of centred only (Dr. GRPO)."""
+    ppo_epochs: int = 1
+    """Optimizer steps per rollout buffer (1 = on-policy, ρ = 1 at θ)."""
+    gamma: float = 1.0
+    """GAE discount γ (value advantages)."""
     gae_lambda: float = 0.95
+    """GAE λ (value advantages)."""
     vf_coef: float = 0.5
+    """Value-loss coefficient c_V (value advantages)."""
 
 
 def config_errors(cfg: PPOConfig) -> list[str]:

@@ -25,15 +25,13 @@ class EnvConfig:
     env_id: str = "ArithRLVR-v0"
     """Registered env id (envs.ENV_IDS)."""
     n_train: int | None = None
-    """Training set size: the first n_train tasks of the train split's pool (None = the whole pool). Full-batch GD
-    differentiates all of it every step."""
+    """Training set: the first n_train tasks of the pool (None = all of it); full-batch GD uses all n_train."""
     pool: str = "auto"
     """Part of the train split to train on: auto = the regime's own (sft or rl), sft, rl, or all (both)."""
     n_eval: int = 500
     """Held-out test-split tasks for eval/accuracy (0 = no eval)."""
     kwargs: dict[str, int | float | bool | str] = field(default_factory=dict)
-    """Keyword arguments of gym.make(env_id, ...) for every env of the run (train/eval tasks, rewards), e.g.
-    --env.kwargs max_digits 3 ops +-* (ArithRLVR-v0) or --env.kwargs path alpaca.json (AlpacaSFT-v0)."""
+    """gym.make(env_id, **kwargs) for every env of the run, e.g. max_digits 3 (ArithRLVR-v0), path a.json (Alpaca)."""
     # kwargs is a dict, so EnvConfig (and RunConfig) are not hashable.
 
 

@@ -54,9 +54,9 @@ class ReportCommand:
 class CohenCommand:
     """Cohen et al. 2021 validation: full-batch GD on a tanh MLP (MSE, sklearn digits); one run per η."""
 
-    lrs: tuple[float, ...] = (0.3, 0.45, 0.6)
-    steps: int = 500
-    out_dir: Path = Path("runs/cohen2021")
+    lrs: tuple[float, ...] = (0.3, 0.45, 0.6)  # learning rates η, one run each (the edge is 2/η)
+    steps: int = 500  # GD steps per run
+    out_dir: Path = Path("runs/cohen2021")  # runs go to OUT_DIR/gd-digits-lr<η>-s0/
 
 
 Command = Union[
