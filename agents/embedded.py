@@ -17,8 +17,8 @@ No hub download is possible, so the default policy is built here, deterministica
   The key hashes the config, the Python version (the stdlib is the corpus) and the *code*: this module's syntax tree
   without docstrings (so a comment or docstring edit keeps the cache, any code edit rebuilds) and the arithmetic lines
   that ``envs.arith`` generates for the config (the generator's output, not its source: an edit anywhere in ``envs``
-  that changes those lines rebuilds, an unrelated edit there does not). A hand-bumped version constant was not
-  enough: it was forgotten, and stale models were silently reused.
+  that changes those lines rebuilds, an unrelated edit there does not), so no version constant has to be bumped by
+  hand for a stale model to be rebuilt.
 - determinism: the same config gives bitwise-equal tokenizer and weights run to run in one process (tested) and
   across processes on the same machine, torch build and thread count (measured; TOKENIZERS_PARALLELISM on or off
   gives the same tokenizer). The torch thread count changes the floating-point reduction order of the CPU kernels,

@@ -40,15 +40,25 @@ class OptimConfig:
     """
 
     name: str = "sgd"
+    """sgd, adam or adamw (torch.optim)."""
     lr: float = 1e-2
+    """Learning rate η (the peak LR under a schedule)."""
     momentum: float = 0.9
+    """SGD heavy-ball momentum β (0 = plain gradient descent); ignored by Adam/AdamW."""
     weight_decay: float = 1e-4
+    """L2 added to the gradient (SGD, Adam) or decoupled decay (AdamW)."""
     nesterov: bool = False
+    """SGD: Nesterov momentum instead of heavy-ball."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """Adam/AdamW (β1, β2)."""
     eps: float = 1e-8
+    """Adam/AdamW denominator ε."""
     schedule: str = "constant"
+    """LR multiplier after warm-up: constant, linear (to 0) or cosine (to 0) over the run."""
     warmup_steps: int = 0
+    """Steps of linear LR warm-up from 0."""
     grad_clip: float | None = None
+    """Clip the global gradient L2 norm to this (None = off)."""
 
 
 def config_errors(cfg: OptimConfig) -> list[str]:

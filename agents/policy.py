@@ -13,12 +13,17 @@ touching the training RNG. Greedy decoding (temperature 0) matches ``model.gener
 from __future__ import annotations
 
 import inspect
+import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors import safe_open
+
+from agents.tokens import IGNORE, context_length, pad, token_stats
 
 # LoRA targets used when LoRASpec.targets is empty. GPT-NeoX: every linear map in attention and MLP. Other
 # architectures fall back to peft's own per-architecture default (target_modules=None).
@@ -32,20 +37,124 @@ DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
 class LoRASpec:
     """peft LoRA parameterization: W = W0 + (alpha / rank) · B A with A: rank×d_in, B: d_out×rank (B = 0 at init).
 
-    rank 0 means full fine-tuning (no adapters)."""
+    rank 0 means full fine-tuning (no adapters). The run config carries the same fields flat on ``ModelConfig``
+    (``lora_rank``, ``lora_alpha``, ``lora_targets``: the CLI flags and config.json keys); ``ModelConfig.lora``
+    turns them into this spec, and ``lora_errors`` is the one set of rules for both."""
 
     rank: int = 0
     alpha: float = 16.0
-    targets: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()   # module names to adapt; empty = DEFAULT_LORA_TARGETS of the architecture
     dropout: float = 0.0
 
-    def __post_init__(self) -> None:
-        if self.rank < 0:
-            raise ValueError(f"LoRASpec.rank must be >= 0, got {self.rank}")
-        if self.alpha <= 0:
-            raise ValueError(f"LoRASpec.alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRASpec.dropout must be in [0, 1), got {self.dropout}")
+
+def lora_errors(spec: LoRASpec, prefix: str = "lora.") -> list[str]:
+    """Problems with ``spec``, each naming its field as ``prefix + field`` (``model.lora_`` in a run config)."""
+    errors = []
+    if not spec.rank >= 0:
+        errors.append(f"{prefix}rank={spec.rank} must be >= 0 (0 = full fine-tuning)")
+    if not spec.alpha > 0:
+        errors.append(f"{prefix}alpha={spec.alpha} must be > 0")
+    if not 0.0 <= spec.dropout < 1.0:
+        errors.append(f"{prefix}dropout={spec.dropout} must be in [0, 1)")
+    if spec.targets and spec.rank == 0:
+        errors.append(f"{prefix}targets is set but {prefix}rank is 0 (LoRA off)")
+    return errors
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which pre-trained model a run starts from, how it is parameterized and where it runs."""
+
+    name: str = "embedded"
+    """"embedded" (offline default, agents.embedded), a save_pretrained directory (a run's final_model) or a hub name."""
+    lora_rank: int = 0
+    """0 = full fine-tuning; > 0 = train peft LoRA adapters of this rank only."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: the update is (lora_alpha / lora_rank) · B A."""
+    lora_targets: tuple[str, ...] = ()
+    """Module names that get adapters; empty = the architecture default (GPT-NeoX: every attention/MLP linear)."""
+    dtype: str = "float32"
+    """torch floating dtype of the weights, e.g. float32, bfloat16."""
+    device: str = "auto"
+    """"auto" = cuda when available, else cpu; or any torch device string (cpu, cuda:1, mps)."""
+
+    @property
+    def lora(self) -> LoRASpec:
+        return LoRASpec(rank=self.lora_rank, alpha=self.lora_alpha, targets=tuple(self.lora_targets))
+
+
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set to a true value: only local files may load."""
+    return any(os.environ.get(v, "0").lower() not in ("", "0", "false", "no")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> "cuda" when available, else "cpu"; any other device string unchanged."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def config_errors(m: ModelConfig) -> list[str]:
+    """Problems with ``m`` that show without loading weights (safetensors headers only); [] = valid."""
+    errors = lora_errors(m.lora, prefix="model.lora_")
+    if not isinstance(getattr(torch, m.dtype, None), torch.dtype) or not getattr(torch, m.dtype).is_floating_point:
+        errors.append(f"model.dtype={m.dtype!r} is not a torch floating dtype (e.g. 'float32', 'bfloat16')")
+    if m.device != "auto":
+        try:
+            device = torch.device(m.device)
+        except (RuntimeError, TypeError):
+            errors.append(f"model.device={m.device!r} is not a torch device (e.g. 'auto', 'cpu', 'cuda:0')")
+        else:
+            errors += _device_errors(device, m.device)
+    if m.name != "embedded" and Path(m.name).exists():
+        errors += _model_dir_errors(Path(m.name))
+    elif m.name != "embedded":
+        offline = hub_offline()
+        if offline or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", m.name):
+            errors.append(f"model.name={m.name!r} is neither 'embedded' nor an existing local directory"
+                          + (" (HF_HUB_OFFLINE is set, so hub names cannot be fetched)" if offline else ""))
+    return errors
+
+
+def _device_errors(device: torch.device, name: str) -> list[str]:
+    """``device`` must exist on this machine (a missing accelerator fails here, before anything loads)."""
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            return [f"model.device={name!r} but CUDA is not available here (use 'auto' or 'cpu')"]
+        if device.index is not None and device.index >= count:
+            return [f"model.device={name!r} but only {count} CUDA device(s) exist"]
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return [f"model.device={name!r} but MPS is not available here (use 'auto' or 'cpu')"]
+    return []
+
+
+def _model_dir_errors(path: Path) -> list[str]:
+    """A local model.name must be a save_pretrained directory: a readable config.json (adapter_config.json for a
+    LoRA save) and weights whose safetensors headers parse. Reads headers only, no tensors."""
+    label = f"model.name={str(path)!r}"
+    if not path.is_dir():
+        return [f"{label} is a file; expected a model directory (save_pretrained output)"]
+    config = next((path / f for f in ("config.json", "adapter_config.json") if (path / f).is_file()), None)
+    if config is None:
+        return [f"{label} has no config.json (not a save_pretrained model directory)"]
+    try:
+        json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return [f"{label}: {config.name} is not valid JSON ({e})"]
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights and not any(path.glob("*.bin")):
+        return [f"{label} has no weights (*.safetensors or *.bin)"]
+    for w in weights:
+        try:
+            with safe_open(str(w), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 - any parse failure means the file is unusable
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            return [f"{label}: {w.name} is not a valid safetensors file ({first})"]
+    return []
 
 
 @dataclass
@@ -81,6 +190,9 @@ class LMPolicy:
         if tokenizer.pad_token_id is None:
             # Padding positions are always masked out, so reusing EOS as pad changes no number.
             tokenizer.pad_token = tokenizer.eos_token
+        # A peft model with adapters: its base model is reachable with them off (``model.disable_adapter()``).
+        # Duck-typed so that this module does not import peft (heavy, and only needed under LoRA).
+        self.uses_lora = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -100,10 +212,7 @@ class LMPolicy:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = str(path_or_name)
-        offline = any(
-            os.environ.get(v, "0").lower() not in ("", "0", "false", "no") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-        )
-        kwargs = dict(local_files_only=offline)
+        kwargs = dict(local_files_only=hub_offline())
         torch_dtype = _resolve_dtype(dtype)
         adapter_dir = Path(path) / "adapter_config.json"
         if adapter_dir.is_file():
@@ -120,7 +229,7 @@ class LMPolicy:
                 path, dtype=torch_dtype, attn_implementation=attn_implementation, **kwargs
             )
             tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-            if lora.rank > 0:
+            if lora.rank != 0:
                 model = apply_lora(model, lora)
         if device is not None:
             model.to(device)
@@ -134,8 +243,7 @@ class LMPolicy:
     @property
     def max_length(self) -> int | None:
         """Model context in tokens (max_position_embeddings), or None when the config does not say."""
-        cfg = self.model.config
-        return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        return context_length(self.model)
 
     def trainable_parameters(self) -> dict[str, torch.Tensor]:
         """Named parameters with requires_grad (LoRA adapters only under LoRA)."""
@@ -179,7 +287,7 @@ class LMPolicy:
         if len(prompt_ids) == 0:
             raise ValueError("empty batch")
         limit = max_length if max_length is not None else self.max_length
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        eos, pad_id = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         rows, n_prompt = [], []
         for p, c in zip(prompt_ids, completion_ids):
             p, c = list(p), list(c) + ([eos] if add_eos else [])
@@ -191,15 +299,10 @@ class LMPolicy:
                 c = c[: limit - len(p)]
             rows.append(p + c)
             n_prompt.append(len(p))
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        for i, (r, k) in enumerate(zip(rows, n_prompt)):
-            t = torch.tensor(r, dtype=torch.long)
-            input_ids[i, : len(r)] = t
-            attention_mask[i, : len(r)] = 1
-            labels[i, k : len(r)] = t[k:]
+        input_ids, attention_mask = pad(rows, pad_id)
+        labels = input_ids.masked_fill(attention_mask == 0, IGNORE)
+        for i, k in enumerate(n_prompt):
+            labels[i, :k] = IGNORE
         dev = self.device
         return {"input_ids": input_ids.to(dev), "attention_mask": attention_mask.to(dev), "labels": labels.to(dev)}
 
@@ -239,14 +342,10 @@ class LMPolicy:
             raise ValueError(
                 f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model context {limit}"
             )
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        eos, pad_id = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         dev = self.device
         B = len(prompt_ids)
-        ids = torch.full((B, longest), pad, dtype=torch.long)
-        mask = torch.zeros((B, longest), dtype=torch.long)
-        for i, p in enumerate(prompt_ids):
-            ids[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, longest - len(p):] = 1
+        ids, mask = pad(prompt_ids, pad_id, left=True)
         ids, mask = ids.to(dev), mask.to(dev)
         # Left padding: positions count real tokens only, so each row sees the positions it would see alone.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -262,7 +361,7 @@ class LMPolicy:
             new_tokens: list[torch.Tensor] = []
             for step in range(max_new_tokens):
                 tok = self._pick(logits.float(), temperature, generator)
-                tok = torch.where(finished, torch.full_like(tok, pad), tok)
+                tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
                 new_tokens.append(tok)
                 finished = finished | (tok == eos)
                 if bool(finished.all()) or step == max_new_tokens - 1:
@@ -324,8 +423,9 @@ def apply_lora(model: torch.nn.Module, spec: LoRASpec) -> torch.nn.Module:
     """Wrap model with peft LoRA adapters; base weights get requires_grad=False and are never written."""
     from peft import LoraConfig, get_peft_model
 
-    if spec.rank <= 0:
-        raise ValueError("apply_lora needs LoRASpec.rank > 0")
+    errors = lora_errors(spec) + ([] if spec.rank else ["apply_lora needs LoRASpec.rank > 0"])
+    if errors:
+        raise ValueError("; ".join(errors))
     targets = spec.targets or DEFAULT_LORA_TARGETS.get(getattr(model.config, "model_type", ""), None)
     config = LoraConfig(
         r=spec.rank,
@@ -343,15 +443,7 @@ def token_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logp[b, t] = log p_θ(labels[b, t+1] | input_ids[b, :t+1]); mask[b, t] = labels[b, t+1] != -100.
 
-    Shapes [B, T-1]; logp is 0 where mask is False. Differentiable (no no_grad here): the SFT loss is
-    -Σ logp·mask / Σ mask and the PPO ratio is exp(logp - logp_old). Cost: one forward pass. A function of the
-    model alone, so the TRL bridge scores a trainer's model with exactly the SFT regime's computation."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    logits = out.logits[:, :-1].float()
-    target = labels[:, 1:]
-    mask = target != -100
-    safe = target.masked_fill(~mask, 0)
-    # log_softmax via gather - logsumexp: avoids materialising a second [B, T, V] tensor.
-    picked = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    logp = (picked - torch.logsumexp(logits, dim=-1)) * mask
-    return logp, mask
+    Shapes [B, T-1]; logp is 0 where mask is False. Differentiable: the SFT loss is -Σ logp·mask / Σ mask. Cost:
+    one forward pass (``agents.tokens.token_stats``)."""
+    stats = token_stats(model, input_ids, attention_mask, labels)
+    return stats.logp, stats.mask

@@ -30,6 +30,7 @@ import torch
 
 from agents.optim import split
 from agents.sft import stream_indices
+from agents.tokens import token_stats
 
 ADVANTAGES = ("group", "value")
 
@@ -39,18 +40,31 @@ class PPOConfig:
     """PPO / GRPO-style RLVR settings. Buffer = prompts_per_step * group_size completions per rollout."""
 
     prompts_per_step: int = 8
+    """Prompts per rollout."""
     group_size: int = 4
-    max_new_tokens: int = 64        # room for the column working of ArithRLVR (~45 tokens for 2 digits)
+    """Completions sampled per prompt (the group of a group baseline)."""
+    max_new_tokens: int = 64
+    """Sampled tokens per completion (room for ArithRLVR's column working, ~45 tokens for 2 digits)."""
     temperature: float = 1.0
+    """Sampling temperature of the rollouts (> 0)."""
     clip_eps: float = 0.2
+    """PPO ratio clip ε: ρ is clipped to [1 - ε, 1 + ε]."""
     kl_coef: float = 0.05
+    """β of the k3 KL penalty to the reference policy (0 = no penalty)."""
     entropy_coef: float = 0.0
-    advantage: str = "group"        # "group" (GRPO-style baseline) | "value" (value head + GAE)
-    scale_by_std: bool = False      # group advantages / group std (GRPO) instead of centred only (Dr. GRPO)
-    ppo_epochs: int = 1             # optimizer steps per rollout buffer (1 = on-policy, ρ = 1 at θ)
-    gamma: float = 1.0              # GAE discount (value advantages)
+    """Entropy bonus coefficient c_H."""
+    advantage: str = "group"
+    """group (reward minus the group mean, GRPO-style) or value (value head + GAE)."""
+    scale_by_std: bool = False
+    """Group advantages divided by the group std (GRPO) instead of centred only (Dr. GRPO)."""
+    ppo_epochs: int = 1
+    """Optimizer steps per rollout buffer (1 = on-policy, ρ = 1 at θ)."""
+    gamma: float = 1.0
+    """GAE discount γ (value advantages)."""
     gae_lambda: float = 0.95
+    """GAE λ (value advantages)."""
     vf_coef: float = 0.5
+    """Value-loss coefficient c_V (value advantages)."""
 
 
 def config_errors(cfg: PPOConfig) -> list[str]:
@@ -104,20 +118,11 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def forward_stats(model, chunk: dict, want_hidden: bool = False):
-    """One forward: (log π(label) [B,T-1], entropy [B,T-1], mask [B,T-1], last hidden state [B,T-1,d] or None).
-
-    Same indexing as LMPolicy.token_logprobs: position t predicts labels[:, t+1]."""
-    out = model(input_ids=chunk["input_ids"], attention_mask=chunk["attention_mask"], use_cache=False,
-                output_hidden_states=want_hidden)
-    logits = out.logits[:, :-1].float()
-    target = chunk["labels"][:, 1:]
-    mask = target != -100
-    logz = torch.logsumexp(logits, dim=-1)
-    picked = logits.gather(-1, target.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
-    logp = (picked - logz) * mask
-    entropy = logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-    hidden = out.hidden_states[-1][:, :-1] if want_hidden else None
-    return logp, entropy, mask, hidden
+    """One forward: (log π(label) [B,T-1], entropy [B,T-1], mask [B,T-1], last hidden state [B,T-1,d] or None);
+    ``agents.tokens.token_stats`` on a chunk."""
+    s = token_stats(model, chunk["input_ids"], chunk["attention_mask"], chunk["labels"], entropy=True,
+                    hidden=want_hidden)
+    return s.logp, s.entropy, s.mask, s.hidden
 
 
 def _mix(*ints: int) -> int:
@@ -139,7 +144,7 @@ class PPORegime:
         self.micro_batch, self.seed, self.max_length = micro_batch, seed, max_length
         self.cursor = 0                        # prompts consumed (data-order state)
         self.buffer: list[dict] | None = None  # chunks of the current rollout (reused for ppo_epochs steps)
-        self.lora = hasattr(policy.model, "disable_adapter") and hasattr(policy.model, "peft_config")
+        self.lora = policy.uses_lora
         self.reference = None
         if config.kl_coef > 0 and not self.lora:
             self.reference = copy.deepcopy(policy.model).eval().requires_grad_(False)

@@ -13,6 +13,8 @@ from typing import Sequence
 
 import torch
 
+from agents.tokens import IGNORE, context_length, pad, token_stats
+
 
 def perplexity(
     model: torch.nn.Module, tokenizer, texts: Sequence[str], max_tokens: int = 16_384, batch_size: int = 8
@@ -27,8 +29,7 @@ def perplexity(
         raise ValueError("perplexity needs at least one text (got no texts)")
     if max_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_tokens and batch_size must be >= 1, got {max_tokens}, {batch_size}")
-    cfg = getattr(model, "config", None)
-    context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1024
+    context = context_length(model) or 1024
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token")
@@ -50,24 +51,17 @@ def perplexity(
     if not chunks:
         raise ValueError("texts yield no predictable tokens")
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     nll, count = 0.0, 0
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for i in range(0, len(chunks), batch_size):
-                rows = chunks[i : i + batch_size]
-                width = max(map(len, rows))
-                ids = torch.full((len(rows), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(rows), width), dtype=torch.long)
-                for j, r in enumerate(rows):
-                    ids[j, : len(r)] = torch.tensor(r)
-                    mask[j, : len(r)] = 1
-                ids, mask = ids.to(device), mask.to(device)
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-                target, valid = ids[:, 1:], mask[:, 1:].bool()
-                token_nll = torch.logsumexp(logits, -1) - logits.gather(-1, target[..., None]).squeeze(-1)
+                ids, mask = pad(chunks[i : i + batch_size], pad_id)
+                labels = ids.masked_fill(mask == 0, IGNORE)
+                stats = token_stats(model, ids.to(device), mask.to(device), labels.to(device))
+                token_nll, valid = -stats.logp, stats.mask
                 nll += token_nll[valid].double().sum().item()
                 count += int(valid.sum())
     finally:

@@ -93,6 +93,10 @@ class SFTRegime:
         logp, mask = policy.token_logprobs(batch["input_ids"], batch["attention_mask"], batch["labels"])
         return -(logp * mask).sum() / batch["normalizer"]
 
+    def loss_and_stats(self, policy, batch: Chunk) -> tuple[torch.Tensor, dict[str, float]]:
+        """``loss``; SFT logs no per-chunk diagnostics."""
+        return self.loss(policy, batch), {}
+
     def chunks_for(self, policy, indices: Sequence[int]) -> list[Chunk]:
         tasks = [self.tasks[i] for i in indices]
         return make_chunks(policy, [t.prompt for t in tasks], [t.demonstration for t in tasks],
@@ -117,8 +121,17 @@ class SFTRegime:
         idx = torch.randperm(len(self.tasks), generator=generator)[:size].tolist()
         return self.chunks_for(policy, idx)
 
+    def extra_parameters(self) -> dict[str, torch.Tensor]:
+        return {}
+
     def state_dict(self) -> dict:
         return {"cursor": self.cursor}
 
     def load_state_dict(self, state: dict) -> None:
         self.cursor = int(state["cursor"])
+
+    def extra_state(self) -> None:
+        return None  # the data order is the cursor alone
+
+    def load_extra_state(self, state: dict) -> None:
+        raise ValueError("SFTRegime keeps no extra state; this checkpoint was written by another regime")

@@ -40,10 +40,15 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from agents.optim import accumulate_gradients
+from agents.regime import Regime
+from agents.runwriter import (STATUS_COMPLETED, STATUS_DIVERGED, STATUS_FAILED, STATUS_RUNNING, RunWriter,
+                              read_metrics, write_json)  # noqa: F401 - read_metrics: part of this module's API
+from probes import ProbeContext
 
-STATUS_RUNNING, STATUS_COMPLETED, STATUS_DIVERGED, STATUS_FAILED = "running", "completed", "diverged", "failed"
 FINAL_MODEL = "checkpoints/final_model"  # save_pretrained of the final policy: a model.name for a later run
 LINEAGE_FILE = "eoslab_lineage.json"  # in FINAL_MODEL: where the policy came from (see experiments.run)
 MANIFEST = "manifest.json"  # in each checkpoint: {"sha256": {file: hex digest}} of every other file
@@ -61,67 +66,55 @@ class ResumeWarning(UserWarning):
 class TrainConfig:
     """Loop settings. Effective batch = micro_batch * grad_accum examples (SFT) unless full_batch (all n_train)."""
 
-    steps: int = 1000               # optimizer steps (default probe cadence: λ_max every 250, batch sharpness every 1000)
+    steps: int = 1000
+    """Optimizer steps."""
     micro_batch: int = 4
+    """Examples per chunk (one forward/backward); RL: completions per chunk of the rollout buffer."""
     grad_accum: int = 4
-    full_batch: bool = False        # every step = exact full-batch GD over the training set (chunked)
+    """Chunks per optimizer step (SFT); the gradient is their exact sum."""
+    full_batch: bool = False
+    """SFT only: every step is exact full-batch GD over the env.n_train training tasks (chunked)."""
     seed: int = 0
-    eval_every: int = 100           # greedy accuracy on the eval tasks (0 = only at start and end)
-    retention_every: int = 100      # held-out pre-training perplexity (0 = only at start and end)
-    retention_tokens: int = 8192    # predicted tokens per perplexity measurement (0 = no retention)
-    checkpoint_every: int = 250     # 0 = only at the end
-    divergence_loss: float = 50.0   # loss above this (or non-finite) ends the run as "diverged"
+    """Random seed: data order, rollout sampling, value-head init."""
+    eval_every: int = 100
+    """Greedy accuracy on the eval tasks every this many steps (0 = only at start and end)."""
+    retention_every: int = 100
+    """Held-out pre-training perplexity every this many steps (0 = only at start and end)."""
+    retention_tokens: int = 8192
+    """Predicted tokens per perplexity measurement (0 = no retention)."""
+    checkpoint_every: int = 250
+    """Checkpoint every this many steps (0 = only at the end)."""
+    divergence_loss: float = 50.0
+    """A loss above this (or a non-finite one) ends the run as diverged."""
     max_length: int = 128
-    eval_max_new_tokens: int = 64   # column working of a 3-digit sum is ~50 tokens
-    n_samples: int = 6              # eval prompts shown base vs fine-tuned in samples.json
-    save_model: bool = True         # save_pretrained the final policy to <run>/checkpoints/final_model
+    """Tokens per training sequence (prompt + completion); longer completions are cut."""
+    eval_max_new_tokens: int = 64
+    """Greedy tokens per eval completion (the column working of a 3-digit sum is ~50 tokens)."""
+    n_samples: int = 6
+    """Eval prompts shown base vs fine-tuned in samples.json."""
+    save_model: bool = True
+    """save_pretrained the final policy to <run>/checkpoints/final_model (a model.name for a later run)."""
 
 
-# ---------------------------------------------------------------------------------------------------- small I/O
-def _finite_or_none(x: Any) -> Any:
-    if isinstance(x, (np.generic, torch.Tensor)):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None  # strict JSON has no NaN/Infinity
-    return x
+def config_errors(t: TrainConfig) -> list[str]:
+    """Problems with ``t`` on its own ([] = valid); how it fits the regime and env is the run config's check."""
+    errors = []
+    for name in ("steps", "micro_batch", "grad_accum"):
+        if getattr(t, name) < 1:
+            errors.append(f"train.{name}={getattr(t, name)} must be >= 1")
+    for name in ("eval_every", "retention_every", "checkpoint_every", "n_samples", "retention_tokens"):
+        if getattr(t, name) < 0:
+            errors.append(f"train.{name}={getattr(t, name)} must be >= 0 (0 = only at the start and end)")
+    if not (math.isfinite(t.divergence_loss) and t.divergence_loss > 0):
+        errors.append(f"train.divergence_loss={t.divergence_loss} must be a finite number > 0")
+    if t.max_length < 2:
+        errors.append(f"train.max_length={t.max_length} must be >= 2")
+    if t.eval_max_new_tokens < 1:
+        errors.append(f"train.eval_max_new_tokens={t.eval_max_new_tokens} must be >= 1")
+    return errors
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Atomic JSON write (tmp file + os.replace), so readers never see a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def _metric_rows(path: Path) -> tuple[list[dict], list[int]]:
-    """Parsed rows of a metrics.jsonl and the (1-based) numbers of the lines that are not JSON.
-
-    Rows are appended one line at a time, so a crash can cut the last line short; a bad line elsewhere is damage."""
-    rows, bad = [], []
-    for i, line in enumerate(path.read_text(errors="replace").splitlines()):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                bad.append(i + 1)
-    return rows, bad
-
-
-def _write_rows(path: Path, rows: list[dict]) -> None:
-    """Replace metrics.jsonl atomically (a crash leaves the old or the new file, never a half-written one)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
-
-
-def read_metrics(run_dir: Path | str) -> list[dict]:
-    """Rows of metrics.jsonl (empty list when absent); lines that are not JSON (a torn last line) are left out."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return _metric_rows(path)[0]
-
-
+# ---------------------------------------------------------------------------------------------------- RNG
 def rng_state() -> dict:
     """Every global RNG state as tensors and plain lists (loadable with ``torch.load(weights_only=True)``)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
@@ -239,16 +232,10 @@ def greedy_eval(policy, tasks: Sequence[Any], score_fn: Callable[[list[str], lis
 
 # ---------------------------------------------------------------------------------------------------- trainer
 class Trainer:
-    """Runs ``config.steps`` optimizer steps of ``regime`` on ``policy`` and writes the run directory.
+    """Runs ``config.steps`` optimizer steps of ``regime`` (see ``agents.regime.Regime``) on ``policy`` and writes
+    the run directory."""
 
-    Regime interface (SFTRegime, PPORegime): ``next_batch(policy, step) -> (chunks, metrics)``,
-    ``loss(policy, chunk) -> scalar`` (chunk losses sum to the batch loss), optional
-    ``loss_and_stats(policy, chunk) -> (scalar, {key: float})`` with stats normalised like the loss,
-    ``sample_batch(policy, generator) -> chunks``, ``state_dict()/load_state_dict()`` (JSON-able data-order state),
-    optional ``extra_state()/load_extra_state()`` (tensors) and ``extra_parameters() -> {name: tensor}``.
-    """
-
-    def __init__(self, policy, regime, optimizer: torch.optim.Optimizer, config: TrainConfig, run_dir: Path | str,
+    def __init__(self, policy, regime: Regime, optimizer: torch.optim.Optimizer, config: TrainConfig, run_dir: Path | str,
                  scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, prober=None,
                  eval_tasks: Sequence[Any] = (), score_fn: Callable | None = None,
                  retention_fn: Callable[[Any], dict[str, float]] | None = None,
@@ -258,23 +245,21 @@ class Trainer:
         self.policy, self.regime, self.optimizer, self.scheduler = policy, regime, optimizer, scheduler
         self.config, self.run_dir, self.prober = config, Path(run_dir), prober
         self.eval_tasks, self.score_fn, self.retention_fn = list(eval_tasks), score_fn, retention_fn
-        self.log_fn, self.grad_clip, self.progress = log_fn, grad_clip, progress
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.grad_clip, self.progress = grad_clip, progress
+        self.writer = RunWriter(self.run_dir, log_fn)
         self.last_update: dict[str, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ parameters
     def parameters(self) -> dict[str, torch.Tensor]:
         """Everything the optimizer updates: the policy's trainable parameters + the regime's own (value head)."""
         params = dict(self.policy.trainable_parameters())
-        extra = getattr(self.regime, "extra_parameters", None)
-        if extra is not None:
-            params.update({f"regime.{k}": v for k, v in extra().items()})
+        params.update({f"regime.{k}": v for k, v in self.regime.extra_parameters().items()})
         return params
 
     # ------------------------------------------------------------------ checkpoints
     def _snapshot(self, step: int) -> dict:
         """What checkpoint ``step_<step>`` holds, copied (tensors to CPU) so that later steps cannot change it."""
-        extra = getattr(self.regime, "extra_state", None)
+        # a prober without warm starts (any callable with ``due``) has no state to save
         prober_state = getattr(self.prober, "state_dict", None)
         probe = {f"prober.{k}": v for k, v in (prober_state() if prober_state is not None else {}).items()}
         probe.update({f"update.{k}": v for k, v in (self.last_update or {}).items()})
@@ -284,7 +269,7 @@ class Trainer:
                           "scheduler": copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None
                           else None},
             "rng": rng_state(),
-            "regime": extra() if extra is not None else None,  # replaced, never mutated, by the regime
+            "regime": self.regime.extra_state(),  # replaced, never mutated, by the regime
             "probe": _cpu_copy(probe),
             "state": {"step": step, "regime": self.regime.state_dict(), "lr": self.optimizer.param_groups[0]["lr"],
                       "time": time.time()},
@@ -294,8 +279,6 @@ class Trainer:
         """checkpoints/step_<step>/: model.safetensors, optimizer.pt, rng.pt, [regime.pt], [probe.safetensors],
         state.json and manifest.json (sha256 of the others), written to a temporary dir and renamed into place.
         ``snapshot`` (from ``_snapshot``) saves an earlier state; default: the current one."""
-        from safetensors.torch import save_file
-
         snap = snapshot if snapshot is not None else self._snapshot(step)
         final = self.run_dir / "checkpoints" / f"step_{step}"
         tmp = final.with_name(final.name + ".tmp")
@@ -317,8 +300,6 @@ class Trainer:
     def read_checkpoint(self, path: Path) -> dict:
         """Verify ``path`` against its manifest and load it without executing anything; changes no state.
         Raises CheckpointError (one line) when it is corrupt, unsafe or not this model's."""
-        from safetensors.torch import load_file
-
         path = Path(path)
         verify_checkpoint(path)
         try:
@@ -386,13 +367,13 @@ class Trainer:
         if dirs and dirs[-1][0] > self.config.steps:
             raise ValueError(f"{dirs[-1][1]} is at step {dirs[-1][0]}, beyond steps={self.config.steps}; "
                              "raise steps or start a new run")
-        metrics = self.run_dir / "metrics.jsonl"
-        rows, bad = _metric_rows(metrics) if metrics.exists() else ([], [])
+        rows, bad = self.writer.rows()
         if bad:  # their steps become gaps below, regenerated like any lost row
-            n_lines = len(metrics.read_text(errors="replace").splitlines())
-            what = "a torn last line (a crash mid-write)" if bad == [n_lines] else f"lines {bad} that are not JSON"
+            metrics = self.run_dir / "metrics.jsonl"
+            what = "a torn last line (a crash mid-write)" if bad == [self.writer.line_count()] \
+                else f"lines {bad} that are not JSON"
             warnings.warn(f"{metrics}: dropped {what}", ResumeWarning, stacklevel=3)
-            _write_rows(metrics, rows)
+            self.writer.replace_rows(rows)
         logged = {r.get("step") for r in rows}
         first_gap = next(s for s in range(len(logged) + 1) if s not in logged)
         passed = [step for step, _ in dirs if step > first_gap]
@@ -413,32 +394,6 @@ class Trainer:
             raise CheckpointError(f"no intact checkpoint to resume from ({failures[0]}); "
                                   "start over with --overwrite (resume=False)")
         return 0
-
-    # ------------------------------------------------------------------ status / metrics
-    def _status_step(self) -> int:
-        """The step status.json reports (0 when there is none): the run got that far, whatever happens next."""
-        try:
-            return int(json.loads((self.run_dir / "status.json").read_text())["step"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return 0
-
-    def write_status(self, status: str, step: int, reason: str = "") -> None:
-        write_json(self.run_dir / "status.json", {"status": status, "step": step, "reason": reason})
-
-    def _append(self, row: dict) -> None:
-        row = {k: _finite_or_none(v) for k, v in row.items()}
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-        if self.log_fn is not None:
-            self.log_fn(row)
-
-    def _truncate_metrics(self, start: int) -> None:
-        """Drop rows logged after the checkpoint we resume from (they will be recomputed identically)."""
-        path = self.run_dir / "metrics.jsonl"
-        if path.exists():
-            keep = [r for r in read_metrics(self.run_dir) if r["step"] < start] if start > 0 else []
-            _write_rows(path, keep)
 
     # ------------------------------------------------------------------ measurements
     def _measure(self, step: int, final: bool = False) -> dict:
@@ -471,8 +426,6 @@ class Trainer:
         write_json(path, data)
 
     def _probe(self, step: int, chunks: list) -> dict:
-        from probes import ProbeContext
-
         ctx = ProbeContext(
             params=dict(self.policy.trainable_parameters()),
             loss_fn=lambda chunk: self.regime.loss(self.policy, chunk),
@@ -487,10 +440,7 @@ class Trainer:
         return dict(self.prober(ctx))
 
     def _loss_fn(self, chunk):
-        with_stats = getattr(self.regime, "loss_and_stats", None)
-        if with_stats is not None:
-            return with_stats(self.policy, chunk)
-        return self.regime.loss(self.policy, chunk)
+        return self.regime.loss_and_stats(self.policy, chunk)
 
     # ------------------------------------------------------------------ the loop
     def train(self, resume: bool = True) -> str:
@@ -502,15 +452,13 @@ class Trainer:
             try:
                 start = self._resume()
             except CheckpointError as e:
-                self.write_status(STATUS_FAILED, self._status_step(), str(e))
+                self.writer.write_status(STATUS_FAILED, self.writer.status_step(), str(e))
                 raise
-        self._truncate_metrics(start)
-        self.write_status(STATUS_RUNNING, start)
+        self.writer.keep_rows_before(start)
+        self.writer.write_status(STATUS_RUNNING, start)
         params = self.parameters()
         bar = None
         if self.progress:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=cfg.steps, initial=start, desc=self.run_dir.name, disable=None, leave=False)
         step = start
         on_disk = start if start > 0 else None  # step of the checkpoint holding the current state, if any
@@ -532,13 +480,13 @@ class Trainer:
                 row.update({"train/loss": loss, "train/lr": float(self.optimizer.param_groups[0]["lr"]),
                             "train/grad_norm": grad_norm, **stats})
                 if not math.isfinite(loss) or loss > cfg.divergence_loss or not math.isfinite(grad_norm):
-                    self._append(row)
+                    self.writer.append(row)
                     reason = f"train/loss={loss:.4g}, grad_norm={grad_norm:.4g} at step {step}"
                     if last_good is not None:
                         if last_good[1] is not None:
                             self.save_checkpoint(*last_good)
                         reason += f"; last good state: checkpoints/step_{last_good[0]}"
-                    self._finish(STATUS_DIVERGED, step, reason)
+                    self.writer.finish(STATUS_DIVERGED, step, reason)
                     return STATUS_DIVERGED
                 last_good = (step, snapshot)
                 want_update = self.prober is not None and self.prober.due(step + 1)
@@ -551,32 +499,28 @@ class Trainer:
                     self.scheduler.step()
                 self.last_update = None if before is None else {
                     k: p.detach() - before[k] for k, p in self.policy.trainable_parameters().items()}
-                self._append(row)
+                self.writer.append(row)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}")
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                     self.save_checkpoint(step + 1)
                     on_disk = step + 1
-                    self.write_status(STATUS_RUNNING, step + 1)
+                    self.writer.write_status(STATUS_RUNNING, step + 1)
             final_row = self._measure(cfg.steps, final=True)
             if final_row:
-                self._append({"step": cfg.steps, **final_row})
+                self.writer.append({"step": cfg.steps, **final_row})
             self.save_checkpoint(cfg.steps)
             if cfg.save_model:
                 # under checkpoints/ so that run-dir discovery (a dir holding config.json) never mistakes it for a run
                 self.policy.save(self.run_dir / FINAL_MODEL)
                 if self.lineage is not None:
                     write_json(self.run_dir / FINAL_MODEL / LINEAGE_FILE, self.lineage)
-            self._finish(STATUS_COMPLETED, cfg.steps)
+            self.writer.finish(STATUS_COMPLETED, cfg.steps)
             return STATUS_COMPLETED
         except BaseException as e:
-            self.write_status(STATUS_FAILED, step, f"{type(e).__name__}: {e}")
+            self.writer.write_status(STATUS_FAILED, step, f"{type(e).__name__}: {e}")
             raise
         finally:
             if bar is not None:
                 bar.close()
-
-    def _finish(self, status: str, step: int, reason: str = "") -> None:
-        self.write_status(status, step, reason)
-        (self.run_dir / "DONE").write_text((self.run_dir / "status.json").read_text())

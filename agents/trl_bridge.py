@@ -16,8 +16,12 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
+import envs
+from agents.policy import LMPolicy, token_logprobs
+from agents.sft import make_chunks
+from envs.verify import make_trl_reward
 from probes import ProbeConfig, ProbeContext, Prober
 
 
@@ -27,9 +31,6 @@ def sft_probe_batches(
 ) -> list[dict[str, torch.Tensor]]:
     """Frozen probe chunks {input_ids, attention_mask, labels, ...} built exactly as the SFT regime builds its
     micro-batches (``agents.sft.make_chunks``)."""
-    from agents.policy import LMPolicy
-    from agents.sft import make_chunks
-
     if len(prompts) == 0:
         raise ValueError("sft_probe_batches needs at least one prompt")
     if chunk_size < 1:
@@ -40,8 +41,6 @@ def sft_probe_batches(
 def token_ce_loss_fn(batches: Sequence[dict[str, torch.Tensor]], model: torch.nn.Module) -> Callable:
     """loss_fn(chunk) = Σ_tokens NLL(chunk) / N, N = completion tokens over *all* batches, so chunk losses sum to
     the token-mean CE of the whole probe batch (the ProbeContext contract); per-token NLL as in SFT training."""
-    from agents.policy import token_logprobs
-
     total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     if total == 0:
         raise ValueError("probe batches contain no completion tokens (all labels are -100)")
@@ -132,8 +131,6 @@ class ProbeCallback(TrainerCallback):
         handler's ``on_log`` resets it, which made the trainer skip its own loss entry at every probed logging step
         (and average the next one over the skipped window).
         """
-        from transformers import Trainer
-
         should_log = control.should_log
         Trainer.log(self.trainer, metrics)
         control = self.trainer.control  # log() rebinds it to what the on_log callbacks returned
@@ -154,16 +151,12 @@ def env_reward_function(env_id: str, **env_kwargs: Any) -> Callable[..., list[fl
     verifier against the dataset column ``answer`` (TRL passes extra columns as list kwargs; keep
     ``remove_unused_columns=False``, the GRPOConfig default). Rewards in [0, 1]; malformed completions score 0.
     This is ``envs.verify.make_trl_reward``, re-exported so TRL users find rewards next to the probe callback."""
-    from envs.verify import make_trl_reward
-
     return make_trl_reward(env_id, **env_kwargs)
 
 
 def env_rows(env_id: str, split: str = "train", n: int | None = None) -> list[dict[str, str]]:
     """Dataset rows {prompt, completion, answer, task_id} of an env: SFTTrainer trains on prompt/completion
     (completion-only loss), GRPOTrainer samples from prompt and rewards with env_reward_function via answer."""
-    import envs
-
     return [
         {"prompt": t.prompt, "completion": t.demonstration, "answer": t.answer, "task_id": t.task_id}
         for t in envs.load_tasks(env_id, split=split, n=n)
@@ -172,6 +165,6 @@ def env_rows(env_id: str, split: str = "train", n: int | None = None) -> list[di
 
 def env_dataset(env_id: str, split: str = "train", n: int | None = None):
     """``datasets.Dataset`` of env_rows (TRL trainers take a Dataset)."""
-    from datasets import Dataset
+    from datasets import Dataset  # optional: only TRL users need it
 
     return Dataset.from_list(env_rows(env_id, split, n))

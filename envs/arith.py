@@ -269,6 +269,11 @@ class ArithEnv(ProceduralTaskEnv):
         self._check = check_number if answer_format == "strict" else check_number_lenient
         super().__init__(**kwargs)
 
+    @classmethod
+    def kwarg_names(cls) -> frozenset[str]:
+        """The TextTaskEnv arguments, ``answer_format`` and every ArithConfig knob (taken through ``**kwargs``)."""
+        return super().kwarg_names() | _KNOBS
+
     def draw(self, r):
         p = draw_problem(self.config, r)
         return p["key"], p

@@ -18,6 +18,7 @@ Order of calls (gymnasium documents that ``reset`` is needed before ``step`` and
 from __future__ import annotations
 
 import hashlib
+import inspect
 import string
 import zlib
 from dataclasses import dataclass, field
@@ -102,6 +103,17 @@ class TextTaskEnv(gym.Env[str, str]):
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
     verifiable = True  # False for soft-scored envs (reward is a similarity, not a check)
     max_prompt_chars = 512
+
+    @classmethod
+    def kwarg_names(cls) -> frozenset[str]:
+        """Keyword arguments ``gym.make(<id of this class>, ...)`` accepts: the named parameters of ``__init__``
+        along the MRO (a subclass that takes more through ``**kwargs`` adds them by overriding this)."""
+        names = set()
+        for klass in cls.__mro__:
+            if isinstance(klass, type) and issubclass(klass, TextTaskEnv):
+                names |= {p.name for p in inspect.signature(klass.__init__).parameters.values()
+                          if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        return frozenset(names)
 
     def __init__(
         self,

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+# envs/__init__.py (the registry) never imports this module, so importing the package here is no cycle
+from envs import make_unwrapped
 from envs.core import TextTaskEnv, check_split
 
 
@@ -41,8 +43,6 @@ class TaskBatch:
     def __init__(self, env: str | Any, batch_size: int, *, group_size: int = 1, split: str = "train",
                  seed: int | None = None, **env_kwargs: Any):
         if isinstance(env, str):
-            from envs import make_unwrapped
-
             env = make_unwrapped(env, **env_kwargs)
         elif env_kwargs:
             raise ValueError("env_kwargs only apply when env is an id")

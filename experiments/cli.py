@@ -25,7 +25,7 @@ import tyro
 
 from experiments.demo import DemoConfig
 from experiments.phases import PhaseConfig
-from experiments.run import ConfigError, RunConfig, RunDirBusy, default_config
+from experiments.run import ConfigError, RunConfig, RunDirBusy, default_config, run
 
 SFT_DEFAULT, LORA_DEFAULT, RL_DEFAULT = (default_config(c) for c in ("sft", "lora", "rl"))
 
@@ -54,9 +54,9 @@ class ReportCommand:
 class CohenCommand:
     """Cohen et al. 2021 validation: full-batch GD on a tanh MLP (MSE, sklearn digits); one run per η."""
 
-    lrs: tuple[float, ...] = (0.3, 0.45, 0.6)
-    steps: int = 500
-    out_dir: Path = Path("runs/cohen2021")
+    lrs: tuple[float, ...] = (0.3, 0.45, 0.6)  # learning rates η, one run each (the edge is 2/η)
+    steps: int = 500  # GD steps per run
+    out_dir: Path = Path("runs/cohen2021")  # runs go to OUT_DIR/gd-digits-lr<η>-s0/
 
 
 Command = Union[
@@ -73,10 +73,7 @@ Command = Union[
 def execute(cmd) -> int:
     """Run a parsed command; returns the exit status."""
     if isinstance(cmd, RunConfig):
-        from experiments.run import run, validate
-
-        validate(cmd)
-        run_dir = run(cmd)
+        run_dir = run(cmd)  # validates first (the one check), then trains
         print(f"run dir: {run_dir}")
     elif isinstance(cmd, SweepCommand):
         from experiments.sweep import load_sweep, run_sweep

@@ -9,7 +9,7 @@ seeded Gaussian-mixture classification set. Expected: λ_max(∇²L) rises (prog
 
 λ_max is measured with the project's own probes (``probes.Prober``: warm-started LOBPCG on exact HVPs, here
 ≈ 2–6 HVPs per solve after the first), so this experiment also validates the probe stack end to end. Output is a
-run directory in the CONTRACTS.md layout (config.json, metrics.jsonl, status.json, DONE), readable by the report.
+run directory written by ``agents.runwriter.RunWriter`` like every other run's, so the report reads it unchanged.
 Computation in float64: at EoS, λ_max differences of 1% matter and the network is small (~9k parameters).
 
     python -m experiments.cohen2021 --lr 0.3
@@ -17,14 +17,15 @@ Computation in float64: at EoS, λ_max differences of 1% matter and the network 
 
 from __future__ import annotations
 
-import json
 import math
-import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import tyro
+
+from agents.runwriter import DONE, STATUS_COMPLETED, STATUS_DIVERGED, STATUS_RUNNING, RunWriter
+from probes import ProbeConfig, ProbeContext, Prober
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def load_data(cfg: CohenConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(X [n, d] standardised, Y [n, 10] one-hot), float64, deterministic in cfg.seed."""
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.dataset == "digits":
-        from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+        from sklearn.datasets import load_digits  # bundled, no download; local: sklearn takes seconds to import
 
         x_all, y_all = load_digits(return_X_y=True)
         idx = torch.randperm(len(y_all), generator=gen)[: cfg.n_train]
@@ -89,15 +90,12 @@ def build_mlp(d_in: int, width: int, seed: int) -> torch.nn.Module:
 
 def run_cohen(cfg: CohenConfig = CohenConfig()) -> Path:
     """Full-batch GD with λ_max probes; writes and returns the run directory (skipped if DONE exists)."""
-    from probes import ProbeConfig, ProbeContext, Prober
-
     errors = config_errors(cfg)
     if errors:
         raise ValueError("; ".join(errors))
     run_dir = Path(cfg.out_dir) / cfg.run_name
-    if (run_dir / "DONE").exists():
+    if (run_dir / DONE).exists():
         return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     x, y = load_data(cfg)
     net = build_mlp(x.shape[1], cfg.width, cfg.seed)
     params = dict(net.named_parameters())
@@ -115,46 +113,31 @@ def run_cohen(cfg: CohenConfig = CohenConfig()) -> Path:
               "model": {"name": f"mlp-tanh-{cfg.width}x2", "lora_rank": 0},
               "train": {"steps": cfg.steps, "full_batch": True, "seed": cfg.seed},
               "env": {"env_id": cfg.dataset, "n_train": n}}
-    (run_dir / "config.json").write_text(json.dumps({"config": config, "git_hash": _git_hash(), "argv": sys.argv},
-                                                    indent=1))
-    status = {"status": "completed", "step": cfg.steps, "reason": ""}
-    t0 = time.perf_counter()
-    with open(run_dir / "metrics.jsonl", "w") as f:
-        for step in range(cfg.steps + 1):  # metrics at θ_step, before the step's update
-            opt.zero_grad(set_to_none=True)
-            out = net(x)
-            loss = 0.5 * ((out - y) ** 2).sum() / n  # = loss_fn((x, y))
-            loss.backward()
-            acc = (out.detach().argmax(1) == y.argmax(1)).double().mean().item()
-            grad_norm = torch.sqrt(sum((p.grad**2).sum() for p in net.parameters())).item()
-            rec = {"step": step, "train/loss": loss.item(), "train/lr": cfg.lr, "train/grad_norm": grad_norm,
-                   "eval/accuracy": acc}
-            if prober.due(step):
-                rec.update(prober(ProbeContext(params=params, loss_fn=loss_fn, batches=batches, lr=cfg.lr,
-                                               step=step, optimizer=opt, model=net)))
-            f.write(json.dumps(rec) + "\n")
-            if not math.isfinite(loss.item()) or loss.item() > 1e3:
-                status = {"status": "diverged", "step": step, "reason": f"loss {loss.item():.3g}"}
-                break
-            if step < cfg.steps:
-                opt.step()
-    status["seconds"] = time.perf_counter() - t0
-    (run_dir / "status.json").write_text(json.dumps(status))
-    (run_dir / "DONE").write_text(json.dumps(status))
+    writer = RunWriter(run_dir)
+    writer.write_config(config)
+    writer.replace_rows([])  # an unfinished earlier attempt starts over: the run is cheap and deterministic
+    writer.write_status(STATUS_RUNNING, 0)
+    for step in range(cfg.steps + 1):  # metrics at θ_step, before the step's update
+        opt.zero_grad(set_to_none=True)
+        out = net(x)
+        loss = 0.5 * ((out - y) ** 2).sum() / n  # = loss_fn((x, y))
+        loss.backward()
+        acc = (out.detach().argmax(1) == y.argmax(1)).double().mean().item()
+        grad_norm = torch.sqrt(sum((p.grad**2).sum() for p in net.parameters())).item()
+        rec = {"step": step, "train/loss": loss.item(), "train/lr": cfg.lr, "train/grad_norm": grad_norm,
+               "eval/accuracy": acc}
+        if prober.due(step):
+            rec.update(prober(ProbeContext(params=params, loss_fn=loss_fn, batches=batches, lr=cfg.lr,
+                                           step=step, optimizer=opt, model=net)))
+        writer.append(rec)
+        if not math.isfinite(loss.item()) or loss.item() > 1e3:
+            writer.finish(STATUS_DIVERGED, step, f"loss {loss.item():.3g}")
+            return run_dir
+        if step < cfg.steps:
+            opt.step()
+    writer.finish(STATUS_COMPLETED, cfg.steps)
     return run_dir
 
 
-def _git_hash() -> str:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 if __name__ == "__main__":
-    import tyro
-
     print(run_cohen(tyro.cli(CohenConfig)))

@@ -4,9 +4,9 @@
 2. runs three small learning-rate studies with probes on both cores, on arithmetic with column working
    (ArithRLVR-v0): full SFT, LoRA SFT (rank 8) and RLVR (PPO, group baseline; from a 150-step warm start of
    `eoslab sft` at its defaults, a policy that has learnt part of the task, so rewards vary within groups), each
-   with the seed's optimizer (SGD, momentum 0.9, weight decay 1e-4) and effective batch 16 = 4×4 (RL: 4 prompts ×
+   with RunConfig's default optimizer (SGD, momentum 0.9, weight decay 1e-4) and effective batch 16 = 4×4 (RL: 4 prompts ×
    4 samples).
-   The learning rates reach above the seed's 1e-4…1e-2, because on the 1.4M-parameter model only η ≳ 0.1 brings
+   The learning rates reach above the usual 1e-4…1e-2, because on the 1.4M-parameter model only η ≳ 0.1 brings
    η·λ_max near the momentum edge 2+2β = 3.8 within 80 steps (measured: η·λ ≈ 0.4 at η = 0.01, ≈ 4 at η = 0.1);
 3. runs the Cohen et al. 2021 validation (full-batch GD on a tanh MLP, experiments.cohen2021) on the second core
    while the model builds;
@@ -27,18 +27,18 @@ class DemoConfig:
     out: Path = Path("runs/demo")  # sweeps go to OUT/<study>/, the report to OUT/report/
     workers: int = 2  # parallel runs (one core each)
     model: str = "embedded"  # the offline default; or a local model directory
-    sft_lrs: tuple[float, ...] = (1e-2, 3e-2, 1e-1)
-    sft_steps: int = 80
-    lora_rank: int = 8
-    lora_lrs: tuple[float, ...] = (3e-2, 1e-1, 3e-1)
-    lora_steps: int = 80
-    rl_lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
-    rl_steps: int = 50
+    sft_lrs: tuple[float, ...] = (1e-2, 3e-2, 1e-1)  # SFT study: one run per learning rate
+    sft_steps: int = 80  # optimizer steps per SFT run
+    lora_rank: int = 8  # LoRA study: adapter rank
+    lora_lrs: tuple[float, ...] = (3e-2, 1e-1, 3e-1)  # LoRA study: one run per learning rate
+    lora_steps: int = 80  # optimizer steps per LoRA run
+    rl_lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)  # RLVR study (PPO from the SFT warm start): one run per LR
+    rl_steps: int = 50  # optimizer steps per RLVR run
     warm_start_steps: int = 150  # SFT steps (no probes) before RLVR, so that rewards vary within groups
     probe_every: int = 10  # λ_max cadence (optimizer steps)
     batch_sharpness_every: int = 25  # batch sharpness cadence (0 = off)
-    cohen_lrs: tuple[float, ...] = (0.3, 0.45, 0.6)
-    cohen_steps: int = 500
+    cohen_lrs: tuple[float, ...] = (0.3, 0.45, 0.6)  # Cohen et al. 2021 validation: one GD run per η
+    cohen_steps: int = 500  # GD steps per Cohen run
 
 
 def demo_sweeps(cfg: DemoConfig):

@@ -1,44 +1,57 @@
-"""One run = one frozen ``RunConfig`` -> one run directory (see CONTRACTS.md for the layout).
+"""One run = one frozen ``RunConfig`` -> one run directory (layout: CONTRACTS.md, written by agents.runwriter).
 
-``validate(cfg)`` checks everything that can be checked without loading a model and raises one ``ConfigError`` that
-lists every problem. ``run(cfg)`` validates, writes ``config.json`` (resolved config, git hash, argv), builds the
-policy (``model.name == "embedded"`` = the offline default of agents.embedded), the env's train / test tasks, the
-regime (SFT or PPO; LoRA is ``model.lora_rank > 0`` with either), the optimizer and the prober, and hands them to
-``agents.trainer.Trainer``. One process at a time owns a run dir (an flock on ``LOCK_FILE``; a second one gets
-``RunDirBusy``). A run whose directory holds ``DONE`` is skipped when the config is the same and is an error when it
-differs; otherwise it resumes from the latest intact checkpoint. Resuming with a changed LR, batch size, step count,
-cadence or probe config is allowed and recorded in ``config.json["resumed"]``; any other change is an error (use
-another ``name``, or ``overwrite=True`` / ``resume=False`` to discard the old run and start over). A run dir that this
-call created is removed again when the run cannot be set up (model, device), so failures leave no orphans.
+``RunConfig`` composes the configs that live beside their code (``ModelConfig``/LoRA: agents.policy, ``EnvConfig``:
+envs.config, ``OptimConfig``: agents.optim, ``TrainConfig``: agents.trainer, ``PPOConfig``: agents.ppo,
+``ProbeConfig``: probes); each owner's ``config_errors`` checks its section and ``validate`` adds how the sections fit
+together, raising one ``ConfigError`` that lists every problem before any model loads.
 
-``env.kwargs`` go to every env of the run (``gym.make(env_id, **kwargs)``: train/eval tasks and the verifier that
-scores PPO rollouts and eval); they are checked against the env class's keyword arguments before anything loads.
-Forgetting (``retention/...``) is always measured on the held-out text of the *original* pre-trained model: the
-saved final policy carries ``LINEAGE_FILE`` (base model, retention source), followed through warm-start chains.
+``run(cfg)`` validates (building the env once, which it then uses), takes the run dir (one process at a time: an flock
+on ``LOCK_FILE``, else ``RunDirBusy``), and then assembles policy -> regime -> trainer. A dir holding ``DONE`` is
+skipped for the same config and is an error for another; otherwise the run resumes from the latest intact
+checkpoint. Resuming with a changed LR, batch size, step count, cadence or probe config is allowed and recorded in
+``config.json["resumed"]``; any other change is an error (use another ``name``, or ``overwrite=True`` /
+``resume=False`` to start over). A run dir that this call created is removed again when the run cannot be set up
+(model, device), so failures leave no orphans.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
 import os
+import random
 import re
 import shutil
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
-from agents.optim import OptimConfig
+import numpy as np
+import torch
+
+import envs
+from agents.embedded import embedded_model_path
+from agents.optim import OptimConfig, build_optimizer, build_scheduler
 from agents.optim import config_errors as optim_errors
-from agents.ppo import PPOConfig
+from agents.policy import LMPolicy, ModelConfig, resolve_device
+from agents.policy import config_errors as model_errors
+from agents.ppo import PPOConfig, PPORegime
 from agents.ppo import config_errors as ppo_errors
-from agents.trainer import FINAL_MODEL, LINEAGE_FILE, TrainConfig, write_json
-from probes import ProbeConfig
+from agents.retention import perplexity
+from agents.runwriter import RunWriter, git_hash
+from agents.sft import SFTRegime
+from agents.trainer import TrainConfig, Trainer, latest_checkpoint
+from agents.trainer import config_errors as train_errors
+from envs.config import EnvConfig, env_kwarg_names, make_env, train_tasks  # noqa: F401 - re-exported
+from envs.config import config_errors as env_errors
+from experiments.errors import ConfigError, RunDirBusy
+from experiments.lineage import lineage_name, retention_source
+from experiments.lineage import retention_texts as _retention_texts
+from probes import ProbeConfig, Prober
 
 REGIMES = ("sft", "rl")
 # Fields that may differ when resuming a run dir (section.field); everything else defines the trajectory.
@@ -51,33 +64,9 @@ LOCK_FILE = ".lock"  # in the run dir: flock-ed by the process that runs it
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    name: str = "embedded"          # "embedded" = offline default from agents.embedded; else a local path or hub name
-    lora_rank: int = 0              # 0 = full fine-tuning; >0 = peft LoRA adapters only
-    lora_alpha: float = 16.0
-    lora_targets: tuple[str, ...] = ()   # empty = architecture default (GPT-NeoX: every attention/MLP linear)
-    dtype: str = "float32"
-    device: str = "auto"            # "auto" = cuda when available, else cpu; or any torch device string
-
-
-@dataclass(frozen=True)
-class EnvConfig:
-    env_id: str = "ArithRLVR-v0"
-    # training set: the first n_train tasks of the train split's pool (None = the whole pool); full-batch GD uses
-    # all of it. Pools (envs.core.pool_of) are disjoint hash parts of the train split: "sft" (80 %) and "rl" (20 %),
-    # so RL after SFT trains on problems the SFT data never held; "auto" = the regime's own pool, "all" = both.
-    n_train: int | None = None
-    pool: str = "auto"
-    n_eval: int = 500               # held-out test-split tasks for eval/accuracy
-    # keyword arguments of gym.make(env_id, ...) for every env of the run (train/eval tasks, rewards), e.g.
-    # {"path": "alpaca.json"} for AlpacaSFT-v0, {"max_digits": 3, "ops": "+-*"} for ArithRLVR-v0;
-    # CLI: --env.kwargs path alpaca.json max_digits 3. A dict, so EnvConfig/RunConfig are not hashable.
-    kwargs: dict[str, int | float | bool | str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class RunConfig:
-    regime: str = "sft"             # "sft" | "rl"   (LoRA = model.lora_rank > 0, with either regime)
+    regime: str = "sft"
+    """sft (behaviour cloning on demonstrations) or rl (PPO on verifier rewards); LoRA is model.lora_rank > 0."""
     model: ModelConfig = field(default_factory=ModelConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -85,9 +74,13 @@ class RunConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     out_dir: str = "runs"
-    name: str | None = None         # default: derived from regime, env, optimizer, lr, batch, lora rank, seed
-    wandb: bool = False             # offline wandb logging when True (WANDB_MODE overrides)
-    overwrite: bool = False         # discard an existing run dir of this name (finished or not) and start over
+    """Directory that holds the run dir."""
+    name: str | None = None
+    """Run dir name; default: derived from regime, env, optimizer, lr, batch, LoRA rank and seed."""
+    wandb: bool = False
+    """Also log to wandb, offline unless WANDB_MODE says otherwise."""
+    overwrite: bool = False
+    """Discard an existing run dir of this name (finished or not) and start over."""
 
 
 def default_config(command: str) -> RunConfig:
@@ -96,9 +89,9 @@ def default_config(command: str) -> RunConfig:
     Chosen by measurement on the embedded model and ArithRLVR-v0 (experiments/bench/learnability.py, README):
 
     * sft: AdamW 1e-3, batch 64 (16 x 4), 1000 steps, 50 warm-up steps then cosine decay. Constant AdamW 1e-3
-      reached 0.51 / 0.78 / 0.79 held-out after 250 / 500 / 750 steps and this schedule 0.97 after 1000; the seed's
-      SGD (momentum 0.9, weight decay 1e-4, batch 16) at 0.05 reached 0.21 after 3000 steps. The EoS studies keep
-      constant LRs of their own; this default is for a policy that learns.
+      reached 0.51 / 0.78 / 0.79 held-out after 250 / 500 / 750 steps and this schedule 0.97 after 1000; plain
+      SGD (momentum 0.9, weight decay 1e-4, batch 16; RunConfig's own defaults) at 0.05 reached 0.21 after 3000
+      steps. The EoS studies keep constant LRs of their own; this default is for a policy that learns.
     * lora: the same at 3e-3 (rank 8: 0.80 held-out after 1000 steps).
     * rl: PPO from the "rl" pool, AdamW 1e-4, rollouts at temperature 0.7 (8 prompts x 4 samples): at 1.0 the
       samples of a partly trained policy are almost all wrong (reward 0.03 at greedy accuracy 0.25) and groups
@@ -120,14 +113,6 @@ def default_config(command: str) -> RunConfig:
     raise ValueError(f"unknown command {command!r}; choose sft, lora or rl")
 
 
-class ConfigError(ValueError):
-    """A RunConfig that cannot run; the message lists every problem found."""
-
-
-class RunDirBusy(RuntimeError):
-    """Another live process holds the run dir's lock."""
-
-
 def run_name(cfg: RunConfig) -> str:
     """``name`` or e.g. ``sft-ArithRLVR-v0-sgd-lr0.01-b16-r0-s0`` (``gd`` = full batch; rl: prompts x group)."""
     if cfg.name:
@@ -147,76 +132,33 @@ def _kwargs_tag(kwargs: dict) -> str:
     return "-k" + hashlib.sha256(json.dumps(kwargs, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def _model_errors(m: ModelConfig) -> list[str]:
-    import torch
-
-    errors = []
-    if m.lora_rank < 0:
-        errors.append(f"model.lora_rank={m.lora_rank} must be >= 0 (0 = full fine-tuning)")
-    if not m.lora_alpha > 0:
-        errors.append(f"model.lora_alpha={m.lora_alpha} must be > 0")
-    if m.lora_targets and m.lora_rank == 0:
-        errors.append("model.lora_targets is set but model.lora_rank is 0 (LoRA off)")
-    if not isinstance(getattr(torch, m.dtype, None), torch.dtype) or not getattr(torch, m.dtype).is_floating_point:
-        errors.append(f"model.dtype={m.dtype!r} is not a torch floating dtype (e.g. 'float32', 'bfloat16')")
-    if m.device != "auto":
-        try:
-            device = torch.device(m.device)
-        except (RuntimeError, TypeError):
-            errors.append(f"model.device={m.device!r} is not a torch device (e.g. 'auto', 'cpu', 'cuda:0')")
-        else:
-            errors += _device_errors(device, m.device)
-    if m.name != "embedded" and Path(m.name).exists():
-        errors += _model_dir_errors(Path(m.name))
-    if m.name != "embedded" and not Path(m.name).exists():
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
-        if offline or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", m.name):
-            errors.append(f"model.name={m.name!r} is neither 'embedded' nor an existing local directory"
-                          + (" (HF_HUB_OFFLINE is set, so hub names cannot be fetched)" if offline else ""))
-    return errors
-
-
-def _device_errors(device, name: str) -> list[str]:
-    """``device`` must exist on this machine (a missing accelerator fails here, before anything loads)."""
-    import torch
-
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            return [f"model.device={name!r} but CUDA is not available here (use 'auto' or 'cpu')"]
-        if device.index is not None and device.index >= count:
-            return [f"model.device={name!r} but only {count} CUDA device(s) exist"]
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        return [f"model.device={name!r} but MPS is not available here (use 'auto' or 'cpu')"]
-    return []
-
-
-def _model_dir_errors(path: Path) -> list[str]:
-    """A local model.name must be a save_pretrained directory: a readable config.json (adapter_config.json for a
-    LoRA save) and weights whose safetensors headers parse. Reads headers only, no tensors."""
-    label = f"model.name={str(path)!r}"
-    if not path.is_dir():
-        return [f"{label} is a file; expected a model directory (save_pretrained output)"]
-    config = next((path / f for f in ("config.json", "adapter_config.json") if (path / f).is_file()), None)
-    if config is None:
-        return [f"{label} has no config.json (not a save_pretrained model directory)"]
+def _fit_errors(cfg: RunConfig) -> list[str]:
+    """How the sections fit together: batch shape against regime and training-set size, run name, out_dir."""
+    t, errors = cfg.train, []
+    if cfg.regime not in REGIMES:
+        errors.append(f"regime={cfg.regime!r} is unknown; choose one of {REGIMES} (LoRA: model.lora_rank > 0)")
+    if t.full_batch:
+        if cfg.regime == "rl":
+            errors.append("train.full_batch=True is for SFT (full-batch GD over a fixed dataset); "
+                          "RL batches are rollouts (set ppo.prompts_per_step instead)")
+        elif cfg.env.n_train is None:
+            errors.append("train.full_batch=True needs an explicit env.n_train (the dataset that every step "
+                          "differentiates in full)")
+        elif cfg.env.n_train >= 1 and t.micro_batch >= 1 and cfg.env.n_train % t.micro_batch:
+            errors.append(f"train.full_batch=True needs env.n_train ({cfg.env.n_train}) divisible by "
+                          f"train.micro_batch ({t.micro_batch}) so every chunk has the same size")
+    elif cfg.regime == "sft" and cfg.env.n_train is not None and t.micro_batch * t.grad_accum > cfg.env.n_train >= 1:
+        errors.append(f"effective batch micro_batch*grad_accum={t.micro_batch * t.grad_accum} exceeds "
+                      f"env.n_train={cfg.env.n_train}")
+    if cfg.name is not None and (not cfg.name or "/" in cfg.name or cfg.name in (".", "..")):
+        errors.append(f"name={cfg.name!r} must be a plain directory name")
+    if not isinstance(cfg.probe, ProbeConfig):
+        errors.append("probe must be a probes.ProbeConfig")
     try:
-        json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return [f"{label}: {config.name} is not valid JSON ({e})"]
-    weights = sorted(path.glob("*.safetensors"))
-    if not weights and not any(path.glob("*.bin")):
-        return [f"{label} has no weights (*.safetensors or *.bin)"]
-    from safetensors import safe_open
-
-    for w in weights:
-        try:
-            with safe_open(str(w), framework="pt") as f:
-                f.keys()
-        except Exception as e:  # noqa: BLE001 - any parse failure means the file is unusable
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            return [f"{label}: {w.name} is not a valid safetensors file ({first})"]
-    return []
+        retention_source(cfg.model.name)
+    except ConfigError as e:
+        errors.append(str(e))
+    return errors + _out_dir_errors(cfg)
 
 
 def _finite_errors(obj, prefix: str = "") -> list[str]:
@@ -248,167 +190,27 @@ def _out_dir_errors(cfg: RunConfig) -> list[str]:
     return []
 
 
-def env_kwarg_names(env_id: str) -> tuple[str, ...]:
-    """Keyword arguments ``gym.make(env_id, ...)`` accepts: the named parameters of the env class's ``__init__``
-    along its MRO, plus ``ArithConfig``'s knobs for the arithmetic envs (ArithEnv takes them through ``**kwargs``)."""
-    import inspect
-
-    import gymnasium as gym
-
-    from envs.arith import ArithConfig, ArithEnv
-    from envs.core import TextTaskEnv
-
-    cls = gym.registry[env_id].entry_point
-    if isinstance(cls, str):
-        module, _, attr = cls.partition(":")
-        import importlib
-
-        cls = getattr(importlib.import_module(module), attr)
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if not (isinstance(klass, type) and issubclass(klass, TextTaskEnv)):
-            continue
-        for p in inspect.signature(klass.__init__).parameters.values():
-            if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
-                names.add(p.name)
-    if issubclass(cls, ArithEnv):
-        names |= {f.name for f in dataclasses.fields(ArithConfig)}
-    return tuple(sorted(names - set(RUN_CONTROLLED_ENV_KWARGS)))
-
-
-# set by the run itself (tasks come from the train and test splits in dataset mode), so not user kwargs
-RUN_CONTROLLED_ENV_KWARGS = ("split", "render_mode")
-
-
-def make_env(e: EnvConfig):
-    """The run's env (unwrapped TextTaskEnv) with ``e.kwargs``: source of tasks and of the verifier."""
-    import envs
-
-    return envs.make_unwrapped(e.env_id, **e.kwargs)
-
-
-POOLS = ("auto", "all", "sft", "rl")
-
-
-def train_tasks(env, e: EnvConfig, regime: str) -> list:
-    """The run's training set: the first ``e.n_train`` tasks of the train split whose problem falls in the pool
-    (``e.pool``, "auto" = the regime's), in the env's dataset order. ValueError if the pool is too small."""
-    from envs.core import pool_of
-
-    pool = regime if e.pool == "auto" else e.pool
-    tasks = env.tasks("train")
-    if pool != "all":
-        tasks = [t for t in tasks if pool_of(env.split_key(t)) == pool]  # twins (1+3, 3+1) share a pool
-    if e.n_train is not None:
-        if e.n_train > len(tasks):
-            raise ValueError(f"env.n_train={e.n_train} exceeds the {len(tasks)} tasks of {e.env_id}'s train split "
-                             f"in pool {pool!r}")
-        tasks = tasks[:e.n_train]
-    return tasks
-
-
-def _env_errors(e: EnvConfig, regime: str = "sft") -> list[str]:
-    import gymnasium as gym
-
-    import envs
-
-    if e.env_id not in gym.registry:
-        known = ", ".join(envs.ENV_IDS)
-        return [f"env.env_id={e.env_id!r} is not a registered env id (known: {known})"]
-    errors = []
-    if e.n_train is not None and e.n_train < 1:
-        errors.append(f"env.n_train={e.n_train} must be >= 1 (or None: the whole pool)")
-    if e.pool not in POOLS:
-        errors.append(f"env.pool={e.pool!r} is unknown; choose one of {POOLS}")
-    if e.n_eval < 0:
-        errors.append(f"env.n_eval={e.n_eval} must be >= 0")
-    if not isinstance(e.kwargs, dict) or not all(isinstance(k, str) for k in e.kwargs):
-        return errors + [f"env.kwargs={e.kwargs!r} must be a dict with str keys"]
-    accepted = env_kwarg_names(e.env_id)
-    unknown = sorted(set(e.kwargs) - set(accepted))
-    if unknown:
-        return errors + [f"env.kwargs {unknown} not accepted by {e.env_id} (accepted: {', '.join(accepted)})"]
-    try:
-        json.dumps(e.kwargs)
-    except TypeError as exc:
-        return errors + [f"env.kwargs must be JSON-serialisable (it is recorded in config.json): {exc}"]
-    try:
-        env = make_env(e)
-        if e.n_eval > env.split_size("test"):
-            errors.append(f"env.n_eval={e.n_eval} exceeds the {env.split_size('test')} tasks of {e.env_id}'s "
-                          "test split")
-        if not errors and regime in REGIMES:
-            try:
-                train_tasks(env, e, regime)
-            except ValueError as exc:
-                errors.append(str(exc))
-    except Exception as exc:  # an env that cannot even be built (bad knob value, missing data file) is a config error
-        errors.append(f"env {e.env_id!r} with kwargs {e.kwargs} cannot be built: {type(exc).__name__}: {exc}")
-    return errors
-
-
-def _train_errors(cfg: RunConfig) -> list[str]:
-    t, errors = cfg.train, []
-    for name in ("steps", "micro_batch", "grad_accum"):
-        if getattr(t, name) < 1:
-            errors.append(f"train.{name}={getattr(t, name)} must be >= 1")
-    for name in ("eval_every", "retention_every", "checkpoint_every", "n_samples", "retention_tokens"):
-        if getattr(t, name) < 0:
-            errors.append(f"train.{name}={getattr(t, name)} must be >= 0 (0 = only at the start and end)")
-    if not (math.isfinite(t.divergence_loss) and t.divergence_loss > 0):
-        errors.append(f"train.divergence_loss={t.divergence_loss} must be a finite number > 0")
-    if t.max_length < 2:
-        errors.append(f"train.max_length={t.max_length} must be >= 2")
-    if t.eval_max_new_tokens < 1:
-        errors.append(f"train.eval_max_new_tokens={t.eval_max_new_tokens} must be >= 1")
-    if t.full_batch:
-        if cfg.regime == "rl":
-            errors.append("train.full_batch=True is for SFT (full-batch GD over a fixed dataset); "
-                          "RL batches are rollouts (set ppo.prompts_per_step instead)")
-        elif cfg.env.n_train is None:
-            errors.append("train.full_batch=True needs an explicit env.n_train (the dataset that every step "
-                          "differentiates in full)")
-        elif cfg.env.n_train >= 1 and t.micro_batch >= 1 and cfg.env.n_train % t.micro_batch:
-            errors.append(f"train.full_batch=True needs env.n_train ({cfg.env.n_train}) divisible by "
-                          f"train.micro_batch ({t.micro_batch}) so every chunk has the same size")
-    elif cfg.regime == "sft" and cfg.env.n_train is not None and t.micro_batch * t.grad_accum > cfg.env.n_train >= 1:
-        errors.append(f"effective batch micro_batch*grad_accum={t.micro_batch * t.grad_accum} exceeds "
-                      f"env.n_train={cfg.env.n_train}")
-    return errors
-
-
-def validate(cfg: RunConfig) -> None:
-    """Raise ConfigError listing every problem with ``cfg``; loads no model and trains nothing."""
-    errors = []
-    if cfg.regime not in REGIMES:
-        errors.append(f"regime={cfg.regime!r} is unknown; choose one of {REGIMES} (LoRA: model.lora_rank > 0)")
-    errors += _model_errors(cfg.model)
-    errors += _env_errors(cfg.env, cfg.regime)
-    errors += [e for e in optim_errors(cfg.optim)]
-    errors += _train_errors(cfg)
+def _checked(cfg: RunConfig):
+    """``cfg``'s env, built once; ConfigError listing every problem with ``cfg`` (loads no model)."""
+    errors = model_errors(cfg.model)
+    section_errors, env = env_errors(cfg.env, cfg.regime)
+    errors += section_errors + optim_errors(cfg.optim) + train_errors(cfg.train)
     if cfg.regime == "rl":
         errors += ppo_errors(cfg.ppo)
-    if cfg.name is not None and (not cfg.name or "/" in cfg.name or cfg.name in (".", "..")):
-        errors.append(f"name={cfg.name!r} must be a plain directory name")
-    if not isinstance(cfg.probe, ProbeConfig):
-        errors.append("probe must be a probes.ProbeConfig")
-    errors += _out_dir_errors(cfg)
+    errors += _fit_errors(cfg)
     reported = {e.split("=")[0] for e in errors}
     errors += [e for e in _finite_errors(cfg) if e.split("=")[0] not in reported]
     if errors:
         raise ConfigError("invalid run config:\n  - " + "\n  - ".join(errors))
+    return env
 
 
-# ---------------------------------------------------------------------------------------------------- config I/O
-def git_hash() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent.parent,
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+def validate(cfg: RunConfig) -> None:
+    """Raise ConfigError listing every problem with ``cfg``; loads no model and trains nothing."""
+    _checked(cfg)
 
 
+# ---------------------------------------------------------------------------------------------------- run dir
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -452,8 +254,6 @@ def _check_existing(cfg: RunConfig, run_dir: Path) -> bool:
 
     Raises ConfigError when the dir holds a finished run with another config, a checkpointed run with a change
     outside RESUMABLE_CHANGES, or a checkpoint beyond train.steps."""
-    from agents.trainer import latest_checkpoint
-
     new = _compared(asdict(cfg))
     if (run_dir / "DONE").exists():
         changes = config_changes(_compared(_saved_config(run_dir)), new)
@@ -480,20 +280,17 @@ def _check_existing(cfg: RunConfig, run_dir: Path) -> bool:
     return False
 
 
-def _record_config(cfg: RunConfig, run_dir: Path) -> None:
+def _record_config(cfg: RunConfig, writer: RunWriter) -> None:
     """Write config.json; on a resume append the changes (checked by ``_check_existing``) to "resumed"."""
-    from agents.trainer import latest_checkpoint
-
-    path = run_dir / "config.json"
     new = asdict(cfg)
     resumed = []
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None and path.exists():
-        old = json.loads(path.read_text())
+    ckpt = latest_checkpoint(writer.run_dir)
+    old = writer.saved_config() if ckpt is not None else None
+    if old is not None:
         changes = config_changes(_compared(old["config"]), _compared(new))
         resumed = old.get("resumed", []) + [{"from_step": ckpt[0], "changes": changes, "argv": sys.argv,
                                              "git_hash": git_hash()}]
-    write_json(path, {"config": new, "git_hash": git_hash(), "argv": sys.argv, "resumed": resumed})
+    writer.write_config(new, resumed)
 
 
 @contextlib.contextmanager
@@ -501,8 +298,6 @@ def run_dir_lock(run_dir: Path):
     """Hold an exclusive flock on ``run_dir/LOCK_FILE`` for the block; RunDirBusy when another process holds it.
 
     The kernel releases an flock when its holder exits or is killed, so a crashed run never blocks the next."""
-    import fcntl
-
     path = run_dir / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -526,58 +321,8 @@ def _clear(run_dir: Path) -> None:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
-def retention_source(model_name: str) -> str:
-    """The pre-trained model whose held-out text measures forgetting for a run starting from ``model_name``.
-
-    A policy saved by a run (``<run>/checkpoints/final_model``) carries ``LINEAGE_FILE`` naming its base model and
-    retention source; this follows such files through chains of warm starts (SFT -> RL -> ...) back to the original
-    model, so every run of a lineage is scored on the same texts. Any other name is its own source."""
-    seen = []
-    name = model_name
-    while True:
-        lineage = Path(name) / LINEAGE_FILE if name != "embedded" else None
-        if lineage is not None and lineage.is_file():
-            info = json.loads(lineage.read_text())
-            if info.get("retention_source"):  # resolved when the policy was saved: robust to moved parents
-                return info["retention_source"]
-            parent = info["base_model"]
-        else:  # a final model saved before lineage files existed: its run's config.json names the base model
-            config = Path(name).parent.parent / "config.json" if lineage is not None else None
-            if config is None or Path(name).name != Path(FINAL_MODEL).name or not config.is_file():
-                return name
-            parent = json.loads(config.read_text())["config"]["model"]["name"]
-        seen.append(name)
-        name = parent
-        if name in seen:
-            raise ConfigError(f"model lineage of {model_name!r} has a cycle: {' -> '.join(seen + [name])}")
-
-
-def _lineage_name(model_name: str) -> str:
-    """A model name as it will still resolve from another working directory: local paths become absolute."""
-    return model_name if model_name == "embedded" or not Path(model_name).exists() else \
-        str(Path(model_name).resolve())
-
-
-@lru_cache(maxsize=4)
-def _retention_texts(source: str) -> tuple[str, ...]:
-    """Held-out text for forgetting of the pre-trained model ``source`` (see ``retention_source``): the embedded
-    model's retention split (prose it never trained on), the ``retention.json`` of a model directory that has one
-    (an embedded build), else English prose that no post-training env contains (the Python reference topics of
-    ``pydoc_data``), which is instant to load and the same on every machine with the same Python."""
-    if source == "embedded":
-        from agents.embedded import retention_texts
-
-        return tuple(retention_texts(split="retention"))
-    held_out = Path(source) / "retention.json"
-    if held_out.is_file():
-        return tuple(json.loads(held_out.read_text()))
-    from pydoc_data.topics import topics
-
-    return tuple(topics[k] for k in sorted(topics))
-
-
 def _wandb_logger(cfg: RunConfig, run_dir: Path, name: str):
-    import wandb  # lazy: optional dependency at run time
+    import wandb  # local: optional dependency, only with --wandb
 
     run = wandb.init(project="eoslab", name=name, id=re.sub(r"[^\w\-]", "_", name)[:64], dir=str(run_dir),
                      config=asdict(cfg), mode=os.environ.get("WANDB_MODE", "offline"), resume="allow")
@@ -589,7 +334,7 @@ def _wandb_logger(cfg: RunConfig, run_dir: Path, name: str):
 def run(cfg: RunConfig, resume: bool = True, progress: bool = True) -> Path:
     """Train per ``cfg`` into ``out_dir/name``; returns the run dir. Skips a run that has DONE with the same config;
     resumes otherwise. ``resume=False`` (like ``cfg.overwrite``) discards what the run dir holds."""
-    validate(cfg)
+    env = _checked(cfg)
     name = run_name(cfg)
     run_dir = Path(cfg.out_dir) / name
     created = not run_dir.exists()
@@ -603,8 +348,9 @@ def run(cfg: RunConfig, resume: bool = True, progress: bool = True) -> Path:
                 _clear(run_dir)
             elif _check_existing(cfg, run_dir):
                 return run_dir
-            trainer, wandb_run = _build(cfg, run_dir, name, progress)
-            _record_config(cfg, run_dir)
+            wandb_run, log_fn = _wandb_logger(cfg, run_dir, name) if cfg.wandb else (None, None)
+            trainer = _assemble(cfg, env, run_dir, log_fn, progress)
+            _record_config(cfg, trainer.writer)
         except BaseException:
             if created:  # it failed before the run began: leave no orphan run dir
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -617,82 +363,71 @@ def run(cfg: RunConfig, resume: bool = True, progress: bool = True) -> Path:
     return run_dir
 
 
-def _build(cfg: RunConfig, run_dir: Path, name: str, progress: bool):
-    """Policy, tasks, regime, optimizer, prober and logger of ``cfg`` -> (Trainer, wandb run or None)."""
-    import random
-
-    import numpy as np
-    import torch
-
-    import envs
-    from agents.optim import build_optimizer, build_scheduler
-    from agents.policy import LMPolicy, LoRASpec
-    from agents.ppo import PPORegime
-    from agents.retention import perplexity
-    from agents.sft import SFTRegime
-    from agents.trainer import Trainer
-    from probes import Prober
-
-    seed = cfg.train.seed
+def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
-    if cfg.model.name == "embedded":
-        from agents.embedded import embedded_model_path
 
-        path = embedded_model_path(progress=progress)
-    else:
-        path = cfg.model.name
-    lora = LoRASpec(rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha, targets=tuple(cfg.model.lora_targets))
-    device = cfg.model.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+
+def _policy(m: ModelConfig, progress: bool) -> LMPolicy:
+    """The pre-trained policy of ``m`` (with LoRA adapters when lora_rank > 0) on its device."""
+    path = embedded_model_path(progress=progress) if m.name == "embedded" else m.name
+    device = resolve_device(m.device)
     try:
-        policy = LMPolicy.from_pretrained(path, lora=lora, dtype=cfg.model.dtype, device=device)
+        return LMPolicy.from_pretrained(path, lora=m.lora, dtype=m.dtype, device=device)
     except Exception as e:  # noqa: BLE001 - what validate's header checks cannot see (bad tensors, tokenizer)
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ConfigError(f"model.name={cfg.model.name!r} cannot be loaded on {device}: {type(e).__name__}: "
-                          f"{first}") from None
-    context = policy.max_length or cfg.train.max_length
-    max_length = min(cfg.train.max_length, context)
+        raise ConfigError(f"model.name={m.name!r} cannot be loaded on {device}: {type(e).__name__}: {first}") from None
 
-    env = make_env(cfg.env)  # one env with the run's kwargs: tasks and verifier (PPO rewards, eval) both
+
+def _assemble(cfg: RunConfig, env, run_dir: Path, log_fn, progress: bool) -> Trainer:
+    """policy -> regime (on ``env``'s tasks, scored by its verifier) -> optimizer -> Trainer."""
+    _seed_everything(cfg.train.seed)
+    policy = _policy(cfg.model, progress)
+    max_length = min(cfg.train.max_length, policy.max_length or cfg.train.max_length)
     tasks = train_tasks(env, cfg.env, cfg.regime)
-    eval_tasks = env.tasks("test", cfg.env.n_eval) if cfg.env.n_eval else []
 
     def score_fn(completions, answers):
         return envs.score_batch(env, completions, answers)
 
     if cfg.regime == "sft":
         regime = SFTRegime(tasks, micro_batch=cfg.train.micro_batch, grad_accum=cfg.train.grad_accum,
-                           full_batch=cfg.train.full_batch, seed=seed, max_length=max_length)
+                           full_batch=cfg.train.full_batch, seed=cfg.train.seed, max_length=max_length)
     else:
-        regime = PPORegime(policy, tasks, score_fn, cfg.ppo, micro_batch=cfg.train.micro_batch, seed=seed,
+        regime = PPORegime(policy, tasks, score_fn, cfg.ppo, micro_batch=cfg.train.micro_batch, seed=cfg.train.seed,
                            max_length=max_length)
     groups = [{"params": list(policy.trainable_parameters().values())}]
-    extra = getattr(regime, "extra_parameters", dict)()
-    if extra:
-        groups.append({"params": list(extra.values())})
+    if regime.extra_parameters():
+        groups.append({"params": list(regime.extra_parameters().values())})
     optimizer = build_optimizer(groups, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    prober = Prober(cfg.probe) if cfg.probe.every > 0 else None
+    return Trainer(policy, regime, optimizer, cfg.train, run_dir,
+                   scheduler=build_scheduler(optimizer, cfg.optim, cfg.train.steps),
+                   prober=Prober(cfg.probe) if cfg.probe.every > 0 else None,
+                   eval_tasks=env.tasks("test", cfg.env.n_eval) if cfg.env.n_eval else [], score_fn=score_fn,
+                   retention_fn=_retention_fn(cfg), log_fn=log_fn, grad_clip=cfg.optim.grad_clip,
+                   progress=progress, lineage=_lineage(cfg, run_dir))
 
-    source = retention_source(cfg.model.name)
-    texts = list(_retention_texts(source)) if cfg.train.retention_tokens > 0 else []
-    lineage = {"base_model": _lineage_name(cfg.model.name), "retention_source": _lineage_name(source),
-               "run": str(run_dir.resolve()), "regime": cfg.regime, "lora_rank": cfg.model.lora_rank}
+
+def _retention_fn(cfg: RunConfig):
+    """policy -> {retention/perplexity, retention/loss} on the lineage's held-out text; None when switched off."""
+    if cfg.train.retention_tokens <= 0:
+        return None
+    texts = list(_retention_texts(retention_source(cfg.model.name)))
+    if not texts:
+        return None
 
     def retention(pol) -> dict[str, float]:
         ppl = perplexity(pol.model, pol.tokenizer, texts, max_tokens=cfg.train.retention_tokens)
         return {"retention/perplexity": ppl, "retention/loss": math.log(ppl)}
 
-    wandb_run, log_fn = (None, None)
-    if cfg.wandb:
-        wandb_run, log_fn = _wandb_logger(cfg, run_dir, name)
-    trainer = Trainer(policy, regime, optimizer, cfg.train, run_dir, scheduler=scheduler, prober=prober,
-                      eval_tasks=eval_tasks, score_fn=score_fn, retention_fn=retention if texts else None,
-                      log_fn=log_fn, grad_clip=cfg.optim.grad_clip, progress=progress, lineage=lineage)
-    return trainer, wandb_run
+    return retention
+
+
+def _lineage(cfg: RunConfig, run_dir: Path) -> dict:
+    """What the saved final policy records about where it came from (see experiments.lineage)."""
+    return {"base_model": lineage_name(cfg.model.name),
+            "retention_source": lineage_name(retention_source(cfg.model.name)),
+            "run": str(run_dir.resolve()), "regime": cfg.regime, "lora_rank": cfg.model.lora_rank}
 
 
 def replace(cfg: RunConfig, **sections) -> RunConfig:

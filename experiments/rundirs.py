@@ -1,10 +1,10 @@
 """Read-only view of run directories (the layout of CONTRACTS.md), for reports and sweeps.
 
-Reads ``config.json``, ``metrics.jsonl``, ``status.json``/``DONE`` and ``samples.json``; imports no training code,
-so a report can be built on a machine with nothing but numpy and matplotlib. Stability thresholds are taken from
-the logged probe keys when present, else derived from the saved optimizer config by the probes' own formulas
-(:mod:`probes.thresholds`, torch-free): GD 2/η, momentum (heavy ball or Nesterov, with dampening), Adam on the
-preconditioned Hessian.
+Reads ``config.json``, ``metrics.jsonl``, ``status.json``/``DONE`` (the layout ``agents.runwriter`` writes, whose file
+names and metrics parser it shares) and ``samples.json``; imports no training code and no torch, so a report can be
+built on a machine with nothing but numpy and matplotlib. Stability thresholds are taken from the logged probe keys
+when present, else derived from the saved optimizer config by the probes' own formulas (:mod:`probes.thresholds`,
+torch-free): GD 2/η, momentum (heavy ball or Nesterov, with dampening), Adam on the preconditioned Hessian.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from agents.runwriter import CONFIG, DONE, METRICS, STATUS, read_metrics  # the format only: no torch
 from probes.thresholds import adam_threshold, momentum_threshold
 
 
 @dataclass
 class Run:
     path: Path
-    config: dict  # the "config" entry of config.json (asdict of the run's config)
+    config: dict  # the "config" entry of config.json (asdict of the run's config; Cohen's runs: their own fields)
     meta: dict  # the rest of config.json: git_hash, argv, resumed
     status: dict  # status.json ({} if missing)
     records: list[dict] = field(repr=False)  # metrics.jsonl, one dict per logged step
@@ -151,26 +152,15 @@ class Run:
 
 
 def load_run(path: str | Path) -> Run:
+    """The run in ``path``, as ``agents.runwriter.RunWriter`` wrote it (every kind of run uses that writer)."""
     path = Path(path)
-    cfg_file = path / "config.json"
+    cfg_file = path / CONFIG
     if not cfg_file.exists():
         raise FileNotFoundError(f"{path} is not a run directory (no config.json)")
     raw = json.loads(cfg_file.read_text())
-    config = raw.get("config", raw)
     meta = {k: v for k, v in raw.items() if k != "config"}
-    records = []
-    metrics = path / "metrics.jsonl"
-    if metrics.exists():
-        for line in metrics.read_text().splitlines():
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line
-                continue
     status = {}
-    for f in (path / "status.json", path / "DONE"):
+    for f in (path / STATUS, path / DONE):  # DONE holds status.json's text: a fallback when status.json is torn
         if f.exists():
             try:
                 status = json.loads(f.read_text() or "{}")
@@ -179,16 +169,15 @@ def load_run(path: str | Path) -> Run:
                 continue
     samples = None
     if (path / "samples.json").exists():
-        s = json.loads((path / "samples.json").read_text())
         # {"base_step", "final_step", "rows": [{"prompt", "answer", "base", "final", ...}]} (agents.trainer)
-        rows = s.get("rows", s.get("samples")) if isinstance(s, dict) else s
+        rows = json.loads((path / "samples.json").read_text()).get("rows")
         samples = [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else None
-    return Run(path, config, meta, status, records, samples)
+    return Run(path, raw["config"], meta, status, read_metrics(path), samples)
 
 
 def is_run_dir(path: Path) -> bool:
     """A run dir holds config.json plus metrics.jsonl or status.json (a saved HF model holds config.json only)."""
-    return (path / "config.json").is_file() and ((path / "metrics.jsonl").is_file() or (path / "status.json").is_file())
+    return (path / CONFIG).is_file() and ((path / METRICS).is_file() or (path / STATUS).is_file())
 
 
 def find_runs(paths) -> list[Run]:
