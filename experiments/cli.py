@@ -6,6 +6,7 @@
     eoslab sweep NAME [--dry-run] [--workers N]                                   a sweep of experiments/sweeps/
     eoslab report RUN_DIRS... [--out DIR]                                         HTML + PNG report from run dirs
     eoslab cohen [--lrs 0.3 0.45]                                                 Cohen et al. 2021 validation runs
+    eoslab eoss [--lrs 0.45 --batch 4]                                            Edge of Stochastic Stability runs
     eoslab demo                                                                   the whole study, small, on CPU
 
 Every field of RunConfig is a flag (``eoslab sft --help``). Config errors (and a run dir that another process is
@@ -24,6 +25,7 @@ from typing import Annotated, Union
 import tyro
 
 from experiments.demo import DemoConfig
+from experiments.eoss import EossCommand
 from experiments.phases import PhaseConfig
 from experiments.run import ConfigError, RunConfig, RunDirBusy, default_config, run
 
@@ -66,6 +68,7 @@ Command = Union[
     Annotated[SweepCommand, tyro.conf.subcommand("sweep")],
     Annotated[ReportCommand, tyro.conf.subcommand("report")],
     Annotated[CohenCommand, tyro.conf.subcommand("cohen")],
+    Annotated[EossCommand, tyro.conf.subcommand("eoss")],
     Annotated[DemoConfig, tyro.conf.subcommand("demo", description="The whole study, small, on CPU.")],
 ]
 
@@ -109,6 +112,13 @@ def execute(cmd) -> int:
             raise ConfigError("; ".join(errors))
         for c in cfgs:
             print(f"run dir: {run_cohen(c)}")
+    elif isinstance(cmd, EossCommand):
+        from experiments.eoss import config_errors, run_eoss
+
+        if errors := [e for c in cmd.configs() for e in config_errors(c)]:
+            raise ConfigError("; ".join(errors))
+        for c in cmd.configs():
+            print(f"run dir: {run_eoss(c)}")
     elif isinstance(cmd, DemoConfig):
         from experiments.demo import run_demo
 

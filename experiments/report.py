@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.findings import Stat, findings_table, statements
 from experiments.phases import PhaseConfig, Phases, detect_phases
 from experiments.rundirs import Run, find_runs
 
@@ -73,10 +74,15 @@ def phase_rows(runs: list[Run], config: PhaseConfig = PhaseConfig()) -> list[dic
         if p is not None:
             row.update(
                 phase=p.phase,
+                r0=p.r0,
+                catapult=p.catapult,
                 onset_step=p.onset_step,
+                time_to_edge=p.time_to_edge,
                 ps_slope=p.sharpening_slope,
                 ps_rate_per_1k=p.sharpening_rate,
                 band_fraction=p.band_fraction,
+                hover_fraction=p.hover_fraction,
+                overshoot=p.overshoot,
                 max_ratio=p.max_ratio,
                 final_ratio=p.final_ratio,
                 loss_up_fraction=p.loss_up_fraction,
@@ -182,6 +188,14 @@ def html_table(rows: list[dict], text_cols: tuple[str, ...] = ()) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
+def _fmt_stat(x: Stat) -> str:
+    """mean [lo, hi] (n) across seeds."""
+    if x.n == 0:
+        return "–"
+    ci = f" [{_fmt(x.lo)}, {_fmt(x.hi)}]" if x.n > 1 else ""
+    return f"{_fmt(x.mean)}{ci} (n={x.n})"
+
+
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_")
 
@@ -203,12 +217,27 @@ def write_report(paths, config: ReportConfig = ReportConfig()) -> Path:
     parts.append("<h2>EoS phases</h2>")
     parts.append(
         f"<p>r = λ/θ with θ the optimizer's threshold (2/η GD, (2+2β)/η momentum, Adam on the preconditioned "
-        f"Hessian). onset: first probe with median-of-3 r ≥ 1−δ (δ={config.delta}); ps_slope: dλ/dstep before "
-        f"onset; ps_rate_per_1k: gain in r per 1000 steps; band_fraction: share of later probes with |r−1| ≤ δ; "
-        f"loss_up_fraction: share of loss increases after onset. Green rows are at the edge.</p>"
+        f"Hessian); rules in experiments/phases.py. r0: r at the first probe; catapult: starts above 1+δ and "
+        f"drops (with a loss rise); onset: first probe with median-of-3 r ≥ 1−δ (δ={config.delta}); "
+        f"time_to_edge: steps until the median r is ≤ 1+2δ after the onset; ps_slope: Theil–Sen dλ/dstep before "
+        f"onset; ps_rate_per_1k: gain in r per 1000 steps; band_fraction / hover_fraction: share of probes after "
+        f"that with |r−1| ≤ δ / with 1−δ ≤ r ≤ 1+2δ; overshoot: their median r − 1; loss_up_fraction: share of "
+        f"loss increases after onset. eos: median r in [1−δ, 1+2δ] and hover_fraction ≥ 0.5; inconclusive: the "
+        f"run ended < 3 probes after reaching the edge, or r swings across it. Green rows are at the edge.</p>"
     )
     parts.append(html_table(rows))
     (out / "phases.json").write_text(json.dumps(rows, indent=1, default=str))
+
+    parts.append("<h2>Findings (rules in experiments/findings.py; CIs across seeds)</h2>")
+    table = findings_table(runs, phase_cfg)
+    found = statements(table)
+    parts.append("<ul>" + "".join(f"<li>{'<b>' if 'answer' in f else ''}{html.escape(f['statement'])}"
+                                  f"{'</b>' if 'answer' in f else ''} <i>(rule: {html.escape(f['rule'])})</i></li>"
+                                  for f in found) + "</ul>")
+    parts.append(html_table([{k: _fmt_stat(v) if isinstance(v, Stat) else (json.dumps(v) if isinstance(v, dict) else v)
+                              for k, v in row.items()} for row in table]))
+    (out / "findings.json").write_text(json.dumps({"table": table, "statements": found}, indent=1,
+                                                  default=lambda o: o.__dict__ if isinstance(o, Stat) else str(o)))
 
     parts.append("<h2>Figures (one per sweep group, overlaying learning rates)</h2>")
     for title, group in group_runs(runs).items():

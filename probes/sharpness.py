@@ -133,6 +133,12 @@ def _ratio_of_means_se(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return r, math.sqrt(max(var, 0.0) / n) / abs(float(b.mean()))
 
 
+def _ratios(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-draw Rayleigh quotients a_i / b_i of the draws with g_B ≠ 0: a zero gradient has no direction, hence no
+    quotient (0/0 would make the whole mean NaN; the ratio of means already gives such draws zero weight)."""
+    return a[b > 0] / b[b > 0]
+
+
 def _mean_se(x: torch.Tensor) -> tuple[float, float]:
     n = x.numel()
     return float(x.mean()), (float(x.std()) / math.sqrt(n) if n > 1 else math.inf)
@@ -171,6 +177,11 @@ def batch_sharpness(params, loss_fn: Callable[[Any], torch.Tensor],
     with ``full_op`` also g_Bᵀ H g_B for the GNI (1 more HVP). Stops after ``min_samples`` once the relative
     standard error of ``estimator`` (delta method for the ratio of means) is ≤ ``rse``, or at ``max_samples``.
     CIs are Student-t at ``confidence``.
+
+    Both estimators average the per-draw Rayleigh quotients ρ_B = g_BᵀH_B g_B / ‖g_B‖² (the ratio of means weights
+    them by ‖g_B‖²), so both lie in [min_B λ_min(H_B), max_B λ_max(H_B)]: a small ‖g_B‖² cannot push them outside
+    the minibatch spectra. A large negative value beside a modest ``probe/lambda_max`` (the largest *algebraic*
+    eigenvalue, blind to negative curvature) is strong negative curvature along g_B, e.g. in a run far above its edge.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"probes: estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -194,7 +205,7 @@ def batch_sharpness(params, loss_fn: Callable[[Any], torch.Tensor],
             if not any(gg):   # all gradients zero so far: undefined, and more draws of the same kind won't help
                 break
             a, b = torch.tensor(ghg, dtype=REDUCE_DTYPE), torch.tensor(gg, dtype=REDUCE_DTYPE)
-            value, se = _ratio_of_means_se(a, b) if estimator == "ratio_of_means" else _mean_se(a / b)
+            value, se = _ratio_of_means_se(a, b) if estimator == "ratio_of_means" else _mean_se(_ratios(a, b))
             rel = se / abs(value) if value != 0 else math.inf
             if rel <= rse:
                 break
@@ -202,7 +213,7 @@ def batch_sharpness(params, loss_fn: Callable[[Any], torch.Tensor],
     n = len(gg)
     t = t_quantile(0.5 + confidence / 2, max(n - 1, 1))
     rom, rom_se = _ratio_of_means_se(a, b)
-    mor, mor_se = _mean_se(a / b)
+    mor, mor_se = _mean_se(_ratios(a, b))
     out = BatchSharpness(rom, (rom - t * rom_se, rom + t * rom_se), mor, (mor - t * mor_se, mor + t * mor_se),
                          n, rel, estimator, hvps, samples={"gHg": ghg, "gg": gg})
     if full_op is not None:

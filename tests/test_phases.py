@@ -118,4 +118,99 @@ def test_bad_input_is_rejected():
 
 def test_running_median():
     x = np.array([1.0, 9.0, 2.0, 3.0, 4.0])
-    np.testing.assert_array_equal(running_median(x, 3), [5.0, 2.0, 3.0, 3.0, 3.5])
+    # the window shifts inward at the ends instead of shrinking (a shrunk window of 2 averaged the outlier 9 into
+    # the first point: 5.0, the "single spike at the first probe sets the onset" bug of issue 11)
+    np.testing.assert_array_equal(running_median(x, 3), [2.0, 2.0, 3.0, 3.0, 3.0])
+    np.testing.assert_array_equal(running_median(x[:2], 3), [5.0, 5.0])  # shorter than the window: one median
+    np.testing.assert_array_equal(running_median(x, 1), x)
+
+
+# ---- issue 11: sign changes, single spikes, catapults, momentum thresholds, short runs ----
+
+
+def test_batch_sharpness_rising_from_a_negative_start_is_sharpening():
+    # r = λ/θ from -0.5 to 0.6 (never at the edge): the old ratio of quarter medians flipped sign ("softening")
+    lam = THETA * np.linspace(-0.5, 0.6, len(STEPS))
+    p = detect_phases(STEPS, lam, THETA)
+    assert p.phase == "sharpening" and p.onset_step is None
+    assert p.r0 == pytest.approx(-0.5)
+    assert p.sharpening_rate == pytest.approx(1.1, rel=1e-6)  # +1.1 θ over 1000 steps
+    # the same rise, continued to the edge and held there, is EoS
+    rise = THETA * np.minimum(np.linspace(-0.5, 2.0, len(STEPS)), 1.0)
+    q = detect_phases(STEPS, rise, THETA, config=D10)
+    assert q.phase == "eos" and q.onset_step == 560  # -0.5 + 2.5 t/1000 ≥ 0.9 from t = 560
+    # and a fall from 0.6 to -0.5 is softening
+    assert detect_phases(STEPS, lam[::-1], THETA).phase == "softening"
+
+
+def test_single_spike_at_the_first_probe_sets_neither_onset_nor_catapult():
+    lam = saturating_ramp(STEPS, wiggle=0.0)
+    lam[0] = 2.5 * THETA  # one bad eigen-solve at t = 0
+    loss_steps = np.arange(0, 1001)
+    p = detect_phases(STEPS, lam, THETA, loss_steps, np.exp(-loss_steps / 400.0), D10)
+    assert p.onset_step == 320 and p.phase == "eos"  # the shrinking window used to put the onset at t = 0
+    assert p.r0 == pytest.approx(2.5)  # r₀ is the measurement as it is
+    assert not p.catapult  # the loss never rose: no unstable start
+    assert p.sharpening_slope == pytest.approx(0.5, rel=1e-6)  # Theil–Sen: the spike does not move the slope
+
+
+def gd_lm_trajectory(steps, r_start=8.0, level=1.17):
+    """Full-batch GD on the LM (issue 11): λ starts r_start × above 2/η, falls to the edge within ~20 steps, then
+    hovers at `level` × 2/η with ±7% wiggle; the loss jumps up on the first steps, then decreases non-monotonically."""
+    r = level + 0.07 * np.sin(1.3 * steps) + (r_start - level) * np.exp(-steps / 5.0)
+    loss_steps = np.arange(0, steps[-1] + 1)
+    loss = np.exp(-loss_steps / 200.0) + 0.5 * np.exp(-((loss_steps - 3) ** 2) / 4.0) + 0.01 * (-1.0) ** loss_steps
+    return r * THETA, loss_steps, loss
+
+
+def test_full_batch_gd_catapult_then_hover_is_eos():
+    steps = np.arange(0, 501, 10)
+    lam, ls, loss = gd_lm_trajectory(steps)
+    p = detect_phases(steps, lam, THETA, ls, loss)
+    assert p.phase == "eos"  # was "above-edge": the catapult and the +17% hover counted as "above"
+    assert p.catapult and p.r0 == pytest.approx(8.0, rel=1e-3)
+    # r(10, 20, 30, 40) = 2.12, 1.35, 1.26, 1.09: the median of 3 comes under 1.30 at t = 30
+    assert p.onset_step == 0 and p.settle_step == 30 and p.time_to_edge == 30
+    assert p.overshoot == pytest.approx(0.17, abs=0.03)
+    assert p.band_fraction < 0.5  # the symmetric ±15% band alone would miss it ...
+    assert p.hover_fraction == 1.0  # ... the hover band [0.85, 1.30] holds every post-settle probe
+    assert math.isnan(p.sharpening_slope)  # no progressive sharpening: it started above the edge
+
+
+def test_catapult_that_collapses_far_below_the_edge():
+    steps = np.arange(0, 501, 10)
+    r = 0.3 + 2.7 * np.exp(-steps / 10.0)  # r₀ = 3 → 0.3
+    ls = np.arange(0, 501)
+    loss = np.exp(-ls / 200.0) + 0.3 * (ls == 2)  # one early loss spike
+    p = detect_phases(steps, r * THETA, THETA, ls, loss)
+    assert p.catapult and p.phase == "below-edge"
+    assert p.overshoot == pytest.approx(-0.7, abs=0.01)
+
+
+def test_momentum_threshold_places_the_edge():
+    # SGD momentum β = 0.9, η = 0.1: the edge is (2+2β)/η = 38, λ hovers 5% above it
+    eta, beta = 0.1, 0.9
+    lam = (2 + 2 * beta) / eta * (1.05 + 0.03 * np.sin(STEPS / 7.0))
+    assert detect_phases(STEPS, lam, (2 + 2 * beta) / eta).phase == "eos"
+    wrong = detect_phases(STEPS, lam, 2 / eta)  # the blog draft's 2/η puts the edge 1.9× too low
+    assert wrong.phase == "above-edge" and wrong.overshoot == pytest.approx(0.995, abs=0.03)
+
+
+def test_run_that_ends_at_the_edge_is_inconclusive():
+    steps = np.arange(0, 81, 10)  # 9 probes: a demo-length run
+    lam = 20.0 + 2.3 * steps  # r = 0.1 … 1.02: the edge is reached at t = 70
+    p = detect_phases(steps, lam, THETA)
+    assert p.onset_step == 70 and p.phase == "inconclusive"  # 2 probes after the edge: holding is untested
+    assert p.sharpening_slope == pytest.approx(2.3)
+
+
+def test_swinging_across_the_edge_is_not_eos():
+    r = np.where(np.arange(len(STEPS)) % 2 == 0, 0.3, 2.0)  # median ~1, but never in the band
+    p = detect_phases(STEPS, r * THETA, THETA)
+    assert p.phase == "inconclusive" and p.hover_fraction == 0.0
+
+
+def test_never_reaching_the_edge_has_no_time_to_edge():
+    p = detect_phases(STEPS, 20.0 + 0.1 * STEPS, THETA)
+    assert p.phase == "sharpening" and p.settle_step is None and math.isnan(p.time_to_edge)
+    assert p.r0 == pytest.approx(0.1) and not p.catapult

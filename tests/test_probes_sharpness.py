@@ -169,3 +169,22 @@ def test_hutchinson_exact_on_diagonal_and_covers_truth_on_mlp(mlp):
     est = hutchinson_trace(HessianOperator(params, loss_fn, chunks), torch.Generator().manual_seed(1),
                            max_probes=200, min_probes=50, rse=0.02)
     assert abs(est.trace - float(h.trace())) <= 4 * est.se and est.hvps == est.n
+
+
+def test_mean_of_ratios_skips_draws_with_zero_gradient():
+    """Some minibatches have g_B = 0 (e.g. PPO groups with equal rewards): their Rayleigh quotient is undefined,
+    so the mean of ratios is over the other draws (it was NaN), like the ratio of means, which weights them 0."""
+    a = torch.diag(torch.tensor([3.0, 1.0], dtype=D))
+    c = torch.tensor([0.5, -1.0], dtype=D)
+    w = c.clone().requires_grad_()
+    shift = torch.tensor([1.0, 1.0], dtype=D)
+    loss = lambda moved: 0.5 * (w - c - shift * moved) @ a @ (w - c - shift * moved)   # g = -A·shift if moved else 0
+    g = -a @ shift
+    truth = float(g @ a @ g / (g @ g))   # g = -(3, 1): (27 + 1) / (9 + 1) = 2.8
+    sample = lambda gen: [float(torch.rand(1, generator=gen, dtype=D)) < 0.5]
+    for estimator in ("ratio_of_means", "mean_of_ratios"):
+        res = batch_sharpness([w], loss, sample, torch.Generator().manual_seed(0), min_samples=8, max_samples=50,
+                              estimator=estimator)
+        assert 0 < sum(gg == 0 for gg in res.samples["gg"]) < res.n   # both kinds of draws happened
+        assert res.mean_of_ratios == pytest.approx(truth) and res.ratio_of_means == pytest.approx(truth)
+        assert res.n == 8   # every nonzero draw agrees: the stop rule is met at min_samples for both estimators
