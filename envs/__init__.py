@@ -16,6 +16,7 @@ Ids (``gym.make(id, **kwargs)`` overrides any knob; also reachable as ``gym.make
 Suite ids beyond the four single-turn ones above (``SUITE_IDS``; ``ENV_IDS`` keeps the four):
 
 * ``ReasoningGym-v0``    any reasoning-gym task: ``gym.make("ReasoningGym-v0", task="chain_sum", **config)``.
+* ``ArithToolRLVR-v0``   multi-turn arithmetic with a calculator tool (``<calc>12*7</calc>``), see envs.tool_arith.
 
 The verifiable ids take ``answer_format="strict"`` (default: exactly ``Answer: <answer>``) or ``"lenient"`` (the
 usual other ways to write a correct answer; still 0 for hacks and conflicting answers), see :mod:`envs.verify`.
@@ -44,6 +45,7 @@ _IDS = {
 # multi-turn and library envs: registered alike, listed apart so ENV_IDS stays the single-turn suite
 _SUITE_IDS = {
     "ReasoningGym-v0": ("envs.reasoning_gym:ReasoningGymEnv", {}),
+    "ArithToolRLVR-v0": ("envs.tool_arith:ArithToolEnv", {}),
 }
 for _env_id, (_entry_point, _kwargs) in {**_IDS, **_SUITE_IDS}.items():
     if _env_id not in gym.registry:  # re-importing (e.g. importlib.reload) must not warn about overrides
