@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections import OrderedDict
 from dataclasses import fields
 from typing import Any
@@ -49,7 +50,6 @@ from envs.verify import (
     check_marked_lenient,
     completion_error,
     has_bad_char,
-    normalize_lenient,
     unwrap_answer,
 )
 
@@ -87,13 +87,26 @@ class UnicodeText(spaces.Text):
         return f"UnicodeText({self.min_length}, {self.max_length})"
 
 
+def normalize_digits(text: str) -> str:
+    """Any script's decimal digits (category Nd) as ASCII digits and U+2212 as "-", every other character kept:
+    the lenient format's reading of numbers, without the NFKC folding that would rewrite text answers
+    (``…`` -> ``...``, emoji variation selectors)."""
+    if text.isascii():
+        return text
+    return "".join(str(unicodedata.decimal(c)) if unicodedata.category(c) == "Nd" else "-" if c == "\u2212" else c
+                   for c in text)
+
+
 def _one_line(text: str) -> str | None:
     text = text.strip(" \t\r")
     return None if not text or has_bad_char(text) else text
 
 
 def _lenient_line(text: str) -> str | None:
-    return _one_line(unwrap_answer(text))
+    """:func:`~envs.verify.unwrap_answer`, but a final period stays: library answers can end in one (sentences)."""
+    period = text.strip(" \t\r*_`").endswith(".")
+    text = unwrap_answer(text)
+    return _one_line(text + "." if period and not text.endswith(".") else text)
 
 
 def _block(text: str) -> str | None:
@@ -115,18 +128,18 @@ def marked_answer(completion: Any, multiline: bool, answer_format: str = "strict
 
     One-line answers (``multiline=False``) follow :mod:`envs.verify` exactly: the text after each marker up to the
     end of its line, every marker agreeing (strict: ``Answer:``; lenient: :func:`~envs.verify.check_marked_lenient`'s
-    markers and wrappers). Multi-line answers (grids, matrices): the text from each marker to the next marker or the
-    end of the completion (:func:`_block`), every marker agreeing; lenient accepts the marker in any case and
-    bolded, and any script's digits, but not ``\\boxed{}``."""
+    markers and wrappers, reading any script's digits by :func:`normalize_digits`). Multi-line answers (grids,
+    matrices): the text from each marker to the next marker or the end of the completion (:func:`_block`), every
+    marker agreeing; lenient accepts the marker in any case and bolded, and any script's digits, not ``\\boxed{}``."""
     error = completion_error(completion, max_chars)
     if error is not None:
         return None, error
     lenient = check_answer_format(answer_format) == "lenient"
     if not multiline:
-        verdict = (check_marked_lenient(completion, "", _lenient_line, max_chars) if lenient
+        verdict = (check_marked_lenient(completion, "", _lenient_line, max_chars, normalize_digits) if lenient
                    else check_marked(completion, "", _one_line, max_chars))
         return verdict.parsed, None
-    text = normalize_lenient(completion) if lenient else completion
+    text = normalize_digits(completion) if lenient else completion
     blocks = _LENIENT_MARKER.split(text)[1:] if lenient else text.split(_MARKER)[1:]
     values = {_block(b.strip(" \t*_")) if lenient else _block(b) for b in blocks}
     if len(values) != 1 or None in values:
