@@ -1,15 +1,17 @@
 """Success-driven difficulty schedule for RL runs: which ``reset(options={"difficulty": k})`` level to train on.
 
-Rule (documented, tested): the scheduler keeps the outcomes of the episodes played at the current level, at most
-the last ``window``. Once ``window`` outcomes are in, with ``s`` their success rate:
+Rule (documented, tested): the scheduler collects the outcomes of the episodes played at the current level in
+blocks of ``window``. When a block is full, with ``s`` its success rate:
 
 * ``s >= raise_at`` and a harder level exists -> level + 1;
 * ``s <= lower_at`` and an easier level exists -> level - 1;
-* otherwise stay.
+* otherwise stay;
 
-Every move clears the outcomes, so a new level needs ``window`` fresh episodes before the next move: with the gap
-between ``lower_at`` and ``raise_at`` this is the hysteresis that stops a run from bouncing between two levels on
-noise. An episode succeeds when its reward is at least ``success_reward`` (1.0: a verified answer).
+and the block is cleared either way. Non-overlapping blocks and the gap between ``lower_at`` and ``raise_at`` are
+the hysteresis: a policy at 50 % never moves (a block of 64 Bernoulli(0.5) outcomes reaches 0.8 with probability
+about 1e-6; a sliding window would test that tail after every episode), and every level gets ``window`` fresh
+episodes before the next move. An episode succeeds when its reward is at least ``success_reward`` (1.0: a
+verified answer).
 
 >>> c = Curriculum(n_levels=3, window=4)
 >>> c.update([1.0, 1.0, 1.0, 1.0])
@@ -51,12 +53,13 @@ class Curriculum:
     def __init__(self, config: CurriculumConfig | None = None, **knobs):
         self.config = CurriculumConfig(**knobs) if config is None else config
         self.level = self.config.start
-        self.outcomes: deque[bool] = deque(maxlen=self.config.window)
+        self.outcomes: deque[bool] = deque()
         self.moves = 0  # level changes so far
+        self.last_block_success = float("nan")  # success rate of the last full block
 
     @property
     def success_rate(self) -> float:
-        """Success rate of the outcomes held at the current level (NaN before any)."""
+        """Success rate of the current, unfinished block (NaN when empty)."""
         return sum(self.outcomes) / len(self.outcomes) if self.outcomes else float("nan")
 
     def update(self, rewards: Iterable[float]) -> int:
@@ -67,12 +70,12 @@ class Curriculum:
             if len(self.outcomes) < c.window:
                 continue
             rate = self.success_rate
+            self.last_block_success = rate
             step = 1 if rate >= c.raise_at and self.level < c.n_levels - 1 else \
                 -1 if rate <= c.lower_at and self.level > 0 else 0
-            if step:
-                self.level += step
-                self.moves += 1
-                self.outcomes.clear()
+            self.level += step
+            self.moves += step != 0
+            self.outcomes.clear()
         return self.level
 
     def options(self) -> dict[str, int]:
@@ -81,13 +84,13 @@ class Curriculum:
 
     def metrics(self) -> dict[str, float]:
         """What an RL run logs per step."""
-        return {"curriculum/level": float(self.level), "curriculum/success": self.success_rate,
+        return {"curriculum/level": float(self.level), "curriculum/success": self.last_block_success,
                 "curriculum/moves": float(self.moves)}
 
     def state_dict(self) -> dict:
         """Plain containers only (fits a ``weights_only`` checkpoint)."""
         return {"config": asdict(self.config), "level": self.level, "outcomes": list(self.outcomes),
-                "moves": self.moves}
+                "moves": self.moves, "last_block_success": self.last_block_success}
 
     def load_state_dict(self, state: dict) -> None:
         if CurriculumConfig(**state["config"]) != self.config:
@@ -95,4 +98,5 @@ class Curriculum:
         if not 0 <= state["level"] < self.config.n_levels:
             raise ValueError(f"level {state['level']} outside [0, {self.config.n_levels})")
         self.level, self.moves = int(state["level"]), int(state["moves"])
-        self.outcomes = deque((bool(o) for o in state["outcomes"]), maxlen=self.config.window)
+        self.last_block_success = float(state["last_block_success"])
+        self.outcomes = deque(bool(o) for o in state["outcomes"])
