@@ -110,9 +110,9 @@ def _lenient_line(text: str) -> str | None:
 
 
 def _block(text: str) -> str | None:
-    """A multi-line answer block: surrounding blank lines dropped, each line right-stripped; None if empty or a
-    line holds a control character."""
-    lines = [line.rstrip(" \t\r") for line in text.strip("\n").split("\n")]
+    """A multi-line answer block: the spaces after the marker and surrounding blank lines dropped, each line
+    right-stripped (indentation inside the block kept); None if empty or a line holds a control character."""
+    lines = [line.rstrip(" \t\r") for line in text.lstrip(" \t").strip("\n").split("\n")]
     while lines and not lines[0].strip():
         lines.pop(0)
     while lines and not lines[-1].strip():
@@ -141,7 +141,7 @@ def marked_answer(completion: Any, multiline: bool, answer_format: str = "strict
         return verdict.parsed, None
     text = normalize_digits(completion) if lenient else completion
     blocks = _LENIENT_MARKER.split(text)[1:] if lenient else text.split(_MARKER)[1:]
-    values = {_block(b.strip(" \t*_")) if lenient else _block(b) for b in blocks}
+    values = {_block(b.strip(" \t\r\n*_`")) if lenient else _block(b) for b in blocks}  # lenient: bold/code marks
     if len(values) != 1 or None in values:
         return None, None
     return values.pop(), None
