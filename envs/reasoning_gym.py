@@ -55,7 +55,8 @@ from envs.verify import (
 
 ITEM_SPACE = 2**31  # library item indices drawn from [0, ITEM_SPACE)
 # these build ``size`` items up front in __init__ (a list indexed by item), so they are drawn from their first
-# ``size`` items (the library default 500 unless ``size=`` is given) instead of from ITEM_SPACE
+# ``size`` items (the library default 500 unless ``size=`` is given) instead of from ITEM_SPACE; so are the tasks
+# whose config refuses a size of ITEM_SPACE
 PRECOMPUTED_TASKS = frozenset({"acre", "gsm_symbolic", "list_functions"})
 ENTRY_CACHE = 65_536  # library items kept for score(completion, answer) lookups
 LIBRARY_SEED = 0
@@ -141,7 +142,8 @@ def marked_answer(completion: Any, multiline: bool, answer_format: str = "strict
         return verdict.parsed, None
     text = normalize_digits(completion) if lenient else completion
     blocks = _LENIENT_MARKER.split(text)[1:] if lenient else text.split(_MARKER)[1:]
-    values = {_block(b.strip(" \t\r\n*_`")) if lenient else _block(b) for b in blocks}  # lenient: bold/code marks
+    # lenient: bold/code marks around the block ("_" is left alone: grids are drawn with it, e.g. n_queens)
+    values = {_block(b.strip(" \t\r\n*`")) if lenient else _block(b) for b in blocks}
     if len(values) != 1 or None in values:
         return None, None
     return values.pop(), None
@@ -178,9 +180,11 @@ class ReasoningGymEnv(ProceduralTaskEnv):
         self.task_name = task
         self.family = f"rg.{task}"
         self.answer_format = check_answer_format(answer_format)
-        if task not in PRECOMPUTED_TASKS:
-            config = {"size": ITEM_SPACE, **config}
-        self.dataset = create_dataset(task, seed=LIBRARY_SEED, **config)
+        try:
+            self.dataset = create_dataset(task, seed=LIBRARY_SEED, **({"size": ITEM_SPACE, **config}
+                                                                     if task not in PRECOMPUTED_TASKS else config))
+        except (ValueError, AssertionError):  # e.g. word_ladder caps its size: draw from the default-size item set
+            self.dataset = create_dataset(task, seed=LIBRARY_SEED, **config)
         self.n_items = len(self.dataset)
         self._entries: OrderedDict[str, dict] = OrderedDict()
         self._episode_entry: dict | None = None
