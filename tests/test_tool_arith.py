@@ -208,3 +208,10 @@ def test_train_and_test_never_share_a_problem():
     env = envs.make_unwrapped(ID, dataset_size=2000)
     train, test = env.tasks("train"), env.tasks("test")
     assert not {env.split_key(t) for t in train} & {env.split_key(t) for t in test}
+
+
+def test_throughput_bench_covers_the_tool_env():
+    from experiments.bench.env_throughput import bench_tool_env
+
+    rates = bench_tool_env(0.05)
+    assert set(rates) == {"made", "raw"} and min(rates.values()) > 1000  # measured ~13k turns/s; loose on a busy box
