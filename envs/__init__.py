@@ -13,6 +13,11 @@ Ids (``gym.make(id, **kwargs)`` overrides any knob; also reachable as ``gym.make
 * ``InstructRLVR-v0``    programmatically checked instruction following (7 families).
 * ``AlpacaSFT-v0``       Alpaca-format instruction data, soft token-F1 reward (NOT exactly verifiable).
 
+Suite ids beyond the four single-turn ones above (``SUITE_IDS``; ``ENV_IDS`` keeps the four):
+
+* ``ReasoningGym-v0``    any reasoning-gym task: ``gym.make("ReasoningGym-v0", task="chain_sum", **config)``.
+* ``ArithToolRLVR-v0``   multi-turn arithmetic with a calculator tool (``<calc>12*7</calc>``), see envs.tool_arith.
+
 The verifiable ids take ``answer_format="strict"`` (default: exactly ``Answer: <answer>``) or ``"lenient"`` (the
 usual other ways to write a correct answer; still 0 for hacks and conflicting answers), see :mod:`envs.verify`.
 """
@@ -37,11 +42,17 @@ _IDS = {
     "InstructRLVR-v0": ("envs.instruct:InstructEnv", {}),
     "AlpacaSFT-v0": ("envs.alpaca:AlpacaEnv", {}),
 }
-for _env_id, (_entry_point, _kwargs) in _IDS.items():
+# multi-turn and library envs: registered alike, listed apart so ENV_IDS stays the single-turn suite
+_SUITE_IDS = {
+    "ReasoningGym-v0": ("envs.reasoning_gym:ReasoningGymEnv", {}),
+    "ArithToolRLVR-v0": ("envs.tool_arith:ArithToolEnv", {}),
+}
+for _env_id, (_entry_point, _kwargs) in {**_IDS, **_SUITE_IDS}.items():
     if _env_id not in gym.registry:  # re-importing (e.g. importlib.reload) must not warn about overrides
         gym.register(id=_env_id, entry_point=_entry_point, kwargs=_kwargs)
 
 ENV_IDS = tuple(_IDS)
+SUITE_IDS = tuple(_SUITE_IDS)
 
 
 def make_unwrapped(env_id: str, **env_kwargs: Any) -> TextTaskEnv:
@@ -79,4 +90,4 @@ def score_batch(env_id_or_env: str | gym.Env, completions: list, answers: list[s
     return np.fromiter((score(c, a) for c, a in zip(completions, answers)), dtype=np.float64, count=len(answers))
 
 
-__all__ = ["ENV_IDS", "Task", "TextTaskEnv", "load_tasks", "make_unwrapped", "score_batch"]
+__all__ = ["ENV_IDS", "SUITE_IDS", "Task", "TextTaskEnv", "load_tasks", "make_unwrapped", "score_batch"]

@@ -25,9 +25,9 @@ only by associativity (``1+2+3`` vs ``1+3+2``) or by value.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
-from envs.core import SPLITS, ProceduralTaskEnv, Task, Uniforms, split_of
+from envs.core import RESET_OPTIONS, SPLITS, ProceduralTaskEnv, Task, Uniforms, split_of
 from envs.verify import Verdict, check_answer_format, check_number, check_number_lenient
 
 INSTRUCTION = "End with 'Answer: <number>'."
@@ -75,6 +75,16 @@ class ArithConfig:
 _KNOBS = frozenset(f.name for f in fields(ArithConfig))
 HARD = ArithConfig(min_digits=1, max_digits=3, ops="+-*", min_ops=1, max_ops=3, parens=0.5, word_problems=0.2,
                    nonnegative=False)
+# The curriculum ladder, easiest first: ``reset(options={"difficulty": k})`` draws the episode's problem from
+# level k (the env's ``working`` style kept). Level 2 is ArithRLVR-v0's default, the last level is HARD.
+DIFFICULTY_LEVELS = (
+    ArithConfig(min_digits=1, max_digits=1, ops="+"),
+    ArithConfig(min_digits=1, max_digits=1, ops="+-"),
+    ArithConfig(),
+    ArithConfig(min_digits=2, max_digits=2, ops="+-*"),
+    ArithConfig(min_digits=1, max_digits=3, ops="+-*", min_ops=1, max_ops=2, parens=0.5, nonnegative=False),
+    HARD,
+)
 
 
 # ---- expressions as token lists: ints, operator chars, "(" and ")" ----
@@ -260,6 +270,7 @@ class ArithEnv(ProceduralTaskEnv):
     """
 
     family = "arith"
+    reset_options = RESET_OPTIONS + ("difficulty",)
 
     def __init__(self, *, answer_format: str = "strict", **kwargs):
         knobs = {k: kwargs.pop(k) for k in list(kwargs) if k in _KNOBS}  # the rest go to TextTaskEnv
@@ -267,12 +278,33 @@ class ArithEnv(ProceduralTaskEnv):
         self._knobs = asdict(self.config)
         self.answer_format = check_answer_format(answer_format)
         self._check = check_number if answer_format == "strict" else check_number_lenient
+        self._env_kwargs = dict(kwargs, answer_format=answer_format)  # rebuilds this env at another difficulty
+        self._levels: dict[int, ArithEnv] = {}
         super().__init__(**kwargs)
 
     @classmethod
     def kwarg_names(cls) -> frozenset[str]:
         """The TextTaskEnv arguments, ``answer_format`` and every ArithConfig knob (taken through ``**kwargs``)."""
         return super().kwarg_names() | _KNOBS
+
+    def at_difficulty(self, level: int) -> ArithEnv:
+        """This env (same class, seeds, split, format) with :data:`DIFFICULTY_LEVELS` ``[level]``'s knobs."""
+        if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < len(DIFFICULTY_LEVELS):
+            raise ValueError(f"options['difficulty'] must be an int in [0, {len(DIFFICULTY_LEVELS) - 1}], "
+                             f"got {level!r}")
+        if level not in self._levels:
+            knobs = asdict(replace(DIFFICULTY_LEVELS[level], working=self.config.working))
+            self._levels[level] = type(self)(**self._env_kwargs, **knobs)
+        return self._levels[level]
+
+    def episode_task(self, options: dict, source=None) -> Task:
+        """``options["difficulty"] = k`` draws the task from :meth:`at_difficulty` ``(k)``; its ``task_id`` ends
+        in ``@d<k>`` and ``meta["difficulty"]`` is k (``meta``'s knobs are the level's)."""
+        level = options.get("difficulty")
+        if level is None:
+            return super().episode_task(options, source)
+        task = super().episode_task(options, self.at_difficulty(level))
+        return replace(task, task_id=f"{task.task_id}@d{level}", meta={**task.meta, "difficulty": level})
 
     def draw(self, r):
         p = draw_problem(self.config, r)

@@ -102,6 +102,7 @@ class TextTaskEnv(gym.Env[str, str]):
 
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
     verifiable = True  # False for soft-scored envs (reward is a similarity, not a check)
+    reset_options = RESET_OPTIONS  # the keys reset(options=...) accepts
     max_prompt_chars = 512
 
     @classmethod
@@ -217,28 +218,17 @@ class TextTaskEnv(gym.Env[str, str]):
     # ---- gymnasium API ----
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict]:
         """New episode. ``options={"index": i, "split": s}`` pins the task (e.g. for GRPO groups); ``options``
-        must be None or a dict with only those keys (ValueError otherwise)."""
+        must be None or a dict with only the keys of ``self.reset_options`` (ValueError otherwise)."""
         if options is None:
             options = {}
         elif not isinstance(options, dict):
             raise ValueError(f"options must be None or a dict like {{'index': 0, 'split': 'test'}}, "
                              f"got {type(options).__name__}: {options!r}")
-        unknown = sorted(map(str, set(options) - set(RESET_OPTIONS)))
+        unknown = sorted(map(str, set(options) - set(self.reset_options)))
         if unknown:
-            raise ValueError(f"unknown reset option(s) {unknown}; known: {list(RESET_OPTIONS)}")
+            raise ValueError(f"unknown reset option(s) {unknown}; known: {list(self.reset_options)}")
         super().reset(seed=seed)
-        split = check_split(options.get("split", self.split))
-        index = options.get("index")
-        if index is None:
-            if self.mode == "dataset":
-                dataset = self.tasks(split)
-                task = dataset[int(self.np_random.integers(len(dataset)))]
-            else:
-                task = self.task(int(self.np_random.integers(2**31)), split)
-        else:
-            if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
-                raise ValueError(f"options['index'] must be a non-negative int, got {index!r}")
-            task = self.task(int(index), split)
+        task = self.episode_task(options)
         self._task, self._done, self._last_completion = task, False, None
         info = {
             "answer": task.answer,
@@ -248,6 +238,21 @@ class TextTaskEnv(gym.Env[str, str]):
             "meta": dict(task.meta),  # a copy: tasks may be cached, infos must not share objects
         }
         return task.prompt, info
+
+    def episode_task(self, options: dict, source: TextTaskEnv | None = None) -> Task:
+        """The task of a new episode: ``options["index"]``/``["split"]`` pin it, else it is drawn with
+        ``self.np_random``; tasks come from ``source`` (default ``self``; e.g. the same env at another difficulty)."""
+        source = self if source is None else source
+        split = check_split(options.get("split", self.split))
+        index = options.get("index")
+        if index is None:
+            if source.mode == "dataset":
+                dataset = source.tasks(split)
+                return dataset[int(self.np_random.integers(len(dataset)))]
+            return source.task(int(self.np_random.integers(2**31)), split)
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
+            raise ValueError(f"options['index'] must be a non-negative int, got {index!r}")
+        return source.task(int(index), split)
 
     def step(self, action: Any) -> tuple[str, float, bool, bool, dict]:
         """Score ``action`` (the completion) and terminate: ``("", reward, True, False, info)``."""

@@ -256,15 +256,16 @@ def _braced(text: str, start: int) -> str | None:
 
 
 def check_marked_lenient(completion: Any, answer: str, canonical: Callable[[str], Any],
-                         max_chars: int = MAX_COMPLETION_CHARS) -> Verdict:
+                         max_chars: int = MAX_COMPLETION_CHARS,
+                         normalize: Callable[[str], str] = normalize_lenient) -> Verdict:
     """:func:`check_marked` with the lenient markers (case-insensitive ``answer:`` and ``\\boxed{}``) on the
-    :func:`normalize_lenient` completion; markers carrying the instruction's placeholder are skipped, every other
-    marker must give the same well-formed value."""
+    ``normalize``-d completion (default :func:`normalize_lenient`); markers carrying the instruction's placeholder
+    are skipped, every other marker must give the same well-formed value."""
     error = completion_error(completion, max_chars)
     if error is not None:
         return _bad(error)
     values = set()
-    normalized = normalize_lenient(completion)
+    normalized = normalize(completion)
     for m in _LENIENT_MARKERS.finditer(normalized):
         text = m.group(1) if m.group(1) is not None else _braced(normalized, m.end())
         if text is None:  # an unclosed \boxed{: whatever it holds could be a second answer

@@ -8,6 +8,9 @@ numbers. Columns, measured side by side in one run:
   batch     envs.vector.TaskBatch(batch_size=256): one reset + one step per 256 episodes
   syncvec   gymnasium SyncVectorEnv with 16 copies (gym.make_vec, sync, SAME_STEP autoreset)
 Goal: made >= 20k episodes/s for ArithRLVR-v0. A second table times the per-item seeding choice of envs.core.Uniforms.
+A third covers the suite ids: ArithToolRLVR-v0 in turns/s (reset + tool call + final answer = 2 turns per episode,
+gym.make'd and raw; goal >= 10k turns/s) and ReasoningGym-v0 episodes/s for a few library tasks (their generators
+set the pace: the adapter adds one hash draw and a marker scan per episode).
 
     python experiments/bench/env_throughput.py [--seconds 0.3]
 """
@@ -97,6 +100,34 @@ def seeding_costs(seconds: float) -> dict[str, float]:
             "Uniforms (SeedSequence words)": 1e6 / rate(words_way, 200, seconds)}
 
 
+def bench_tool_env(seconds: float) -> dict[str, float]:
+    """Turns/s of ArithToolRLVR-v0 playing its demonstrations (one tool call, one answer per episode)."""
+    out = {}
+    for name, env in (("made", gym.make("ArithToolRLVR-v0")), ("raw", gym.make("ArithToolRLVR-v0").unwrapped)):
+        env.reset(seed=0)
+
+        def run(env=env, k=100):
+            for _ in range(k):
+                _, info = env.reset()
+                for turn in info["demonstration_turns"]:
+                    env.step(turn)
+
+        out[name] = rate(run, 200, seconds)  # 100 episodes x 2 turns
+    return out
+
+
+RG_TASKS = ("chain_sum", "leg_counting", "word_sorting", "sudoku")
+
+
+def bench_reasoning_gym(seconds: float) -> dict[str, float]:
+    out = {}
+    for task in RG_TASKS:
+        env = gym.make("ReasoningGym-v0", task=task)
+        env.reset(seed=0)
+        out[task] = rate(*loop(env, 20), seconds, repeats=2)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=0.3, help="minimum seconds per measurement repeat")
@@ -107,6 +138,10 @@ def main() -> None:
         r = bench_env(env_id, args.seconds)
         print(f"{env_id:<20}{r['made']:>10.0f}{r['raw']:>10.0f}{r['batch']:>10.0f}{r['syncvec']:>11.0f}"
               f"{r['raw'] / r['made']:>10.2f}{r['batch'] / r['made']:>11.2f}{r['syncvec'] / r['made']:>10.2f}")
+    tool = bench_tool_env(args.seconds)
+    print(f"\nArithToolRLVR-v0 turns/s: made {tool['made']:.0f}, raw {tool['raw']:.0f} (goal >= 10000)")
+    for task, r in bench_reasoning_gym(args.seconds).items():
+        print(f"ReasoningGym-v0 task={task:<14}{r:>10.0f} episodes/s (made)")
     costs = seeding_costs(args.seconds)
     base = costs["default_rng + random(24)"]
     for name, us in costs.items():
