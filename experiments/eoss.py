@@ -141,7 +141,8 @@ def run_eoss(cfg: EossConfig = EossConfig()) -> Path:
 
 def _probe(cfg, step, params, loss_fn, full, sample_batch, opt, net, warm) -> dict:
     """probe/lambda_max (full training set), probe/two_over_eta and probe/batch_sharpness (+ CI, mean of ratios)."""
-    from probes.sharpness import batch_sharpness, lambda_max, stability_thresholds
+    from probes.sharpness import batch_sharpness, lambda_max
+    from probes.thresholds import stability_thresholds
 
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
