@@ -19,14 +19,14 @@ readable by the report. Float64, as in cohen2021.py.
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from agents.runwriter import STATUS_COMPLETED, STATUS_DIVERGED, STATUS_RUNNING, RunWriter
 
 
 @dataclass(frozen=True)
@@ -104,38 +104,35 @@ def run_eoss(cfg: EossConfig = EossConfig()) -> Path:
               "model": {"name": f"mlp-tanh-{cfg.width}x2", "lora_rank": 0},
               "train": {"steps": cfg.steps, "batch": cfg.batch, "seed": cfg.seed},
               "env": {"env_id": cfg.dataset, "n_train": n}}
-    (run_dir / "config.json").write_text(json.dumps({"config": config, "git_hash": _git_hash(), "argv": sys.argv},
-                                                    indent=1))
-    status = {"status": "completed", "step": cfg.steps, "reason": ""}
+    writer = RunWriter(run_dir)
+    writer.write_config(config)
+    writer.replace_rows([])  # an unfinished earlier attempt starts over: the run is cheap and deterministic
+    writer.write_status(STATUS_RUNNING, 0)
     warm = None
-    t0 = time.perf_counter()
-    with open(run_dir / "metrics.jsonl", "w") as f:
-        for step in range(cfg.steps + 1):  # metrics at θ_step, before the step's update
-            rec = None
-            if step % cfg.log_every == 0 or step % cfg.probe_every == 0 or step == cfg.steps:
-                with torch.no_grad():
-                    out = net(x)
-                    loss = (0.5 * ((out - y) ** 2).sum() / n).item()
-                acc = (out.argmax(1) == y.argmax(1)).double().mean().item()
-                rec = {"step": step, "train/loss": loss, "train/lr": cfg.lr, "eval/accuracy": acc}
-                if not math.isfinite(loss) or loss > 1e3:
-                    f.write(json.dumps({**rec, "train/loss": loss if math.isfinite(loss) else None}) + "\n")
-                    status = {"status": "diverged", "step": step, "reason": f"loss {loss:.3g}"}
-                    break
-            if step % cfg.probe_every == 0:
-                rec.update(_probe(cfg, step, params, loss_fn, full, sample_batch, opt, net, warm))
-                warm = rec.pop("_warm")
-            if rec is not None:
-                f.write(json.dumps(rec) + "\n")
-            if step == cfg.steps:
-                break
-            idx = torch.randperm(n, generator=train_gen)[: cfg.batch]
-            opt.zero_grad(set_to_none=True)
-            loss_fn((x[idx], y[idx], cfg.batch)).backward()
-            opt.step()
-    status["seconds"] = time.perf_counter() - t0
-    (run_dir / "status.json").write_text(json.dumps(status))
-    (run_dir / "DONE").write_text(json.dumps(status))
+    for step in range(cfg.steps + 1):  # metrics at θ_step, before the step's update
+        rec = None
+        if step % cfg.log_every == 0 or step % cfg.probe_every == 0 or step == cfg.steps:
+            with torch.no_grad():
+                out = net(x)
+                loss = (0.5 * ((out - y) ** 2).sum() / n).item()
+            acc = (out.argmax(1) == y.argmax(1)).double().mean().item()
+            rec = {"step": step, "train/loss": loss, "train/lr": cfg.lr, "eval/accuracy": acc}
+            if not math.isfinite(loss) or loss > 1e3:
+                writer.append(rec)
+                writer.finish(STATUS_DIVERGED, step, f"loss {loss:.3g}")
+                return run_dir
+        if step % cfg.probe_every == 0:
+            rec.update(_probe(cfg, step, params, loss_fn, full, sample_batch, opt, net, warm))
+            warm = rec.pop("_warm")
+        if rec is not None:
+            writer.append(rec)
+        if step == cfg.steps:
+            break
+        idx = torch.randperm(n, generator=train_gen)[: cfg.batch]
+        opt.zero_grad(set_to_none=True)
+        loss_fn((x[idx], y[idx], cfg.batch)).backward()
+        opt.step()
+    writer.finish(STATUS_COMPLETED, cfg.steps)
     return run_dir
 
 
@@ -157,16 +154,6 @@ def _probe(cfg, step, params, loss_fn, full, sample_batch, opt, net, warm) -> di
                 "probe/batch_sharpness_mor_ci_hi": bs.mor_ci[1], "probe/hvps": float(eig.hvps + bs.hvps),
                 "probe/seconds": time.perf_counter() - t0, "_warm": eig.vectors})
     return out
-
-
-def _git_hash() -> str:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 @dataclass(frozen=True)
