@@ -3,6 +3,8 @@
 Costs are in HVPs of the probe-batch operator unless stated; G = one probe-batch gradient (an HVP ≈ 1.6 G cached).
 - λ_max: largest algebraic eigenvalue of H (Cohen et al. 2021, EoS), warm-started LOBPCG.
 - step / update sharpness: ρ(u) = uᵀHu / uᵀu for u = the probe-batch gradient or the optimizer update Δθ (1 HVP).
+- warm Rayleigh quotient ρ(v) on a stored top eigenvector v (1 HVP) and its alignment |cos(v, g)| with the
+  gradient (0 HVPs): cheap traces between eigen-solves. Critical sharpness (forward passes only): probes.critical.
 - batch sharpness (Andreyev & Beneventano, arXiv 2412.20553): E_B[g_BᵀH_B g_B] / E_B[‖g_B‖²] (ratio of means) and
   E_B[g_BᵀH_B g_B / ‖g_B‖²] (mean of ratios), Monte Carlo over fresh minibatches (≈2.8 G_b per draw).
 - GNI (same paper): E_B[g_Bᵀ H g_B] / ‖∇L‖², H and ∇L of the probe batch (1 extra HVP per draw).
@@ -27,7 +29,7 @@ from .hvp import REDUCE_DTYPE, HessianOperator, LinearOperator
 
 __all__ = [
     "lambda_max", "rayleigh_quotient", "rayleigh_pair", "step_pair", "step_sharpness", "update_pair",
-    "update_sharpness", "flat_update", "ESTIMATORS",
+    "update_sharpness", "flat_update", "alignment", "ESTIMATORS",
     "BatchSharpness", "batch_sharpness", "adam_preconditioner", "preconditioned_operator", "adam_sharpness",
     "TraceEstimate", "hutchinson_trace", "block_lambda_max", "t_quantile",
 ]
@@ -73,6 +75,15 @@ def rayleigh_pair(op, u: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tenso
 def rayleigh_quotient(op, u: torch.Tensor) -> float:
     """uᵀHu / uᵀu (1 HVP); NaN for u = 0."""
     return rayleigh_pair(op, u)[0]
+
+
+def alignment(op: HessianOperator, v: torch.Tensor) -> float:
+    """|vᵀg| / (‖v‖‖g‖) for g the operator's gradient: how much of the gradient lies along v (e.g. the top
+    eigenvector). 0 HVPs; g is free from the cached graph (1 G in the other modes). NaN when v or g is 0."""
+    g = op.gradient()
+    v = v.to(device=op.device, dtype=REDUCE_DTYPE).reshape(-1)
+    norms = float(v.norm()) * float(g.norm())
+    return abs(float(v @ g)) / norms if norms > 0 else math.nan
 
 
 def step_pair(op: HessianOperator) -> tuple[float, torch.Tensor, torch.Tensor]:
