@@ -27,9 +27,13 @@ class ProbeConfig:
     """
     # ---- λ_max and what shares its operator (cadence ``every``) ----
 
-    #: λ_max, the stability thresholds, step/update sharpness and the Adam-preconditioned λ_max every this many
-    #: steps; 0 turns every probe off.
+    #: λ_max (of the fixed probe set and of the current batch), the stability thresholds, step/update sharpness
+    #: and the Adam-preconditioned λ_max every this many steps; 0 turns every probe off.
     every: int = 250
+    #: examples in the fixed probe set of probe/lambda_max under minibatch training, drawn once from the training
+    #: tasks with ``seed`` (the whole training set when it is smaller); full-batch GD probes the whole training set
+    #: and RLVR the rollout buffer whatever this is; 0 = probe the current minibatch (then lambda_max = lambda_max_batch).
+    probe_set_size: int = 64
     #: eigenvalues per solve (probe/lambda_max, probe/lambda_2, ...).
     k: int = 1
     #: eigen-solve tolerance relative to max|θ|, on the λ error (stop="eigenvalue") or on the residual
@@ -85,6 +89,19 @@ class ProbeConfig:
     #: matrices (block attn_qkv) are split into attn_qk / attn_vo.
     block_patterns: tuple[tuple[str, str], ...] = DEFAULT_BLOCK_PATTERNS
 
+    # ---- cheap traces between solves, on the probe set (each its own cadence) ----
+
+    #: vᵀHv/vᵀv on the stored top eigenvector v of the last λ_max solve (1 HVP) every this many steps; 0 = off.
+    rayleigh_every: int = 10
+    #: |cos| between that stored top eigenvector and the probe-set gradient (0 HVPs) every this many steps; 0 = off.
+    alignment_every: int = 10
+    #: critical sharpness 2/ηc along the last update (forward passes only, ≈7) every this many steps; 0 = off.
+    critical_every: int = 10
+    #: relative width of the final ηc bracket of the critical-sharpness line search.
+    critical_rtol: float = 0.05
+    #: most forward passes per critical-sharpness line search (NaN when it has not bracketed ηc by then).
+    critical_max_forwards: int = 20
+
     # ---- shared by every probe ----
 
     #: HVP mode (probes.hvp): cache (graph kept, fastest), recompute (least memory) or fd (finite differences,
@@ -96,7 +113,8 @@ class ProbeConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("every", "batch_sharpness_every", "trace_every", "blocks_every", "k", "max_hvps"):
+        for name in ("every", "batch_sharpness_every", "trace_every", "blocks_every", "k", "max_hvps", "probe_set_size",
+                     "rayleigh_every", "alignment_every", "critical_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ProbeConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.mode not in MODES:
@@ -109,5 +127,7 @@ class ProbeConfig:
             raise ValueError(f"ProbeConfig.stop must be one of {STOPS}, got {self.stop!r}")
         if self.every > 0 and (self.k < 1 or self.max_hvps < self.k):
             raise ValueError("ProbeConfig: need k >= 1 and max_hvps >= k")
+        if not 0 < self.critical_rtol < 1 or self.critical_max_forwards < 3:
+            raise ValueError("ProbeConfig: need 0 < critical_rtol < 1 and critical_max_forwards >= 3")
         if not 1 <= self.batch_min_samples <= self.batch_max_samples:
             raise ValueError("ProbeConfig: need 1 <= batch_min_samples <= batch_max_samples")

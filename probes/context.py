@@ -1,7 +1,8 @@
 """What a probe measures: :class:`ProbeContext`, filled by the trainer, and :func:`preserved_state`, the guard
 that keeps probing free of side effects.
 
-The trainer fills a ProbeContext (trainable params, the exact loss it steps on, frozen probe chunks, optimizer, η);
+The trainer fills a ProbeContext (trainable params, the exact loss it steps on, the current batch's frozen chunks,
+the fixed probe set's chunks, optimizer, η);
 probes measure without side effects: parameter values, ``.grad``, optimizer state, the torch/numpy/python RNG
 states and every module's train/eval flag are as before.
 """
@@ -22,8 +23,8 @@ __all__ = ["ProbeContext", "preserved_state"]
 class ProbeContext:
     """Everything a probe step measures: the objective the optimizer steps on, at the current weights."""
     params: dict[str, torch.Tensor]        # named parameters being optimised (LoRA adapters only under LoRA)
-    loss_fn: Callable[[Any], torch.Tensor] # loss of one chunk; chunk losses SUM to the full probe-batch loss
-    batches: Sequence[Any]                 # frozen chunks of the probe batch (PPO: one rollout buffer)
+    loss_fn: Callable[[Any], torch.Tensor] # loss of one chunk; chunk losses SUM to the loss of the set they cut
+    batches: Sequence[Any]                 # frozen chunks of the current training batch (PPO: one rollout buffer)
     lr: float                              # η of the optimizer step (first param group)
     step: int = 0                          # optimizer steps taken (the probe cadence and its generator use it)
     optimizer: torch.optim.Optimizer | None = None   # momentum / Adam preconditioner are read from it
@@ -31,7 +32,11 @@ class ProbeContext:
     sample_batch: Callable[[torch.Generator], Sequence[Any]] | None = None
     # draws a fresh training minibatch (list of chunks summing to that minibatch's loss) for batch sharpness; must
     # use only the generator it is given (training RNG is never touched)
-    update: dict[str, torch.Tensor] | None = None     # last optimizer update Δθ, for update sharpness
+    update: dict[str, torch.Tensor] | None = None     # last optimizer update Δθ, for update/critical sharpness
+    probe_set: Sequence[Any] | None = None
+    # frozen chunks of the fixed probe set whose Hessian probe/lambda_max is (chunk losses sum to the mean loss over
+    # the set); the same set at every step. None: the probe set is ``batches`` (full-batch GD, where the batch is
+    # the training set; PPO, whose objective lives on the current rollout buffer; a caller's fixed probe batch)
 
 
 @contextlib.contextmanager

@@ -1,8 +1,10 @@
 """The regime-agnostic probe schedule: ``Prober(config)(ctx) -> {"probe/...": float}`` on a cadence.
 
-At a due step the Prober builds one probe-batch :class:`~probes.hvp.HessianOperator`, runs every due kind of
-:data:`probes.registry.PROBES` on it in registry order inside :func:`~probes.context.preserved_state` (no side
-effects), and adds ``probe/hvps`` (over all operators) and ``probe/seconds``. It keeps the warm-start eigenvectors
+At a due step the Prober builds one :class:`~probes.hvp.HessianOperator` on the fixed probe set (``ctx.probe_set``,
+else ``ctx.batches``) and, when that is not the current batch, one on ``ctx.batches`` (graphs are built lazily, on
+first use), runs every due kind of :data:`probes.registry.PROBES` on them in registry order inside
+:func:`~probes.context.preserved_state` (no side effects), and adds ``probe/hvps`` (over all operators) and
+``probe/seconds``. It keeps the warm-start eigenvectors
 between probe steps. Every random draw comes from a private ``torch.Generator`` seeded from (config.seed, step), so
 a resumed run probes as if it had never stopped.
 """
@@ -51,12 +53,16 @@ class Prober:
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed((c.seed * 1_000_003 + step) % (2 ** 63))
         with preserved_state(ctx.model, c.eval_mode):
-            op = HessianOperator(ctx.params, ctx.loss_fn, ctx.batches, mode=c.mode, model=ctx.model)
-            run = ProbeStep(ctx, c, op, gen, self._warm)
+            probe_set = ctx.batches if ctx.probe_set is None else ctx.probe_set
+            op = HessianOperator(ctx.params, ctx.loss_fn, probe_set, mode=c.mode, model=ctx.model)
+            batch_op = op if probe_set is ctx.batches else \
+                HessianOperator(ctx.params, ctx.loss_fn, ctx.batches, mode=c.mode, model=ctx.model)
+            run = ProbeStep(ctx, c, op, gen, self._warm, batch_op=batch_op)
             for kind in due:
                 run.out.update(kind.measure(run))
-            hvps = run.other_hvps + op.hvps
+            hvps = run.other_hvps + op.hvps + (batch_op.hvps if batch_op is not op else 0)
             op.release()
+            batch_op.release()
         out = {f"probe/{k}": v for k, v in run.out.items()}
         out["probe/hvps"] = float(hvps)
         out["probe/seconds"] = time.perf_counter() - t0

@@ -1,14 +1,26 @@
 """Every probe kind, registered once: name -> measurement, the ``ProbeConfig`` cadence that schedules it, the metric
 keys it emits and its cost. The :class:`~probes.prober.Prober` runs the due kinds in registry order.
 
-A measurement is ``measure(run: ProbeStep) -> dict[str, float]`` (keys without ``probe/``), a thin call of a tested
-function of :mod:`probes.sharpness`, :mod:`probes.eigs` or :mod:`probes.thresholds` on the step's shared
-probe-batch operator. It returns {} where it does not apply (no update yet, no Adam state, no ``sample_batch``).
-Order matters: the step and update pairs (u, Hu) seed the warm λ_max solve, and the Adam solve runs only where
-the thresholds found an Adam-family optimizer. Adding a probe is one ``ProbeKind`` here (plus its knobs in
-``ProbeConfig`` and its keys in CONTRACTS.md, which tests/test_probes_registry.py checks).
+Which Hessian each key is: H = ∇²L of the regime's exact objective L (SFT token-mean CE, PPO surrogate on a frozen
+rollout buffer) over the trainable parameters, on one of two chunk sets of the :class:`~probes.context.ProbeContext`:
+- the probe set P (``ctx.probe_set``; ``ctx.batches`` when None): the fixed set of the training objective. Under
+  full-batch GD it is the whole training set; under minibatch SFT a fixed subset of ``probe_set_size`` training
+  examples drawn once, the same at every step; under PPO (no fixed training set) the current rollout buffer.
+  ``lambda_max``, ``lambda_{i}``, ``update_sharpness``, ``adam_lambda_max``, ``trace``, the per-block keys, ``gni``'s
+  H and the cheap traces (``rayleigh``, ``alignment``, ``critical_sharpness``) are of H_P.
+- the current batch B (``ctx.batches``, what the optimizer steps on now): ``lambda_max_batch`` and
+  ``step_sharpness`` are of H_B; ``batch_sharpness`` averages over fresh minibatches. When P is B (``probe_set`` None
+  or the same object), ``lambda_max_batch`` = ``lambda_max`` at no cost.
 
-Costs: G = one probe-batch gradient, an HVP ≈ 1.6–2.2 G in cache mode (probes.hvp).
+A measurement is ``measure(run: ProbeStep) -> dict[str, float]`` (keys without ``probe/``), a thin call of a tested
+function of :mod:`probes.sharpness`, :mod:`probes.critical`, :mod:`probes.eigs` or :mod:`probes.thresholds` on the
+step's shared operators. It returns {} where it does not apply (no update yet, no Adam state, no ``sample_batch``, no
+stored eigenvector). Order matters: the step and update pairs (u, Hu) seed the warm solves on their operator, the
+Adam solve runs only where the thresholds found an Adam-family optimizer, and the cheap traces read the eigenvector
+of a solve that ran this step. Adding a probe is one ``ProbeKind`` here (plus its knobs in ``ProbeConfig`` and its
+keys in CONTRACTS.md, which tests/test_probes_registry.py checks).
+
+Costs: G = one probe-set gradient, an HVP ≈ 1.6–2.2 G in cache mode (probes.hvp), a forward pass ≈ ⅓ G.
 """
 from __future__ import annotations
 
@@ -20,10 +32,11 @@ import torch
 from .blocks import parameter_blocks
 from .config import ProbeConfig
 from .context import ProbeContext
+from .critical import critical_sharpness
 from .eigs import top_eigenvalues
 from .hvp import HessianOperator
-from .sharpness import (adam_sharpness, batch_sharpness, block_lambda_max, hutchinson_trace, step_pair,
-                        update_pair)
+from .sharpness import (adam_sharpness, alignment, batch_sharpness, block_lambda_max, hutchinson_trace,
+                        rayleigh_quotient, step_pair, update_pair)
 from .thresholds import stability_thresholds
 
 __all__ = ["ProbeKind", "ProbeStep", "PROBES", "metric_keys"]
@@ -31,22 +44,34 @@ __all__ = ["ProbeKind", "ProbeStep", "PROBES", "metric_keys"]
 
 @dataclass
 class ProbeStep:
-    """What the probe kinds of one probe step share: the context, the config, the probe-batch operator, the step's
-    private generator (consumed in registry order), the Prober's warm starts (read and updated in place), the
-    metrics so far, and the (u, Hu) pairs that seed the warm λ_max solve."""
+    """What the probe kinds of one probe step share: the context, the config, the probe-set operator ``op`` and the
+    current-batch operator ``batch_op`` (the same object when the probe set is the batch), the step's private
+    generator (consumed in registry order), the Prober's warm starts (read and updated in place), the metrics so
+    far, and the (u, Hu) pairs that seed the warm solves on each operator."""
     ctx: ProbeContext
     config: ProbeConfig
     op: HessianOperator
     generator: torch.Generator
     warm: dict[str, torch.Tensor]
+    batch_op: HessianOperator | None = None    # None: the probe set is the batch (``op``)
     out: dict[str, float] = field(default_factory=dict)
     known: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    batch_known: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     other_hvps: int = 0            # HVPs on operators other than ``op`` (batch sharpness's minibatch operators)
     _blocks: dict[str, torch.Tensor] | None = None
 
+    @property
+    def separate_batch(self) -> bool:
+        """Whether the current batch has an operator of its own (the probe set is not the batch)."""
+        return self.batch_op is not None and self.batch_op is not self.op
+
     def init(self, key: str) -> torch.Tensor | None:
         """The warm start stored under ``key`` when warm starts are on and it fits the operator, else None."""
-        v = self.warm.get(key) if self.config.warm_start else None
+        return self.stored(key) if self.config.warm_start else None
+
+    def stored(self, key: str) -> torch.Tensor | None:
+        """The eigenvectors stored under ``key`` (n, k) on the operator's device when they fit it, else None."""
+        v = self.warm.get(key)
         return v.to(self.op.device) if v is not None and v.shape[0] == self.op.dim else None
 
     def blocks(self) -> dict[str, torch.Tensor]:
@@ -79,8 +104,13 @@ def _thresholds(run: ProbeStep) -> dict[str, float]:
 def _step_sharpness(run: ProbeStep) -> dict[str, float]:
     if not run.config.step_sharpness:
         return {}
-    value, g, hg = step_pair(run.op)
-    run.known.append((g, hg))
+    # the current batch's g and H_B (EoSS step sharpness); the pair seeds the solve on that same operator
+    if run.separate_batch:
+        value, g, hg = step_pair(run.batch_op)
+        run.batch_known.append((g, hg))
+    else:
+        value, g, hg = step_pair(run.op)
+        run.known.append((g, hg))
     return {"step_sharpness": value}
 
 
@@ -92,21 +122,36 @@ def _update_sharpness(run: ProbeStep) -> dict[str, float]:
     return {"update_sharpness": value}
 
 
-def _lambda_max(run: ProbeStep) -> dict[str, float]:
+def _solve(run: ProbeStep, op: HessianOperator, key: str, pairs: list, k: int):
     # The step and update pairs join the first Rayleigh–Ritz beside a warm start for free (it maximises θ, so
     # they only help). A cold solve starts from a random vector alone: beside it, a g inside an invariant subspace
     # that misses the top eigenvector would win the first Rayleigh–Ritz and trap the solve
     # (tests/test_probes_context.py).
-    c, init = run.config, run.init("H")
-    known = (torch.stack([v for v, _ in run.known], 1), torch.stack([a for _, a in run.known], 1)) \
-        if run.known and init is not None else None
-    res = top_eigenvalues(run.op, k=c.k, tol=c.tol, init=init, max_hvps=c.max_hvps, generator=run.generator,
+    c = run.config
+    v = run.warm.get(key) if c.warm_start else None
+    init = v.to(op.device) if v is not None and v.shape[0] == op.dim else None
+    known = (torch.stack([v for v, _ in pairs], 1), torch.stack([a for _, a in pairs], 1)) \
+        if pairs and init is not None else None
+    res = top_eigenvalues(op, k=k, tol=c.tol, init=init, max_hvps=c.max_hvps, generator=run.generator,
                           stop=c.stop, known=known)
-    run.warm["H"] = res.vectors.detach()
+    run.warm[key] = res.vectors.detach()
+    return res
+
+
+def _lambda_max(run: ProbeStep) -> dict[str, float]:
+    res = _solve(run, run.op, "H", run.known, run.config.k)
     out = {"lambda_max": float(res.values[0])}
     out.update({f"lambda_{i + 1}": float(res.values[i]) for i in range(1, len(res.values))})
     out["converged"] = float(res.converged)
     return out
+
+
+def _lambda_max_batch(run: ProbeStep) -> dict[str, float]:
+    if not run.separate_batch:   # the probe set is the batch: the same Hessian, already solved
+        return {"lambda_max_batch": run.out["lambda_max"]}
+    res = _solve(run, run.batch_op, "H_batch", run.batch_known, 1)
+    return {"lambda_max_batch": float(res.values[0]),
+            "converged": float(bool(run.out["converged"]) and res.converged)}
 
 
 def _adam_lambda_max(run: ProbeStep) -> dict[str, float]:
@@ -156,6 +201,28 @@ def _block_lambda_max(run: ProbeStep) -> dict[str, float]:
     return {f"block/{b}/lambda_max": float(r.values[0]) for b, r in res.items()}
 
 
+def _rayleigh(run: ProbeStep) -> dict[str, float]:
+    if "lambda_max" in run.out:   # solved this step: the stored vector's quotient is its Ritz value, 0 HVPs
+        return {"rayleigh": run.out["lambda_max"]}
+    v = run.stored("H")
+    return {} if v is None else {"rayleigh": rayleigh_quotient(run.op, v[:, 0])}
+
+
+def _alignment(run: ProbeStep) -> dict[str, float]:
+    v = run.stored("H")
+    return {} if v is None else {"alignment": alignment(run.op, v[:, 0])}
+
+
+def _critical(run: ProbeStep) -> dict[str, float]:
+    c, ctx = run.config, run.ctx
+    if ctx.update is None or ctx.lr <= 0:
+        return {}
+    # the trainer probes θ_t after stepping θ_{t-1} → θ_t = θ_{t-1} + Δθ: the line starts where the step started
+    cs = critical_sharpness(ctx.params, ctx.loss_fn, run.op.batches, ctx.update, ctx.lr, from_previous=True,
+                            rtol=c.critical_rtol, max_forwards=c.critical_max_forwards)
+    return {"critical_sharpness": cs.value, "critical_forwards": float(cs.forwards)}
+
+
 # ---- the registry, in run order ----------------------------------------------------------------------------
 PROBES: tuple[ProbeKind, ...] = (
     ProbeKind("thresholds", "every", ("two_over_eta", "momentum_threshold", "adam_threshold"), "0 HVPs",
@@ -164,6 +231,9 @@ PROBES: tuple[ProbeKind, ...] = (
     ProbeKind("update_sharpness", "every", ("update_sharpness",), "1 HVP", _update_sharpness),
     ProbeKind("lambda_max", "every", ("lambda_max", "lambda_{i}", "converged"),
               "k HVPs, then 1 per unconverged vector per iteration (≤ max_hvps); warm ≈ 2–4", _lambda_max),
+    ProbeKind("lambda_max_batch", "every", ("lambda_max_batch", "converged"),
+              "as lambda_max (k = 1) on the current batch, plus its graph (≈1.3 G_B); 0 when the probe set is the batch",
+              _lambda_max_batch),
     ProbeKind("adam_lambda_max", "every", ("adam_lambda_max", "converged"), "as lambda_max, k = 1",
               _adam_lambda_max),
     ProbeKind("batch_sharpness", "batch_sharpness_every",
@@ -175,6 +245,12 @@ PROBES: tuple[ProbeKind, ...] = (
               "1 HVP per Rademacher probe, ≤ trace_max_probes", _trace),
     ProbeKind("block_lambda_max", "blocks_every", ("block/{block}/lambda_max",),
               "one solve per block, 1 full HVP per block matvec", _block_lambda_max),
+    ProbeKind("rayleigh", "rayleigh_every", ("rayleigh",),
+              "1 HVP (+ the probe-set graph, ≈1.3 G, shared); 0 on a step that solved λ_max", _rayleigh),
+    ProbeKind("alignment", "alignment_every", ("alignment",),
+              "0 HVPs: the probe-set gradient (free with the graph, ≈1.3 G, shared)", _alignment),
+    ProbeKind("critical_sharpness", "critical_every", ("critical_sharpness", "critical_forwards"),
+              "forward passes of the probe set only (≈⅓ G each), ≈6–7, ≤ critical_max_forwards", _critical),
 )
 
 # Emitted by the Prober itself around the kinds: HVPs over all operators, wall time of the probe step.

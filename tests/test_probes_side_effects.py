@@ -1,5 +1,6 @@
 """Every public probe function leaves params, .grad, optimizer state, the global RNGs and train/eval flags as they
 were, also when called directly (not through the Prober) on a model with dropout in train mode."""
+import dataclasses
 import random
 
 import numpy as np
@@ -8,7 +9,7 @@ import torch
 
 import probes
 from probes import (HessianOperator, ProbeConfig, ProbeContext, Prober, adam_preconditioner, adam_sharpness,
-                    batch_sharpness, block_lambda_max, block_operator, hutchinson_trace, lambda_max,
+                    alignment, batch_sharpness, critical_sharpness, block_lambda_max, block_operator, hutchinson_trace, lambda_max,
                     parameter_blocks, preconditioned_operator, rayleigh_pair, rayleigh_quotient, stability_thresholds,
                     step_sharpness, top_eigenvalues, update_sharpness)
 
@@ -105,6 +106,12 @@ def public_calls(model, params, loss_fn, chunks, sample_batch, opt):
             torch.ones(int(next(iter(blocks.values())).numel()), dtype=D)),
         "Prober[train mode]": lambda: Prober(ProbeConfig(eval_mode=False, **prober_cfg))(ctx),
         "Prober[eval mode]": lambda: Prober(ProbeConfig(**prober_cfg))(ctx),
+        "Prober[probe set]": lambda: Prober(ProbeConfig(eval_mode=False, **prober_cfg))(
+            dataclasses.replace(ctx, batches=chunks[:1], probe_set=chunks)),
+        "alignment": lambda: alignment(op(), v),
+        "critical_sharpness": lambda: critical_sharpness(params, loss_fn, chunks, update, 1e-2),
+        "critical_sharpness[from current]": lambda: critical_sharpness(params, loss_fn, chunks, update, 1e-2,
+                                                                       from_previous=False),
     })
     return calls
 
