@@ -226,6 +226,11 @@ class PPORegime:
         idx = torch.randint(len(self.tasks), (self.config.prompts_per_step,), generator=generator).tolist()
         return self.rollout(policy, idx, generator)[0]
 
+    def probe_set(self, policy, size: int, seed: int) -> None:
+        """None: RLVR has no fixed training set; its objective is the surrogate on the current rollout buffer,
+        which is therefore what probe/lambda_max measures (= probe/lambda_max_batch)."""
+        return None
+
     # ------------------------------------------------------------------ loss
     def loss_and_stats(self, policy, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         """Chunk loss (see module docstring) and its token-sum stats / N (they sum over chunks to buffer means)."""

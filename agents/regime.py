@@ -31,6 +31,12 @@ class Regime(Protocol):
     def sample_batch(self, policy, generator: torch.Generator) -> list[Chunk]:
         """A fresh training minibatch drawn with ``generator`` only (batch sharpness); no state changes."""
 
+    def probe_set(self, policy, size: int, seed: int) -> list[Chunk] | None:
+        """The fixed probe set of ``probe/lambda_max`` as chunks whose losses sum to its mean loss: the same
+        ``size`` examples for a given ``seed`` at every call (a pure function, so resumes see the same set).
+        None: the current batch is the probe set (full-batch GD's batch is the training set; PPO has no fixed
+        set, its objective is the surrogate on the current rollout buffer)."""
+
     def extra_parameters(self) -> dict[str, torch.Tensor]:
         """Trainable tensors the regime owns besides the policy's (PPO's value head); {} when none."""
 

@@ -76,6 +76,7 @@ class SFTRegime:
     max_length: int | None = 128
     cursor: int = 0                      # examples consumed so far (data-order state)
     _full: list[Chunk] | None = field(default=None, repr=False)
+    _probe: tuple[tuple[int, int], list[Chunk]] | None = field(default=None, repr=False)  # (size, seed) -> chunks
 
     def __post_init__(self) -> None:
         if len(self.tasks) == 0:
@@ -120,6 +121,20 @@ class SFTRegime:
         size = min(self.micro_batch * self.grad_accum, len(self.tasks))
         idx = torch.randperm(len(self.tasks), generator=generator)[:size].tolist()
         return self.chunks_for(policy, idx)
+
+    def probe_set(self, policy, size: int, seed: int) -> list[Chunk] | None:
+        """The fixed probe set: ``size`` training examples drawn once without replacement by a generator seeded
+        with ``seed`` (in index order; the whole training set when size ≥ its size), chunked like a training batch
+        and normalised by its own token count, so the chunk losses sum to its token-mean CE. Encoded once.
+        Full-batch GD and size 0: None (the batch is the probe set)."""
+        if self.full_batch or size <= 0:
+            return None
+        if self._probe is None or self._probe[0] != (size, seed):
+            n = len(self.tasks)
+            idx = range(n) if size >= n else \
+                sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].tolist())
+            self._probe = ((size, seed), self.chunks_for(policy, idx))
+        return self._probe[1]
 
     def extra_parameters(self) -> dict[str, torch.Tensor]:
         return {}

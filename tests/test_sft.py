@@ -128,3 +128,21 @@ def test_sample_batch_uses_only_the_given_generator(tiny_model_dir, tasks):
     assert torch.equal(torch.get_rng_state(), state)
     assert len(a) == 3 and all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))
     assert regime.cursor == 0
+
+
+def test_probe_set_is_a_fixed_seeded_subset_whose_chunks_sum_to_its_mean_ce(tiny_model_dir, tasks):
+    policy = _policy(tiny_model_dir)
+    regime = SFTRegime(tasks, micro_batch=2, grad_accum=2)
+    a = regime.probe_set(policy, 5, seed=3)
+    regime.next_batch(policy, 0)                       # training moves on; the probe set does not
+    assert regime.probe_set(policy, 5, seed=3) is a
+    b = SFTRegime(tasks, micro_batch=2, grad_accum=2, seed=9).probe_set(policy, 5, seed=3)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))   # a function of (size, seed)
+    idx = sorted(torch.randperm(len(tasks), generator=torch.Generator().manual_seed(3))[:5].tolist())
+    with torch.no_grad():
+        chunked = sum(regime.loss(policy, c) for c in a)
+        manual = _manual_token_mean_ce(policy.model, policy.tokenizer, [tasks[i] for i in idx])
+    torch.testing.assert_close(chunked, manual, rtol=1e-5, atol=1e-6)
+    assert sum(len(c["input_ids"]) for c in regime.probe_set(policy, 100, seed=3)) == len(tasks)   # whole set
+    assert regime.probe_set(policy, 0, seed=3) is None
+    assert SFTRegime(tasks, full_batch=True).probe_set(policy, 5, seed=3) is None   # GD: the batch is the set

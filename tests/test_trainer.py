@@ -116,6 +116,9 @@ def test_probes_on_and_off_train_bitwise_identically(tiny_model_dir, tmp_path, d
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert all(math.isfinite(r["probe/lambda_max"]) for r in rows)
     assert "probe/batch_sharpness" in rows[2] and "probe/update_sharpness" in rows[1]
+    # the default probe set (64 ≥ 16 tasks) is the whole training set; the 4-example batch has its own λ_max
+    assert all(r["probe/lambda_max_batch"] != r["probe/lambda_max"] for r in rows) or regime == "rl"
+    assert regime == "sft" or all(r["probe/lambda_max_batch"] == r["probe/lambda_max"] for r in rows)
 
 
 def test_update_passed_to_probes_is_the_last_step(tiny_model_dir, tmp_path, data):
@@ -138,6 +141,26 @@ def test_update_passed_to_probes_is_the_last_step(tiny_model_dir, tmp_path, data
         before = seen[s - 1][1]
         assert all(torch.equal(update[k], now[k] - before[k]) for k in now)
     assert _losses(tmp_path)[1] == pytest.approx(seen[1][2], rel=1e-6)  # probes see the loss that is stepped on
+
+
+def test_probes_get_the_regimes_fixed_probe_set_at_every_step(tiny_model_dir, tmp_path, data):
+    seen = []
+
+    class Recorder:  # a prober that records what the trainer hands it
+        config = ProbeConfig(probe_set_size=5, seed=2)
+
+        def due(self, step):
+            return True
+
+        def __call__(self, ctx):
+            seen.append((ctx.probe_set, ctx.batches))
+            return {}
+
+    t = make_trainer(tiny_model_dir, tmp_path, data, steps=3, checkpoint_every=0, prober=Recorder())
+    t.train()
+    expected = t.regime.probe_set(t.policy, 5, seed=2)
+    assert all(p is expected for p, _ in seen) and sum(len(c["input_ids"]) for c in expected) == 5
+    assert not any(torch.equal(seen[0][1][0]["input_ids"], b[0]["input_ids"]) for _, b in seen[1:])  # batches move
 
 
 def test_divergence_ends_cleanly_and_keeps_good_checkpoints(tiny_model_dir, tmp_path, data):
