@@ -8,10 +8,11 @@ On a quadratic L = ½θᵀAθ − bᵀθ with Δθ = −ηg: f(s) − f(0) = −
 λc = gᵀAg/gᵀg, the Rayleigh quotient of the gradient (≤ λ_max; it approaches λ_max as g aligns with the top
 eigenvector, as at the edge of stability).
 
-Search (forward passes of the whole probe set, each ≈ ⅓ of a gradient): f(0), f(1), then doubling (f(1) ≤ f(0)) or
-halving (f(1) > f(0)) until ηc is bracketed within a factor 2, then bisection until the bracket's width is at most
-2·rtol of its midpoint: 2 + (1 per factor of 2 between s_c and 1) + ⌈log₂(1/(2·rtol))⌉ passes, ≈ 6–7 at
-rtol = 0.05 when s_c ∈ [½, 4] (tests/test_probes_critical.py).
+Search (forward passes of the whole probe set, each ≈ ⅓ of a gradient): cold, f(0), f(1), then doubling
+(f(1) ≤ f(0)) or halving (f(1) > f(0)) until ηc is bracketed within a factor 2, then bisection until the bracket's
+width is at most 2·rtol of its midpoint: 2 + (1 per factor of 2 between s_c and 1) + ⌈log₂(1/(2·rtol))⌉ passes,
+6–8 at rtol = 0.05 when s_c ∈ [¼, 4]; warm from the previous ηc, 3 passes when ηc moved less than rtol
+(tests/test_probes_traces.py).
 """
 from __future__ import annotations
 
@@ -35,35 +36,32 @@ class CriticalSharpness:
     loss0: float       # f(0), the loss at the start of the line
 
 
-def critical_step(f: Callable[[float], float], rtol: float = 0.05, max_evals: int = 20) -> tuple[float, int, float]:
-    """(s_c, evaluations, f(0)) for s_c = min{s > 0 : f(s) > f(0)}, by bracketing from s = 1 and bisection.
+def critical_step(f: Callable[[float], float], rtol: float = 0.05, max_evals: int = 20,
+                  guess: float | None = None) -> tuple[float, int, float]:
+    """(s_c, evaluations, f(0)) for s_c = min{s > 0 : f(s) > f(0)}, by bracketing and bisection.
 
-    s_c is the midpoint of the final bracket [lo, hi] (f(lo) ≤ f(0) < f(hi)), so its relative error is ≤ rtol.
-    NaN when no bracket is found within ``max_evals``: f rises at every step tried (the direction is not a
-    descent direction of f) or never rises (f keeps decreasing along the line)."""
+    Cold (``guess`` None): the bracket grows from s = 1 by factors of 2. Warm (``guess`` = a previous s_c): it
+    starts at the guess with a factor 1 + 2·rtol that squares at each further try (up to 2), so an s_c that moved
+    less than rtol costs 3 evaluations. s_c is the midpoint of the final bracket [lo, hi] (f(lo) ≤ f(0) < f(hi)),
+    so its relative error is ≤ rtol. NaN when no bracket is found within ``max_evals``: f rises at every step tried
+    (the direction is not a descent direction of f) or never rises (f keeps decreasing along the line)."""
+    warm = guess is not None and math.isfinite(guess) and guess > 0
+    s, q = (guess, 1.0 + 2.0 * rtol) if warm else (1.0, 2.0)
     f0 = f(0.0)
-    n, s = 1, 1.0
     lo, hi = None, None
-    rising = f(s) > f0
-    n += 1
-    if rising:
+    if f(s) > f0:
         hi = s
-        while lo is None and n < max_evals:
-            s /= 2
-            n += 1
-            if f(s) > f0:
-                hi = s
-            else:
-                lo = s
     else:
         lo = s
-        while hi is None and n < max_evals:
-            s *= 2
-            n += 1
-            if f(s) > f0:
-                hi = s
-            else:
-                lo = s
+    n = 2
+    while (lo is None or hi is None) and n < max_evals:
+        s = s / q if lo is None else s * q     # down while every try rises, up while none does
+        n += 1
+        if f(s) > f0:
+            hi = s
+        else:
+            lo = s
+        q = min(q * q, 2.0)
     if lo is None or hi is None:
         return math.nan, n, f0
     while hi - lo > rtol * (hi + lo) and n < max_evals:   # width ≤ 2·rtol·midpoint
@@ -78,12 +76,14 @@ def critical_step(f: Callable[[float], float], rtol: float = 0.05, max_evals: in
 
 def critical_sharpness(params: Mapping[str, torch.Tensor], loss_fn: Callable[[Any], torch.Tensor],
                        batches: Sequence[Any], update: Mapping[str, torch.Tensor], lr: float, *,
-                       from_previous: bool = True, rtol: float = 0.05, max_forwards: int = 20) -> CriticalSharpness:
+                       from_previous: bool = True, rtol: float = 0.05, max_forwards: int = 20,
+                       eta_guess: float | None = None) -> CriticalSharpness:
     """λc = 2/ηc of f(s) = Σ_c loss_fn(batches[c]) at θ₀ + s·Δθ, Δθ = ``update`` taken at learning rate ``lr``.
 
     ``from_previous``: the update was already applied (θ = θ₀ + Δθ, as in a trainer that probes after stepping),
     so the line starts at θ₀ = θ − Δθ, the point the optimizer stepped from, where Δθ is a descent direction;
-    False: it starts at the current θ. Forward passes only (``forwards`` ≤ ``max_forwards``), under no_grad.
+    False: it starts at the current θ. ``eta_guess``: a previous ηc, which warm-starts the bracket (3 passes when ηc
+    moved less than rtol). Forward passes only (``forwards`` ≤ ``max_forwards``), under no_grad.
 
     No side effects: the trial points are written through ``.data`` (no ``_version`` bump) and θ is restored bit for
     bit from a copy (adding and subtracting s·Δθ would not be exact in floating point); every pass runs from the
@@ -108,7 +108,8 @@ def critical_sharpness(params: Mapping[str, torch.Tensor], loss_fn: Callable[[An
                 return float(sum(loss_fn(c).detach().to(REDUCE_DTYPE) for c in batches))
 
     try:
-        s_c, n, f0 = critical_step(f, rtol=rtol, max_evals=max_forwards)
+        s_c, n, f0 = critical_step(f, rtol=rtol, max_evals=max_forwards,
+                                   guess=None if eta_guess is None else eta_guess / lr)
     finally:
         with torch.no_grad():
             for p, s in zip(plist, saved):

@@ -24,6 +24,7 @@ Costs: G = one probe-set gradient, an HVP ≈ 1.6–2.2 G in cache mode (probes.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -218,8 +219,13 @@ def _critical(run: ProbeStep) -> dict[str, float]:
     if ctx.update is None or ctx.lr <= 0:
         return {}
     # the trainer probes θ_t after stepping θ_{t-1} → θ_t = θ_{t-1} + Δθ: the line starts where the step started
+    # warm start from the last ηc (a 1-element "warm.critical" in the Prober's checkpointed state)
+    prev = run.warm.get("critical")
     cs = critical_sharpness(ctx.params, ctx.loss_fn, run.op.batches, ctx.update, ctx.lr, from_previous=True,
-                            rtol=c.critical_rtol, max_forwards=c.critical_max_forwards)
+                            rtol=c.critical_rtol, max_forwards=c.critical_max_forwards,
+                            eta_guess=float(prev[0]) if prev is not None and c.warm_start else None)
+    if math.isfinite(cs.eta):
+        run.warm["critical"] = torch.tensor([cs.eta], dtype=torch.float64)
     return {"critical_sharpness": cs.value, "critical_forwards": float(cs.forwards)}
 
 
@@ -250,7 +256,7 @@ PROBES: tuple[ProbeKind, ...] = (
     ProbeKind("alignment", "alignment_every", ("alignment",),
               "0 HVPs: the probe-set gradient (free with the graph, ≈1.3 G, shared)", _alignment),
     ProbeKind("critical_sharpness", "critical_every", ("critical_sharpness", "critical_forwards"),
-              "forward passes of the probe set only (≈⅓ G each), ≈6–7, ≤ critical_max_forwards", _critical),
+              "forward passes of the probe set only (≈⅓ G each): 6–8 cold, 3 warm when ηc moved < rtol", _critical),
 )
 
 # Emitted by the Prober itself around the kinds: HVPs over all operators, wall time of the probe step.

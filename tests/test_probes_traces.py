@@ -117,3 +117,28 @@ def test_critical_sharpness_in_the_prober_reads_the_last_update():
             p.sub_(update[n])
     rho = float(g @ op.matvec(g) / (g @ g))
     assert math.isclose(out["probe/critical_sharpness"], rho, rel_tol=0.1)
+
+
+def test_a_warm_line_search_costs_three_forward_passes_when_eta_c_has_not_moved():
+    params, loss_fn, chunks, a, b = quadratic()
+    g = (a @ params["theta"] - b).detach()
+    truth = float(g @ a @ g / (g @ g))
+    update, lr = {"theta": -0.2 * g}, 0.2
+    cold = critical_sharpness(params, loss_fn, chunks, update, lr, from_previous=False)
+    warm = critical_sharpness(params, loss_fn, chunks, update, lr, from_previous=False, eta_guess=2 / truth)
+    assert warm.forwards == 3 and math.isclose(warm.value, truth, rel_tol=0.05) and cold.forwards > 3
+    far = critical_sharpness(params, loss_fn, chunks, update, lr, from_previous=False, eta_guess=20 / truth)
+    assert math.isclose(far.value, truth, rel_tol=0.05) and far.forwards <= 12   # a stale guess still brackets
+
+
+def test_the_prober_warm_starts_critical_sharpness_from_its_checkpointed_state():
+    model, params, loss_fn, chunks = mlp_problem(chunk=64)
+    update = {n: -1e-3 * torch.ones_like(p) for n, p in params.items()}
+    pr = Prober(ProbeConfig(every=100, critical_every=1, rayleigh_every=0, alignment_every=0))
+    ctx = ProbeContext(params, loss_fn, chunks, lr=0.05, step=1, model=model, update=update)
+    first = pr(ctx)
+    resumed = Prober(pr.config)
+    resumed.load_state_dict(pr.state_dict())
+    second = resumed(ctx)
+    assert second["probe/critical_forwards"] == 3 < first["probe/critical_forwards"]
+    assert math.isclose(second["probe/critical_sharpness"], first["probe/critical_sharpness"], rel_tol=0.1)
