@@ -107,7 +107,8 @@ def run_cohen(cfg: CohenConfig = CohenConfig()) -> Path:
 
     batches = [(x, y)]
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.0)  # plain GD; probes read thresholds from it
-    prober = Prober(ProbeConfig(every=cfg.eig_every, update_sharpness=False, batch_sharpness_every=0, tol=cfg.eig_tol))
+    prober = Prober(ProbeConfig(every=cfg.eig_every, update_sharpness=False, batch_sharpness_every=0, tol=cfg.eig_tol,
+                                rayleigh_every=0, alignment_every=0, critical_every=0))   # λ_max only, as validated
     config = {"regime": "gd-mse", "experiment": "cohen2021", **asdict(cfg),
               "optim": {"name": "sgd", "lr": cfg.lr, "momentum": 0.0, "weight_decay": 0.0},
               "model": {"name": f"mlp-tanh-{cfg.width}x2", "lora_rank": 0},

@@ -51,8 +51,10 @@ def demo_sweeps(cfg: DemoConfig):
     from probes import ProbeConfig
 
     # tol 1e-2 (residual; λ error ~ tol²·gap⁻¹) saves HVPs against the default 1e-3: probes are most of the demo's time
+    # probe_set_size=0: λ_max of the current 16-example batch, as before the fixed probe set existed; a fixed
+    # 64-example set plus the batch's own solve would multiply the probe time the demo's budget is built on
     probe = ProbeConfig(every=cfg.probe_every, tol=1e-2, batch_sharpness_every=cfg.batch_sharpness_every,
-                        batch_min_samples=4, batch_max_samples=8)
+                        batch_min_samples=4, batch_max_samples=8, probe_set_size=0)
     sft = RunConfig(
         regime="sft",
         model=ModelConfig(name=cfg.model),

@@ -20,10 +20,18 @@ __all__ = ["ProbeConfig"]
 class ProbeConfig:
     """Probe cadences (in optimizer steps; 0 = off) and tolerances. ``every=0`` disables probing altogether.
 
-    Defaults keep the probes near 10 % of a run's time (experiments/bench/probe_overhead.py): a warm λ_max solve
-    (graph ≈1.3 G + 2–4 HVPs at ≈2 G each) plus update and step sharpness (1 HVP each) costs ≈11 probe-batch
-    gradients, so every 250 steps is ≈4 %; batch sharpness + GNI (≤16 draws, ≈5 G each) every 1000 steps is ≈4 %.
-    This is about the EoSS cadence (every 256 steps); short runs and the demo set denser cadences explicitly.
+    Cost at the defaults, in optimizer steps of the default SFT run (batch 64 = probe set 64, embedded model, one CPU
+    thread; measured per call, amortised over its cadence):
+    - ``every`` = 250: a warm step (λ_max of the probe set and of the batch, 2 graphs ≈1.3 G each + 2–4 HVPs per solve
+      at ≈2 G, update and step sharpness 1 HVP each, the Adam solve) ≈ 17 steps → ≈ 7 %;
+    - ``batch_sharpness_every`` = 1000: 8–16 draws at ≈5 G each ≈ 27–57 steps → ≈ 3–5 %;
+    - ``critical_every`` = 10: 3 forward passes of the probe set when warm (6–8 cold) ≈ 1.2 steps → ≈ 11 %;
+    - ``rayleigh_every`` = ``alignment_every`` = 50: one graph + 1 HVP ≈ 3 steps → ≈ 6 %.
+    Together ≈ 20 % of wall time, over the 10 % goal: a trace every 10 steps on a probe set as large as the batch
+    costs ≥ 3 forward passes ≈ 1.2 steps, ≈ 11 % by itself. Without the cheap traces (``critical_every=0``,
+    ``rayleigh_every=0``, ``alignment_every=0``) the probes take ≈ 9 %; with ``critical_every=50`` and the other
+    two at 0, ≈ 11 %; a smaller ``probe_set_size`` cuts every probe-set cost in proportion. The study and demo set
+    their cadences explicitly.
     """
     # ---- λ_max and what shares its operator (cadence ``every``) ----
 
@@ -92,9 +100,9 @@ class ProbeConfig:
     # ---- cheap traces between solves, on the probe set (each its own cadence) ----
 
     #: vᵀHv/vᵀv on the stored top eigenvector v of the last λ_max solve (1 HVP) every this many steps; 0 = off.
-    rayleigh_every: int = 10
+    rayleigh_every: int = 50
     #: |cos| between that stored top eigenvector and the probe-set gradient (0 HVPs) every this many steps; 0 = off.
-    alignment_every: int = 10
+    alignment_every: int = 50
     #: critical sharpness 2/ηc along the last update (forward passes only, ≈7) every this many steps; 0 = off.
     critical_every: int = 10
     #: relative width of the final ηc bracket of the critical-sharpness line search.
