@@ -20,18 +20,19 @@ __all__ = ["ProbeConfig"]
 class ProbeConfig:
     """Probe cadences (in optimizer steps; 0 = off) and tolerances. ``every=0`` disables probing altogether.
 
-    Cost at the defaults, in optimizer steps of the default SFT run (batch 64 = probe set 64, embedded model, one CPU
-    thread; measured per call, amortised over its cadence):
+    Cost at the defaults, in optimizer steps of the default SFT run (AdamW, batch 64 = probe set 64, embedded model,
+    one CPU thread, a loaded machine: ±30 %), measured per call and amortised over the cadence:
     - ``every`` = 250: a warm step (λ_max of the probe set and of the batch, 2 graphs ≈1.3 G each + 2–4 HVPs per solve
       at ≈2 G, update and step sharpness 1 HVP each, the Adam solve) ≈ 17 steps → ≈ 7 %;
     - ``batch_sharpness_every`` = 1000: 8–16 draws at ≈5 G each ≈ 27–57 steps → ≈ 3–5 %;
-    - ``critical_every`` = 10: 3 forward passes of the probe set when warm (6–8 cold) ≈ 1.2 steps → ≈ 11 %;
+    - ``critical_every`` = 10: 3 forward passes of the probe set when ηc moved < ``critical_rtol`` since the last
+      call, 7–10 otherwise (most calls in steps 10–60, where ηc moved by ×0.5–×8 per 10 steps) ≈ 0.4–2.2 steps
+      → ≈ 4–18 %;
     - ``rayleigh_every`` = ``alignment_every`` = 50: one graph + 1 HVP ≈ 3 steps → ≈ 6 %.
-    Together ≈ 20 % of wall time, over the 10 % goal: a trace every 10 steps on a probe set as large as the batch
-    costs ≥ 3 forward passes ≈ 1.2 steps, ≈ 11 % by itself. Without the cheap traces (``critical_every=0``,
-    ``rayleigh_every=0``, ``alignment_every=0``) the probes take ≈ 9 %; with ``critical_every=50`` and the other
-    two at 0, ≈ 11 %; a smaller ``probe_set_size`` cuts every probe-set cost in proportion. The study and demo set
-    their cadences explicitly.
+    Together ≈ 20–25 % of wall time, over the 10 % goal: a trace every 10 steps on a probe set as large as the batch
+    costs ≥ 3 forward passes (≈ 0.4 steps) per call, ≥ 4 % by itself and ≈ 18 % while ηc moves. Without the cheap
+    traces (``critical_every=0``, ``rayleigh_every=0``, ``alignment_every=0``) the probes take ≈ 9 %; a smaller
+    ``probe_set_size`` cuts every probe-set cost in proportion. The study and demo set their cadences explicitly.
     """
     # ---- λ_max and what shares its operator (cadence ``every``) ----
 
@@ -40,7 +41,7 @@ class ProbeConfig:
     every: int = 250
     #: examples in the fixed probe set of probe/lambda_max under minibatch training, drawn once from the training
     #: tasks with ``seed`` (the whole training set when it is smaller); full-batch GD probes the whole training set
-    #: and RLVR the rollout buffer whatever this is; 0 = probe the current minibatch (then lambda_max = lambda_max_batch).
+    #: and RLVR the rollout buffer whatever this is; 0 = probe the current minibatch (lambda_max = lambda_max_batch).
     probe_set_size: int = 64
     #: eigenvalues per solve (probe/lambda_max, probe/lambda_2, ...).
     k: int = 1

@@ -11,8 +11,8 @@ eigenvector, as at the edge of stability).
 Search (forward passes of the whole probe set, each ≈ ⅓ of a gradient): cold, f(0), f(1), then doubling
 (f(1) ≤ f(0)) or halving (f(1) > f(0)) until ηc is bracketed within a factor 2, then bisection until the bracket's
 width is at most 2·rtol of its midpoint: 2 + (1 per factor of 2 between s_c and 1) + ⌈log₂(1/(2·rtol))⌉ passes,
-6–8 at rtol = 0.05 when s_c ∈ [¼, 4]; warm from the previous ηc, 3 passes when ηc moved less than rtol
-(tests/test_probes_traces.py).
+6–8 at rtol = 0.05 when s_c ∈ [¼, 4]; warm from the previous ηc, 3 passes when ηc moved less than rtol, else one
+more than cold (tests/test_probes_traces.py).
 """
 from __future__ import annotations
 
@@ -40,31 +40,33 @@ def critical_step(f: Callable[[float], float], rtol: float = 0.05, max_evals: in
                   guess: float | None = None) -> tuple[float, int, float]:
     """(s_c, evaluations, f(0)) for s_c = min{s > 0 : f(s) > f(0)}, by bracketing and bisection.
 
-    Cold (``guess`` None): the bracket grows from s = 1 by factors of 2. Warm (``guess`` = a previous s_c): it
-    starts at the guess with a factor 1 + 2·rtol that squares at each further try (up to 2), so an s_c that moved
-    less than rtol costs 3 evaluations. s_c is the midpoint of the final bracket [lo, hi] (f(lo) ≤ f(0) < f(hi)),
-    so its relative error is ≤ rtol. NaN when no bracket is found within ``max_evals``: f rises at every step tried
+    Cold (``guess`` None): the bracket grows from s = 1 by factors of 2. Warm (``guess`` = a previous s_c): the
+    final bracket guess·[1 − rtol, 1 + rtol] is tried first, so an s_c that moved less than rtol costs 3
+    evaluations; otherwise the bracket grows by factors of 2 from its nearer end (one evaluation more than cold).
+    s_c is the midpoint of the final bracket [lo, hi] (f(lo) ≤ f(0) < f(hi)), so its relative error is ≤ rtol.
+    NaN when no bracket is found within ``max_evals``: f rises at every step tried
     (the direction is not a descent direction of f) or never rises (f keeps decreasing along the line)."""
     warm = guess is not None and math.isfinite(guess) and guess > 0
-    s, q = (guess, 1.0 + 2.0 * rtol) if warm else (1.0, 2.0)
     f0 = f(0.0)
     lo, hi = None, None
-    if f(s) > f0:
-        hi = s
-    else:
+    n = 1
+    # warm: test the final bracket [guess(1 − rtol), guess(1 + rtol)] first; cold: start at s = 1
+    for s in ((guess * (1 - rtol), guess * (1 + rtol)) if warm else (1.0,)):
+        n += 1
+        if f(s) > f0:
+            hi = s
+            break
         lo = s
-    n = 2
     while (lo is None or hi is None) and n < max_evals:
-        s = s / q if lo is None else s * q     # down while every try rises, up while none does
+        s = s / 2 if lo is None else s * 2     # halve while every try rises, double while none does
         n += 1
         if f(s) > f0:
             hi = s
         else:
             lo = s
-        q = min(q * q, 2.0)
     if lo is None or hi is None:
         return math.nan, n, f0
-    while hi - lo > rtol * (hi + lo) and n < max_evals:   # width ≤ 2·rtol·midpoint
+    while hi - lo > rtol * (hi + lo) * (1 + 1e-9) and n < max_evals:   # width ≤ 2·rtol·midpoint (+ rounding)
         mid = (lo + hi) / 2
         n += 1
         if f(mid) > f0:
