@@ -218,7 +218,8 @@ def _critical(run: ProbeStep) -> dict[str, float]:
     c, ctx = run.config, run.ctx
     if ctx.update is None or ctx.lr <= 0:
         return {}
-    # the trainer probes θ_t after stepping θ_{t-1} → θ_t = θ_{t-1} + Δθ: the line starts where the step started
+    # the trainer probes θ_t after stepping θ_{t-1} → θ_t = θ_{t-1} + Δθ: the line starts where the step started.
+    # ηc = s_c·ctx.lr takes the current η for the step's (they differ only under a schedule, by its per-step change)
     # warm start from the last ηc (a 1-element "warm.critical" in the Prober's checkpointed state)
     prev = run.warm.get("critical")
     cs = critical_sharpness(ctx.params, ctx.loss_fn, run.op.batches, ctx.update, ctx.lr, from_previous=True,
