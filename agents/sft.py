@@ -148,15 +148,16 @@ class SFTRegime:
     def probe_set(self, policy, size: int, seed: int) -> list[Chunk] | None:
         """The fixed probe set: ``size`` training examples drawn once without replacement by a generator seeded
         with ``seed`` (in index order; the whole training set when size ≥ its size), chunked like a training batch
-        and normalised by its own token count, so the chunk losses sum to its token-mean CE. Encoded once.
-        Full-batch GD and size 0: None (the batch is the probe set)."""
+        and normalised by its own token count, so the chunk losses sum to its token-mean CE; with replay, weighted
+        (1 − α) beside α times the replay stream's first windows, as full-batch GD's objective is, so it is the same
+        objective the optimizer steps on. Encoded once. Full-batch GD and size 0: None (the batch is the probe set)."""
         if self.full_batch or size <= 0:
             return None
         if self._probe is None or self._probe[0] != (size, seed):
             n = len(self.tasks)
             idx = range(n) if size >= n else \
                 sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].tolist())
-            self._probe = ((size, seed), self.chunks_for(policy, idx))
+            self._probe = ((size, seed), self._mixed(policy, self.chunks_for(policy, idx), 0))
         return self._probe[1]
 
     def extra_parameters(self) -> dict[str, torch.Tensor]:

@@ -110,3 +110,20 @@ def test_run_config_rejects_replay_without_a_source(tmp_path, tiny_model_dir):
     texts = tmp_path / "texts.json"
     texts.write_text(json.dumps(TEXTS))
     validate(replace(base, model={"name": str(tiny_model_dir)}, replay={"source": str(texts)}))
+
+
+def test_probe_set_with_replay_is_the_weighted_objective_on_fixed_examples(policy, tasks):
+    alpha = 0.4
+    stream = ReplayStream(TEXTS, policy.tokenizer, window=16, pool=12, seed=3)
+    regime = SFTRegime(tasks, micro_batch=3, grad_accum=2, seed=1, replay=stream, replay_weight=alpha,
+                       replay_windows=5)
+    chunks = regime.probe_set(policy, 4, seed=7)
+    regime.next_batch(policy, 0)                                   # both cursors move; the probe set does not
+    assert regime.probe_set(policy, 4, seed=7) is chunks
+    probe_tasks = [tasks[i] for i in sorted(torch.randperm(len(tasks), generator=torch.Generator().manual_seed(7))
+                                            [:4].tolist())]
+    windows = [stream.windows[i] for i in stream_indices(12, 3, 0, 5)]   # the stream's first windows
+    with torch.no_grad():
+        ours = sum(regime.loss(policy, c) for c in chunks)
+        truth = (1 - alpha) * _manual_task_ce(policy, probe_tasks) + alpha * _manual_lm_ce(policy, windows)
+    assert ours.item() == pytest.approx(truth.item(), rel=1e-5)
