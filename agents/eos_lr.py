@@ -8,7 +8,8 @@ target ρ is η·ρ/r. Every ``every`` steps the controller moves η toward it, 
 
     η ← clip(η·ρ/r, η/m, η·m)            (m = ``max_change`` > 1)
 
-and an estimate that is non-finite or ≤ 0 (no positive curvature measured) leaves η unchanged. Between updates η
+and an estimate that is non-finite or ≤ 0 (no positive curvature measured) leaves η unchanged (no estimate at all,
+e.g. Adam before its first step, is retried at the next step). Between updates η
 is constant. Back-off: on a loss spike, loss_t > ``spike`` · EMA(loss) (only while the EMA is > 0: CE and MSE,
 not a PPO surrogate near 0), η ← η·``backoff`` at once, for the step being taken. η is a finite positive number
 at all times: every candidate is checked before it is applied. Unit of η: that of ``OptimConfig.lr``; every param
@@ -219,7 +220,7 @@ class _Controller:
     def apply(self) -> None:
         """Write η to the optimizer's param groups (also after a checkpoint load reset them)."""
         for group, base in zip(self.optimizer.param_groups, self.base):
-            group["lr"] = base * (self.lr / self.base[0])
+            group["lr"] = self.lr * (base / self.base[0])   # group 0 gets η exactly (ratio 1.0)
 
     def _generator(self, step: int) -> torch.Generator:
         # private, seeded from (seed, step): a resumed run draws what the uninterrupted one drew
@@ -242,6 +243,7 @@ class EosController(_Controller):
         self.estimator = estimator if estimator is not None else ESTIMATORS[cfg.estimator](cfg)
         self.loss_ema: float | None = None
         self.last_est = math.nan
+        self.retry = False  # the last due step had no estimate at all (Adam without state yet): try again next step
 
     def propose(self, estimate: float) -> float:
         """The η the rule gives for sharpness estimate ``estimate`` at the current η (the current η when the
@@ -270,11 +272,12 @@ class EosController(_Controller):
         t0 = time.perf_counter()
         row = {"optim/est_hvps": 0.0, "optim/est_grads": 0.0}
         step = int(ctx.step)
-        if self.due(step):
+        if self.due(step) or self.retry:
             with preserved_state(ctx.model, eval_mode=True):
                 est = self.estimator(ctx, self._generator(step))
             self._set(self.propose(est.value))
             self.last_est = est.value
+            self.retry = est.hvps == 0 and not math.isfinite(est.value)
             row.update({"optim/est_hvps": float(est.hvps), "optim/est_grads": float(est.grads)})
         row["optim/backoff"] = float(self.observe_loss(loss))
         c = threshold_constant(self.optimizer)
@@ -283,12 +286,12 @@ class EosController(_Controller):
         return row
 
     def state_dict(self) -> dict[str, Any]:
-        return {"lr": self.lr, "loss_ema": self.loss_ema, "last_est": self.last_est,
+        return {"lr": self.lr, "loss_ema": self.loss_ema, "last_est": self.last_est, "retry": self.retry,
                 "estimator": self.estimator.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.loss_ema, self.last_est = state["loss_ema"], float(state["last_est"])
+        self.loss_ema, self.last_est, self.retry = state["loss_ema"], float(state["last_est"]), bool(state["retry"])
         self.estimator.load_state_dict(state["estimator"])
 
 

@@ -248,3 +248,65 @@ def test_cohen_mlp_never_diverges_for_rho_up_to_one(cohen_runs, rho):
     assert np.all(np.isfinite(loss)) and loss[-1] < 0.25 * loss[0]
     s, hvps = run.series("optim/est_hvps")
     assert hvps[0] > 0 and np.all(hvps[s % 5 != 0] == 0) and np.all(hvps[(s % 5 == 0) & (s > 0)] <= 3)
+
+
+# ---- through the trainer: SFT (Adam, eos) and RLVR (momentum SGD, cdat); resume is bitwise ------------------------
+def _trainer(model_dir, run_dir, regime, optim, steps, lora_rank=0):
+    import envs
+    from agents.policy import LMPolicy, LoRASpec
+    from agents.ppo import PPOConfig, PPORegime
+    from agents.sft import SFTRegime
+    from agents.trainer import Trainer, TrainConfig
+
+    train_tasks, eval_tasks = envs.load_tasks("ArithRLVR-v0", "train", 16), envs.load_tasks("ArithRLVR-v0", "test", 2)
+    lora = LoRASpec(rank=lora_rank, alpha=2 * lora_rank) if lora_rank else None
+    torch.manual_seed(0)   # LoRA's A init draws from the global RNG (experiments.run seeds it the same way)
+    policy = LMPolicy.from_pretrained(model_dir, **({"lora": lora} if lora else {}))
+    cfg = TrainConfig(steps=steps, micro_batch=2, grad_accum=2, eval_every=0, retention_every=0, checkpoint_every=3,
+                      eval_max_new_tokens=4, n_samples=1)
+    if regime == "sft":
+        reg = SFTRegime(train_tasks, micro_batch=2, grad_accum=2, seed=0)
+    else:
+        ppo = PPOConfig(prompts_per_step=2, group_size=2, max_new_tokens=4, ppo_epochs=2, kl_coef=0.1)
+        reg = PPORegime(policy, train_tasks, lambda c, a: [sum(ch.isdigit() for ch in x) / max(1, len(x)) for x in c],
+                        ppo, micro_batch=2, seed=0)
+    opt = build_optimizer(policy.trainable_parameters().values(), optim)
+    return Trainer(policy, reg, opt, cfg, run_dir, scheduler=build_scheduler(opt, optim, steps),
+                   eval_tasks=eval_tasks, score_fn=lambda c, a: envs.score_batch("ArithRLVR-v0", c, a),
+                   progress=False, controller=build_controller(opt, optim.schedule, optim.control))
+
+
+CASES = [  # every=2: estimates at steps 0, 2, 4, so the resumed run (from step 3) needs the checkpointed warm vector
+    ("sft", 0, OptimConfig(name="adam", lr=3e-3, schedule="eos", control=ControlConfig(every=2, hvps=2, cold_hvps=4))),
+    ("sft", 4, OptimConfig(name="sgd", lr=0.05, momentum=0.9, schedule="eos",
+                           control=ControlConfig(every=2, hvps=2, cold_hvps=4))),
+    ("rl", 0, OptimConfig(name="sgd", lr=0.05, momentum=0.9, schedule="cdat", control=ControlConfig(every=2))),
+]
+
+
+@pytest.mark.parametrize("regime, lora_rank, optim", CASES, ids=["sft-adam-eos", "lora-momentum-eos", "rl-cdat"])
+def test_trainer_with_controller_logs_lr_and_resumes_bitwise(tiny_model_dir, tmp_path, regime, lora_rank, optim):
+    from agents.trainer import checkpoint_dirs, read_metrics
+
+    straight = _trainer(tiny_model_dir, tmp_path / "a", regime, optim, 6, lora_rank)
+    assert straight.train() == "completed"
+    _trainer(tiny_model_dir, tmp_path / "b", regime, optim, 3, lora_rank).train()
+    resumed = _trainer(tiny_model_dir, tmp_path / "b", regime, optim, 6, lora_rank)
+    torch.manual_seed(12345)   # scramble the global RNG: the checkpoint must restore it
+    assert resumed.train() == "completed"
+    a, b = (dict(t.policy.trainable_parameters()) for t in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    def rows(run_dir):
+        return [{k: v for k, v in r.items() if k != "optim/est_seconds"} for r in read_metrics(run_dir)]
+
+    assert rows(tmp_path / "a") == rows(tmp_path / "b")
+    assert (checkpoint_dirs(tmp_path / "b")[0][1] / "controller.pt").exists()
+    train_rows = [r for r in rows(tmp_path / "a") if "train/loss" in r]
+    lrs = [r["optim/lr"] for r in train_rows]
+    assert all(r["train/lr"] == r["optim/lr"] for r in train_rows) and len(set(lrs)) > 1
+    assert all(math.isfinite(x) and x > 0 for x in lrs)
+    # Adam has no preconditioner before its first step: the step-0 estimate is retried at step 1
+    expected = [s in ((1, 2, 4) if optim.name == "adam" else (0, 2, 4)) for s in range(6)]
+    assert [r["optim/est_hvps"] > 0 for r in train_rows] == expected
+    assert all(math.isfinite(r["optim/sharpness_est"]) for r in train_rows[1:])
