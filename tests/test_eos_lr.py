@@ -310,3 +310,18 @@ def test_trainer_with_controller_logs_lr_and_resumes_bitwise(tiny_model_dir, tmp
     expected = [s in ((1, 2, 4) if optim.name == "adam" else (0, 2, 4)) for s in range(6)]
     assert [r["optim/est_hvps"] > 0 for r in train_rows] == expected
     assert all(math.isfinite(r["optim/sharpness_est"]) for r in train_rows[1:])
+
+
+def test_cli_and_run_config_reach_the_controller():
+    from experiments.cli import main, parse
+    from experiments.run import run_name, validate
+
+    cfg = parse(["sft", "--optim.schedule", "eos", "--optim.warmup-steps", "0", "--optim.control.target", "0.8",
+                 "--optim.control.every", "5"])
+    assert cfg.optim.schedule == "eos" and cfg.optim.control.target == 0.8 and cfg.optim.control.every == 5
+    validate(cfg)
+    assert "-adamw-eos0.8-lr" in run_name(cfg)
+    assert "-cdat2-" in run_name(parse(["rl", "--optim.schedule", "cdat"]))
+    assert main(["sft", "--optim.schedule", "eos"]) == 2   # the sft default has 50 warm-up steps: a config error
+    cohen = parse(["cohen", "--schedule", "eos", "--control.target", "0.5"])
+    assert cohen.schedule == "eos" and cohen.control.target == 0.5
