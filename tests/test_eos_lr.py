@@ -1,6 +1,7 @@
 """The EoS learning-rate controller and the CDAT baseline (agents.eos_lr): the rule against hand-computed values on
 quadratics, its safeguards, the estimators against dense eigenvalues, the Cohen MLP "must hold" (η·λ/θ within ±10%
 of ρ after warm-up; no divergence for ρ ≤ 1), and a bitwise resume through the trainer."""
+import dataclasses
 import math
 
 import numpy as np
@@ -325,3 +326,24 @@ def test_cli_and_run_config_reach_the_controller():
     assert main(["sft", "--optim.schedule", "eos"]) == 2   # the sft default has 50 warm-up steps: a config error
     cohen = parse(["cohen", "--schedule", "eos", "--control.target", "0.5"])
     assert cohen.schedule == "eos" and cohen.control.target == 0.5
+
+
+def test_adaptive_lr_sweep_is_defined_and_valid(tmp_path):
+    from experiments.cohen2021 import config_errors as cohen_errors
+    from experiments.run import validate
+    from experiments.sweep import load_sweep
+    from experiments.sweeps.adaptive_lr import SEEDS, cohen_configs
+
+    sweep = load_sweep("adaptive_lr")   # Sweep() checks that run names are distinct
+    assert len(SEEDS) >= 3 and len(sweep.configs) == 3 * 6 * len(SEEDS)
+    for cfg in sweep.configs:
+        if cfg.optim.schedule in ("eos", "cdat") and cfg.train.seed == 0:   # validating all 54 takes minutes
+            validate(dataclasses.replace(cfg, out_dir=str(tmp_path)))
+    schedules = {(c.regime, c.model.lora_rank, c.optim.schedule) for c in sweep.configs}
+    assert {s for _, _, s in schedules} == {"constant", "cosine", "eos", "cdat"}
+    assert {(r, k > 0) for r, k, _ in schedules} == {("sft", False), ("sft", True), ("rl", False)}
+    cohen = cohen_configs(str(tmp_path))
+    assert {c.schedule for cfgs in cohen.values() for c in cfgs} == {"constant", "cosine", "eos", "cdat"}
+    assert all(len(cfgs) == len(SEEDS) and not any(cohen_errors(c) for c in cfgs) for cfgs in cohen.values())
+    names = [c.run_name for cfgs in cohen.values() for c in cfgs]
+    assert len(set(names)) == len(names)

@@ -1,0 +1,117 @@
+"""Does the EoS LR controller (optim.schedule eos) beat tuned baselines? Controller vs a constant-LR grid (so the best
+constant is known) vs warm-up + cosine vs CDAT (Roulet et al. 2024, σ = 2 "on edge"), ≥ 3 seeds each.
+
+Two parts:
+- ``SWEEP`` (``eoslab sweep adaptive_lr``): the embedded LM in SFT, LoRA (rank 8) and RLVR, each from its
+  ``default_config`` (AdamW; the controller aims at ρ × the Adam threshold on the preconditioned sharpness).
+  Probes every 100 steps in every arm (equal overhead); the controller's own cost is in ``optim/est_*``.
+- ``COHEN`` (``python -m experiments.sweeps.adaptive_lr``): the Cohen et al. 2021 tanh MLP under full-batch GD,
+  500 steps; prints final loss at equal steps and at equal wall-clock (the constant-LR runs' median time, the
+  controller's estimates included, diagnostic probes excluded: ``train/seconds``), mean ± 95% t-CI over seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+from agents.eos_lr import ControlConfig
+from experiments.run import RunConfig, default_config, replace
+from experiments.sweep import Sweep
+from probes import ProbeConfig
+
+SEEDS = (0, 1, 2)
+
+
+def _arms(base: RunConfig, tag: str, lrs: tuple[float, ...], warmup: int) -> list[RunConfig]:
+    """constant at each of ``lrs``; cosine (with ``warmup``), eos (ρ = 0.9) and cdat (σ = 2) from the middle lr."""
+    mid = lrs[len(lrs) // 2]
+    arms = [(f"const-lr{lr:g}", {"lr": lr, "schedule": "constant", "warmup_steps": 0}) for lr in lrs]
+    arms += [(f"cosine-lr{mid:g}", {"lr": mid, "schedule": "cosine", "warmup_steps": warmup}),
+             (f"eos0.9-lr{mid:g}", {"lr": mid, "schedule": "eos", "warmup_steps": 0,
+                                    "control": ControlConfig(target=0.9, every=10)}),
+             (f"cdat2-lr{mid:g}", {"lr": mid, "schedule": "cdat", "warmup_steps": 0,
+                                   "control": ControlConfig(cdat_scale=2.0, every=1)})]
+    base = replace(base, probe=ProbeConfig(every=100, batch_sharpness_every=0))
+    return [replace(base, optim=optim, train={"seed": seed}, name=f"{tag}-{arm}-s{seed}")
+            for arm, optim in arms for seed in SEEDS]
+
+
+_SFT = replace(default_config("sft"), train={"steps": 500})
+_LORA = replace(default_config("lora"), train={"steps": 500})
+_RL = replace(default_config("rl"), train={"steps": 300})
+SWEEP = Sweep("adaptive_lr", tuple(_arms(_SFT, "sft", (3e-4, 1e-3, 3e-3), warmup=50)
+                                   + _arms(_LORA, "lora", (1e-3, 3e-3, 1e-2), warmup=50)
+                                   + _arms(_RL, "rl", (3e-5, 1e-4, 3e-4), warmup=10)), __doc__)
+
+
+# ---- the Cohen MLP part ------------------------------------------------------------------------------------------
+def cohen_configs(out_dir: str = "runs/adaptive_lr/cohen", steps: int = 500, seeds=SEEDS) -> dict[str, list]:
+    """arm -> CohenConfigs over seeds: constant grid, warm-up + cosine, eos at ρ ∈ {0.5, 0.8, 0.9, 1.0} (k = 5),
+    cdat σ ∈ {1, 2} (every step)."""
+    from experiments.cohen2021 import CohenConfig
+
+    base = CohenConfig(steps=steps, eig_every=50, out_dir=out_dir)
+    arms = {f"const-lr{lr:g}": dict(lr=lr) for lr in (0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.3, 1.6)}
+    arms.update({f"cosine-lr{lr:g}-w50": dict(lr=lr, schedule="cosine", warmup_steps=50) for lr in (0.6, 1.0, 1.6)})
+    arms.update({f"eos{rho:g}": dict(lr=0.3, schedule="eos", control=ControlConfig(target=rho, every=5))
+                 for rho in (0.5, 0.8, 0.9, 1.0)})
+    arms.update({f"cdat{s:g}": dict(lr=0.3, schedule="cdat", control=ControlConfig(cdat_scale=s, every=1))
+                 for s in (1.0, 2.0)})
+    return {arm: [dataclasses.replace(base, seed=seed, **kw) for seed in seeds] for arm, kw in arms.items()}
+
+
+def _mean_ci(xs: list[float]) -> tuple[float, float]:
+    from probes.sharpness import t_quantile
+
+    n = len(xs)
+    mean = sum(xs) / n
+    if n < 2:
+        return mean, math.inf
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    return mean, t_quantile(0.975, n - 1) * sd / math.sqrt(n)
+
+
+def run_cohen_part(out_dir: str = "runs/adaptive_lr/cohen", steps: int = 500, echo=print) -> dict[str, dict]:
+    """Run (or reuse) every Cohen config; returns arm -> {loss, loss_ci, loss_at_T, loss_at_T_ci, seconds,
+    est_hvps, diverged} and echoes a table. T = median wall-clock of the constant-LR runs."""
+    from experiments.cohen2021 import run_cohen
+    from experiments.rundirs import load_run
+
+    runs = {arm: [load_run(run_cohen(c)) for c in cfgs] for arm, cfgs in cohen_configs(out_dir, steps).items()}
+    times = sorted(r.series("train/seconds")[1][-1] for arm, rs in runs.items() if arm.startswith("const")
+                   for r in rs)
+    budget = times[len(times) // 2]
+    out = {}
+    for arm, rs in runs.items():
+        final, at_t, secs, hvps, diverged = [], [], [], [], 0
+        for r in rs:
+            _, loss = r.series("train/loss")
+            _, sec = r.series("train/seconds")
+            diverged += r.status.get("status") != "completed"
+            final.append(float(loss[-1]) if r.status.get("status") == "completed" else math.inf)
+            within = loss[sec <= budget]
+            at_t.append(float(within[-1]) if len(within) and math.isfinite(final[-1]) else math.inf)
+            secs.append(float(sec[-1]))
+            if "optim/est_hvps" in r.records[0]:
+                hvps.append(float(r.series("optim/est_hvps")[1].sum()))
+        m, ci = _mean_ci(final)
+        mt, cit = _mean_ci(at_t)
+        out[arm] = {"loss": m, "loss_ci": ci, "loss_at_T": mt, "loss_at_T_ci": cit, "seconds": sum(secs) / len(secs),
+                    "est_hvps": sum(hvps) / len(hvps) if hvps else 0.0, "diverged": diverged, "n": len(rs)}
+    echo(f"Cohen MLP, full-batch GD, {steps} steps, {len(SEEDS)} seeds; T = {budget:.2f} s (median constant-LR run)")
+    echo(f"{'arm':<18}{'final loss':>22}{'loss at T':>22}{'s/run':>8}{'HVPs':>8}{'div':>5}")
+    for arm, o in out.items():
+        echo(f"{arm:<18}{o['loss']:>12.4f} ± {o['loss_ci']:<7.4f}{o['loss_at_T']:>12.4f} ± {o['loss_at_T_ci']:<7.4f}"
+             f"{o['seconds']:>8.2f}{o['est_hvps']:>8.0f}{o['diverged']:>5}")
+    return out
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    root = sys.argv[1] if len(sys.argv) > 1 else "runs/adaptive_lr/cohen"
+    summary = run_cohen_part(root)
+    Path(root, "summary.json").write_text(json.dumps(summary, indent=1))
