@@ -6,8 +6,10 @@ Two parts:
   ``default_config`` (AdamW; the controller aims at ρ × the Adam threshold on the preconditioned sharpness).
   Probes every 100 steps in every arm (equal overhead); the controller's own cost is in ``optim/est_*``.
 - ``COHEN`` (``python -m experiments.sweeps.adaptive_lr``): the Cohen et al. 2021 tanh MLP under full-batch GD,
-  500 steps; prints final loss at equal steps and at equal wall-clock (the constant-LR runs' median time, the
-  controller's estimates included, diagnostic probes excluded: ``train/seconds``), mean ± 95% t-CI over seeds.
+  500 steps; prints final loss at equal steps and at equal compute (500 G, G = one full-batch gradient; a step
+  costs 1 G, the controller's graph builds 1.3 G and HVPs 1.6 G each, the tanh-MLP costs measured in
+  probes/hvp.py), mean ± 95% t-CI over seeds, and the measured wall-clock per run (``train/seconds``: the
+  controller included, diagnostic probes excluded; noisy on a shared CPU).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+
+import numpy as np
 
 from agents.eos_lr import ControlConfig
 from experiments.run import RunConfig, default_config, replace
@@ -48,7 +52,7 @@ SWEEP = Sweep("adaptive_lr", tuple(_arms(_SFT, "sft", (3e-4, 1e-3, 3e-3), warmup
 
 # ---- the Cohen MLP part ------------------------------------------------------------------------------------------
 def cohen_configs(out_dir: str = "runs/adaptive_lr/cohen", steps: int = 500, seeds=SEEDS) -> dict[str, list]:
-    """arm -> CohenConfigs over seeds: constant grid, warm-up + cosine, eos at ρ ∈ {0.5, 0.8, 0.9, 1.0} (k = 5),
+    """arm -> CohenConfigs over seeds: constant grid, warm-up + cosine, eos at ρ ∈ {0.5, 0.8, 0.9, 1.0, 1.5} (k = 5),
     cdat σ ∈ {1, 2} (every step)."""
     from experiments.cohen2021 import CohenConfig
 
@@ -56,7 +60,7 @@ def cohen_configs(out_dir: str = "runs/adaptive_lr/cohen", steps: int = 500, see
     arms = {f"const-lr{lr:g}": dict(lr=lr) for lr in (0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.3, 1.6)}
     arms.update({f"cosine-lr{lr:g}-w50": dict(lr=lr, schedule="cosine", warmup_steps=50) for lr in (0.6, 1.0, 1.6)})
     arms.update({f"eos{rho:g}": dict(lr=0.3, schedule="eos", control=ControlConfig(target=rho, every=5))
-                 for rho in (0.5, 0.8, 0.9, 1.0)})
+                 for rho in (0.5, 0.8, 0.9, 1.0, 1.5)})  # 1.5: above the edge, exploratory
     arms.update({f"cdat{s:g}": dict(lr=0.3, schedule="cdat", control=ControlConfig(cdat_scale=s, every=1))
                  for s in (1.0, 2.0)})
     return {arm: [dataclasses.replace(base, seed=seed, **kw) for seed in seeds] for arm, kw in arms.items()}
@@ -73,37 +77,42 @@ def _mean_ci(xs: list[float]) -> tuple[float, float]:
     return mean, t_quantile(0.975, n - 1) * sd / math.sqrt(n)
 
 
+GRAPH_COST, HVP_COST = 1.3, 1.6   # in G on the tanh MLP (cached graph; probes/hvp.py)
+
+
 def run_cohen_part(out_dir: str = "runs/adaptive_lr/cohen", steps: int = 500, echo=print) -> dict[str, dict]:
-    """Run (or reuse) every Cohen config; returns arm -> {loss, loss_ci, loss_at_T, loss_at_T_ci, seconds,
-    est_hvps, diverged} and echoes a table. T = median wall-clock of the constant-LR runs."""
+    """Run (or reuse) every Cohen config; returns arm -> {loss, loss_ci, loss_at_C, loss_at_C_ci, seconds,
+    est_hvps, diverged} and echoes a table. C = ``steps`` G of compute (what a plain GD run spends)."""
     from experiments.cohen2021 import run_cohen
     from experiments.rundirs import load_run
 
     runs = {arm: [load_run(run_cohen(c)) for c in cfgs] for arm, cfgs in cohen_configs(out_dir, steps).items()}
-    times = sorted(r.series("train/seconds")[1][-1] for arm, rs in runs.items() if arm.startswith("const")
-                   for r in rs)
-    budget = times[len(times) // 2]
     out = {}
     for arm, rs in runs.items():
         final, at_t, secs, hvps, diverged = [], [], [], [], 0
         for r in rs:
-            _, loss = r.series("train/loss")
+            s, loss = r.series("train/loss")
             _, sec = r.series("train/seconds")
             diverged += r.status.get("status") != "completed"
             final.append(float(loss[-1]) if r.status.get("status") == "completed" else math.inf)
-            within = loss[sec <= budget]
+            cost = s.astype(float)   # G spent before the row of step t: t steps + the controller's estimates
+            if "optim/est_hvps" in r.records[0]:
+                sh, h = r.series("optim/est_hvps")
+                _, gr = r.series("optim/est_grads")
+                extra = {int(t): HVP_COST * a + GRAPH_COST * b for t, a, b in zip(sh, h, gr)}
+                cost = cost + np.cumsum([0.0] + [extra.get(int(t), 0.0) for t in s[:-1]])
+                hvps.append(float(h.sum()))
+            within = loss[cost <= steps]
             at_t.append(float(within[-1]) if len(within) and math.isfinite(final[-1]) else math.inf)
             secs.append(float(sec[-1]))
-            if "optim/est_hvps" in r.records[0]:
-                hvps.append(float(r.series("optim/est_hvps")[1].sum()))
         m, ci = _mean_ci(final)
         mt, cit = _mean_ci(at_t)
-        out[arm] = {"loss": m, "loss_ci": ci, "loss_at_T": mt, "loss_at_T_ci": cit, "seconds": sum(secs) / len(secs),
+        out[arm] = {"loss": m, "loss_ci": ci, "loss_at_C": mt, "loss_at_C_ci": cit, "seconds": sum(secs) / len(secs),
                     "est_hvps": sum(hvps) / len(hvps) if hvps else 0.0, "diverged": diverged, "n": len(rs)}
-    echo(f"Cohen MLP, full-batch GD, {steps} steps, {len(SEEDS)} seeds; T = {budget:.2f} s (median constant-LR run)")
-    echo(f"{'arm':<18}{'final loss':>22}{'loss at T':>22}{'s/run':>8}{'HVPs':>8}{'div':>5}")
+    echo(f"Cohen MLP, full-batch GD, {steps} steps, {len(SEEDS)} seeds (mean ± 95% t-CI); C = {steps} G of compute")
+    echo(f"{'arm':<18}{'final loss':>22}{'loss at C':>22}{'s/run':>8}{'HVPs':>8}{'div':>5}")
     for arm, o in out.items():
-        echo(f"{arm:<18}{o['loss']:>12.4f} ± {o['loss_ci']:<7.4f}{o['loss_at_T']:>12.4f} ± {o['loss_at_T_ci']:<7.4f}"
+        echo(f"{arm:<18}{o['loss']:>12.4f} ± {o['loss_ci']:<7.4f}{o['loss_at_C']:>12.4f} ± {o['loss_at_C_ci']:<7.4f}"
              f"{o['seconds']:>8.2f}{o['est_hvps']:>8.0f}{o['diverged']:>5}")
     return out
 
