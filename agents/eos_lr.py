@@ -31,10 +31,16 @@ at the first values), η = σ·n̄/(d̄ + ε). σ = 1 is the quadratically greed
 u. Their finding, the bar to beat: greedy tuners lose to a tuned constant LR in full batch; σ ≈ 2 matches or beats
 it. Only the finiteness guard is added (a non-finite or non-positive η̂ leaves η unchanged).
 
+**Noise** (``noise`` > 0, either schedule; the proposal's SDE term dθ = −η∇L dt + σ dW, off by default): after η is
+set, isotropic Gaussian noise ζ = noise·‖g‖/√d · ξ (ξ ~ N(0, I_d), so ‖ζ‖ ≈ noise·‖g‖) is added to the gradient
+in ``.grad``, so a GD step is the Euler–Maruyama step θ ← θ − η(g + ζ) with σ_t = η_t·noise·‖g‖/√d: the noise
+follows the controller's η. ξ comes from a private generator seeded by (seed, step): the global RNG is untouched
+and a resumed run draws the same ξ. Under Adam the noise is preconditioned like the gradient. Cost: one draw of d.
+
 Logged per step (keys ``optim/...``): ``lr`` (the η of this step), ``sharpness_est`` (λ̂; for CDAT the directional
 curvature uᵀHu/uᵀu), ``ratio_est`` (λ̂/θ(η) at the η of this step), ``est_hvps`` and ``est_grads`` (HVPs and
 first-order passes over the batch spent this step; 0 between updates), ``est_seconds``, ``backoff`` (1 on a spike
-back-off).
+back-off), ``noise_norm`` (‖ζ‖, with noise on).
 """
 from __future__ import annotations
 
@@ -90,6 +96,8 @@ class ControlConfig:
     """cdat: EMA coefficient β of the numerator and denominator."""
     cdat_eps: float = 1e-12
     """cdat: ε added to the denominator."""
+    noise: float = 0.0
+    """Gradient noise ‖ζ‖ ≈ noise·‖g‖, isotropic Gaussian, after η is set (the SDE term; 0 = off)."""
 
 
 def control_errors(c: ControlConfig, prefix: str = "optim.control") -> list[str]:
@@ -117,6 +125,8 @@ def control_errors(c: ControlConfig, prefix: str = "optim.control") -> list[str]
             errors.append(f"{prefix}.{name}={getattr(c, name)} must be in [0, 1)")
     if not (math.isfinite(c.cdat_scale) and c.cdat_scale > 0):
         errors.append(f"{prefix}.cdat_scale={c.cdat_scale} must be a finite number > 0")
+    if not (math.isfinite(c.noise) and c.noise >= 0):
+        errors.append(f"{prefix}.noise={c.noise} must be a finite number >= 0 (0 = off)")
     if not (math.isfinite(c.cdat_eps) and c.cdat_eps > 0):
         errors.append(f"{prefix}.cdat_eps={c.cdat_eps} must be a finite number > 0")
     return errors
@@ -226,6 +236,24 @@ class _Controller:
         # private, seeded from (seed, step): a resumed run draws what the uninterrupted one drew
         return torch.Generator().manual_seed((self.seed * 1_000_003 + step + 7) % (2 ** 63))
 
+    def add_noise(self, params: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+        """.grad += ζ, ζ = noise·‖g‖/√d · ξ over ``params`` (see module docstring); {} when noise is off."""
+        if self.cfg.noise <= 0:
+            return {}
+        grads = [p.grad for p in params.values() if p.grad is not None]
+        if not grads:
+            return {}
+        d = sum(g.numel() for g in grads)
+        gnorm = float(torch.sqrt(sum((g.detach().double() ** 2).sum() for g in grads)))
+        scale = self.cfg.noise * gnorm / math.sqrt(d)
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + step + 7919) % (2 ** 63))
+        total = 0.0
+        for g in grads:   # drawn on CPU in float64 (device-independent), then cast
+            xi = torch.randn(g.shape, generator=gen, dtype=torch.float64) * scale
+            total += float((xi ** 2).sum())
+            g.add_(xi.to(device=g.device, dtype=g.dtype))
+        return {"optim/noise_norm": math.sqrt(total)}
+
     def state_dict(self) -> dict[str, Any]:
         return {"lr": self.lr}
 
@@ -280,6 +308,7 @@ class EosController(_Controller):
             self.retry = est.hvps == 0 and not math.isfinite(est.value)
             row.update({"optim/est_hvps": float(est.hvps), "optim/est_grads": float(est.grads)})
         row["optim/backoff"] = float(self.observe_loss(loss))
+        row.update(self.add_noise(ctx.params, step))
         c = threshold_constant(self.optimizer)
         row.update({"optim/lr": self.lr, "optim/sharpness_est": self.last_est,
                     "optim/ratio_est": self.last_est * self.lr / c, "optim/est_seconds": time.perf_counter() - t0})
@@ -350,6 +379,7 @@ class CdatController(_Controller):
                 if _finite_positive(new):
                     self._set(new)
             self.last_est = curv
+        row.update(self.add_noise(ctx.params, int(ctx.step)))
         c = threshold_constant(self.optimizer)
         row.update({"optim/lr": self.lr, "optim/sharpness_est": self.last_est,
                     "optim/ratio_est": self.last_est * self.lr / c, "optim/backoff": 0.0,

@@ -133,6 +133,32 @@ def test_config_errors_are_clear():
     assert isinstance(build_controller(opt, "cdat", ControlConfig()), CdatController)
 
 
+def test_noise_term_has_its_norm_is_reproducible_and_leaves_the_global_rng_alone():
+    theta = torch.nn.Parameter(torch.zeros(20000, dtype=torch.float64))
+    g = torch.randn(20000, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    opt = torch.optim.SGD([theta], lr=0.1)
+
+    def noisy(step, noise):
+        theta.grad = g.clone()
+        ctl = EosController(opt, ControlConfig(every=100, noise=noise), estimator=FixedEstimate())
+        rng = torch.get_rng_state()
+        row = ctl(ProbeContext(params={"theta": theta}, loss_fn=None, batches=[], lr=0.1, step=step,
+                               optimizer=opt), 1.0)
+        assert torch.equal(torch.get_rng_state(), rng)
+        return theta.grad - g, row
+
+    zeta, row = noisy(1, 0.1)
+    assert float(zeta.norm()) == pytest.approx(row["optim/noise_norm"], rel=1e-9)
+    assert float(zeta.norm()) == pytest.approx(0.1 * float(g.norm()), rel=0.02)   # ‖ζ‖ ≈ noise·‖g‖ (d = 20000)
+    assert abs(float(zeta @ g)) < 0.05 * float(zeta.norm() * g.norm())           # isotropic: unrelated to g
+    again, _ = noisy(1, 0.1)
+    other, _ = noisy(2, 0.1)
+    assert torch.equal(zeta, again) and not torch.equal(zeta, other)           # a function of (seed, step)
+    off, row = noisy(1, 0.0)
+    assert torch.equal(off, torch.zeros_like(off)) and "optim/noise_norm" not in row
+    assert any("noise" in e for e in control_errors(ControlConfig(noise=-1.0)))
+
+
 # ---- estimators against dense eigenvalues ------------------------------------------------------------------
 def test_warm_rayleigh_finds_lambda_max_cold_and_stays_on_it_warm():
     a, theta, loss_fn = quadratic()
@@ -279,8 +305,8 @@ def _trainer(model_dir, run_dir, regime, optim, steps, lora_rank=0):
 
 CASES = [  # every=2: estimates at steps 0, 2, 4, so the resumed run (from step 3) needs the checkpointed warm vector
     ("sft", 0, OptimConfig(name="adam", lr=3e-3, schedule="eos", control=ControlConfig(every=2, hvps=2, cold_hvps=4))),
-    ("sft", 4, OptimConfig(name="sgd", lr=0.05, momentum=0.9, schedule="eos",
-                           control=ControlConfig(every=2, hvps=2, cold_hvps=4))),
+    ("sft", 4, OptimConfig(name="sgd", lr=0.05, momentum=0.9, schedule="eos",   # with the SDE noise term on
+                           control=ControlConfig(every=2, hvps=2, cold_hvps=4, noise=0.05))),
     ("rl", 0, OptimConfig(name="sgd", lr=0.05, momentum=0.9, schedule="cdat", control=ControlConfig(every=2))),
 ]
 
@@ -311,6 +337,7 @@ def test_trainer_with_controller_logs_lr_and_resumes_bitwise(tiny_model_dir, tmp
     expected = [s in ((1, 2, 4) if optim.name == "adam" else (0, 2, 4)) for s in range(6)]
     assert [r["optim/est_hvps"] > 0 for r in train_rows] == expected
     assert all(math.isfinite(r["optim/sharpness_est"]) for r in train_rows[1:])
+    assert all((r.get("optim/noise_norm", 0) > 0) == (optim.control.noise > 0) for r in train_rows)
 
 
 def test_cli_and_run_config_reach_the_controller():
