@@ -2,8 +2,9 @@
 constant is known) vs warm-up + cosine vs CDAT (Roulet et al. 2024, σ = 2 "on edge"), ≥ 3 seeds each.
 
 Two parts:
-- ``SWEEP`` (``eoslab sweep adaptive_lr``): the embedded LM in SFT, LoRA (rank 8) and RLVR, each from its
-  ``default_config`` (AdamW; the controller aims at ρ × the Adam threshold on the preconditioned sharpness).
+- ``SWEEP`` (``eoslab sweep adaptive_lr``): the embedded LM in SFT, LoRA (rank 8) and RLVR (from a 150-step SFT
+  warm start), each from its ``default_config`` (AdamW; the controller aims at ρ × the Adam threshold on the
+  preconditioned sharpness; eos and cdat start from the middle LR of the constant grid).
   Probes every 100 steps in every arm (equal overhead); the controller's own cost is in ``optim/est_*``.
 - ``COHEN`` (``python -m experiments.sweeps.adaptive_lr``): the Cohen et al. 2021 tanh MLP under full-batch GD,
   500 steps; prints final loss at equal steps and at equal compute (500 G, G = one full-batch gradient; a step
@@ -22,7 +23,7 @@ import numpy as np
 
 from agents.eos_lr import ControlConfig
 from experiments.run import RunConfig, default_config, replace
-from experiments.sweep import Sweep
+from experiments.sweep import WARM_START, Sweep
 from probes import ProbeConfig
 
 SEEDS = (0, 1, 2)
@@ -44,10 +45,12 @@ def _arms(base: RunConfig, tag: str, lrs: tuple[float, ...], warmup: int) -> lis
 
 _SFT = replace(default_config("sft"), train={"steps": 500})
 _LORA = replace(default_config("lora"), train={"steps": 500})
-_RL = replace(default_config("rl"), train={"steps": 300})
+# RLVR from a 150-step SFT warm start, as in the README's learnability table: from the base model the reward is ~0
+_WARM = replace(default_config("sft"), train={"steps": 150}, name="warm-start-sft")
+_RL = replace(default_config("rl"), model={"name": WARM_START}, train={"steps": 300})
 SWEEP = Sweep("adaptive_lr", tuple(_arms(_SFT, "sft", (3e-4, 1e-3, 3e-3), warmup=50)
                                    + _arms(_LORA, "lora", (1e-3, 3e-3, 1e-2), warmup=50)
-                                   + _arms(_RL, "rl", (3e-5, 1e-4, 3e-4), warmup=10)), __doc__)
+                                   + _arms(_RL, "rl", (3e-5, 1e-4, 3e-4), warmup=10)), __doc__, warm_start=_WARM)
 
 
 # ---- the Cohen MLP part ------------------------------------------------------------------------------------------
