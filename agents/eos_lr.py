@@ -85,7 +85,8 @@ class ControlConfig:
     tol: float = 1e-3
     """eos/rayleigh: LOBPCG residual tolerance (an estimate may stop before its HVP budget)."""
     spike: float = 2.0
-    """eos: back off when the loss exceeds this multiple of its EMA (0 = never)."""
+    """eos: back off when the loss exceeds this multiple of its EMA (0 = never). Meant for positive losses (CE, MSE);
+    a PPO loss (surrogate + KL) has no fixed sign and hovers near 0, where any ratio fires: use 0 for RLVR."""
     backoff: float = 0.5
     """eos: factor applied to η on a spike, in (0, 1)."""
     loss_ema: float = 0.9

@@ -30,12 +30,14 @@ SEEDS = (0, 1, 2)
 
 
 def _arms(base: RunConfig, tag: str, lrs: tuple[float, ...], warmup: int) -> list[RunConfig]:
-    """constant at each of ``lrs``; cosine (with ``warmup``), eos (ρ = 0.9) and cdat (σ = 2) from the middle lr."""
+    """constant at each of ``lrs``; cosine (with ``warmup``), eos (ρ = 0.9) and cdat (σ = 2) from the middle lr.
+    RLVR's eos arm has no spike back-off: its PPO loss hovers near 0 with either sign (ControlConfig.spike)."""
     mid = lrs[len(lrs) // 2]
+    spike = 0.0 if base.regime == "rl" else ControlConfig().spike
     arms = [(f"const-lr{lr:g}", {"lr": lr, "schedule": "constant", "warmup_steps": 0}) for lr in lrs]
     arms += [(f"cosine-lr{mid:g}", {"lr": mid, "schedule": "cosine", "warmup_steps": warmup}),
              (f"eos0.9-lr{mid:g}", {"lr": mid, "schedule": "eos", "warmup_steps": 0,
-                                    "control": ControlConfig(target=0.9, every=10)}),
+                                    "control": ControlConfig(target=0.9, every=10, spike=spike)}),
              (f"cdat2-lr{mid:g}", {"lr": mid, "schedule": "cdat", "warmup_steps": 0,
                                    "control": ControlConfig(cdat_scale=2.0, every=1)})]
     base = replace(base, probe=ProbeConfig(every=100, batch_sharpness_every=0))
