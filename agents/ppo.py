@@ -3,6 +3,9 @@ owns the loop, while the probes need the exact surrogate on a frozen rollout buf
 
 Rollout (step t, parameters θ_old = θ_t): P prompts from the training stream, each sampled G times with
 ``policy.generate`` (temperature τ, a generator seeded by (seed, t)), rewards r ∈ [0, 1] from the env verifier.
+The policy trained is the sampling policy π^τ_θ = softmax(logits_θ / τ): every log-prob below is tempered, so
+rollouts are on-policy (scoring them at τ = 1 while sampling at τ < 1 would optimise a policy that never acted, a
+biased gradient; TRL's GRPO divides by τ for the same reason). Greedy evaluation is the same for every τ.
 The buffer stores, per completion token, old log-probs log π_old, reference log-probs log π_ref and advantages Â,
 all detached. Loss on the buffer (token mean over its N completion tokens; chunks sum to it, see agents/optim.py):
 
@@ -117,11 +120,11 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, (adv + values) * mask
 
 
-def forward_stats(model, chunk: dict, want_hidden: bool = False):
-    """One forward: (log π(label) [B,T-1], entropy [B,T-1], mask [B,T-1], last hidden state [B,T-1,d] or None);
-    ``agents.tokens.token_stats`` on a chunk."""
+def forward_stats(model, chunk: dict, want_hidden: bool = False, temperature: float = 1.0):
+    """One forward: (log π^τ(label) [B,T-1], entropy [B,T-1], mask [B,T-1], last hidden state [B,T-1,d] or None)
+    of the tempered policy π^τ = softmax(logits / τ); ``agents.tokens.token_stats`` on a chunk."""
     s = token_stats(model, chunk["input_ids"], chunk["attention_mask"], chunk["labels"], entropy=True,
-                    hidden=want_hidden)
+                    hidden=want_hidden, temperature=temperature)
     return s.logp, s.entropy, s.mask, s.hidden
 
 
@@ -166,8 +169,8 @@ class PPORegime:
     def _reference_logprobs(self, policy, chunk: dict) -> torch.Tensor:
         if self.lora:
             with policy.model.disable_adapter():
-                return forward_stats(policy.model, chunk)[0]
-        return forward_stats(self.reference, chunk)[0]
+                return forward_stats(policy.model, chunk, temperature=self.config.temperature)[0]
+        return forward_stats(self.reference, chunk, temperature=self.config.temperature)[0]
 
     def rollout(self, policy, task_indices: Sequence[int], generator: torch.Generator) -> tuple[list[dict], dict]:
         """Sample, score and freeze one buffer; returns (chunks, env/rl metrics of the rollout)."""
@@ -183,7 +186,8 @@ class PPORegime:
             for rows in split(list(range(len(tasks))), self.micro_batch):
                 chunk = policy.collate([gen.prompt_ids[i] for i in rows], [gen.completion_ids[i] for i in rows],
                                        max_length=self.max_length, add_eos=False)
-                logp, _, mask, hidden = forward_stats(policy.model, chunk, want_hidden=self.value_head is not None)
+                logp, _, mask, hidden = forward_stats(policy.model, chunk, want_hidden=self.value_head is not None,
+                                                      temperature=cfg.temperature)
                 chunk["old_logp"] = logp
                 chunk["ref_logp"] = self._reference_logprobs(policy, chunk) if self.has_reference else None
                 r = rewards[rows]
@@ -230,7 +234,8 @@ class PPORegime:
     def loss_and_stats(self, policy, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         """Chunk loss (see module docstring) and its token-sum stats / N (they sum over chunks to buffer means)."""
         cfg = self.config
-        logp, entropy, mask, hidden = forward_stats(policy.model, batch, want_hidden=self.value_head is not None)
+        logp, entropy, mask, hidden = forward_stats(policy.model, batch, want_hidden=self.value_head is not None,
+                                                    temperature=cfg.temperature)
         n = batch["normalizer"]
         adv = batch["advantages"]
         ratio = torch.exp(logp - batch["old_logp"])

@@ -75,6 +75,10 @@ class SFTRegime:
     seed: int = 0
     max_length: int | None = 128
     cursor: int = 0                      # examples consumed so far (data-order state)
+    replay: Any = None                   # agents.replay.ReplayStream of pre-training windows, or None
+    replay_weight: float = 0.0           # α of (1 − α) L_task + α L_lm (agents/replay.py)
+    replay_windows: int = 0              # replay windows per step
+    replay_cursor: int = 0               # replay windows consumed so far
     _full: list[Chunk] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -82,6 +86,8 @@ class SFTRegime:
             raise ValueError("SFTRegime needs at least one training task")
         if self.micro_batch < 1 or self.grad_accum < 1:
             raise ValueError("micro_batch and grad_accum must be >= 1")
+        if self.replay is not None and not (0 < self.replay_weight < 1 and self.replay_windows >= 1):
+            raise ValueError("replay needs 0 < replay_weight < 1 and replay_windows >= 1")
 
     @property
     def batch_size(self) -> int:
@@ -94,41 +100,59 @@ class SFTRegime:
         return -(logp * mask).sum() / batch["normalizer"]
 
     def loss_and_stats(self, policy, batch: Chunk) -> tuple[torch.Tensor, dict[str, float]]:
-        """``loss``; SFT logs no per-chunk diagnostics."""
-        return self.loss(policy, batch), {}
+        """``loss``; with replay also the two parts unweighted (train/task_loss = L_task, train/replay_loss = L_lm)."""
+        loss = self.loss(policy, batch)
+        if self.replay is None:
+            return loss, {}
+        part = "replay" if batch.get("replay") else "task"
+        weight = self.replay_weight if part == "replay" else 1 - self.replay_weight
+        return loss, {f"train/{part}_loss": float(loss.detach()) / weight}
 
     def chunks_for(self, policy, indices: Sequence[int]) -> list[Chunk]:
         tasks = [self.tasks[i] for i in indices]
         return make_chunks(policy, [t.prompt for t in tasks], [t.demonstration for t in tasks],
                            self.micro_batch, self.max_length)
 
+    def _mixed(self, policy, chunks: list[Chunk], replay_start: int) -> list[Chunk]:
+        """Task chunks reweighted by (1 − α) plus replay windows [replay_start, + replay_windows) weighted by α."""
+        if self.replay is None:
+            return chunks
+        task = [{**c, "normalizer": c["normalizer"] / (1 - self.replay_weight), "replay": False} for c in chunks]
+        return task + self.replay.chunks(policy, replay_start, self.replay_windows, self.micro_batch,
+                                         self.replay_weight)
+
     def next_batch(self, policy, step: int) -> tuple[list[Chunk], dict[str, float]]:
-        """Chunks of step ``step``'s effective batch; advances the data cursor."""
+        """Chunks of step ``step``'s effective batch; advances the data cursors."""
         if self.full_batch:
-            if self._full is None:  # the same fixed chunks every step: encode once
-                self._full = self.chunks_for(policy, range(len(self.tasks)))
+            if self._full is None:  # the same fixed chunks every step (replay: the stream's first windows)
+                self._full = self._mixed(policy, self.chunks_for(policy, range(len(self.tasks))), 0)
             chunks = self._full
         else:
             idx = stream_indices(len(self.tasks), self.seed, self.cursor, self.batch_size)
             self.cursor += len(idx)
-            chunks = self.chunks_for(policy, idx)
-        return chunks, {"train/tokens": float(chunks[0]["normalizer"])}
+            chunks = self._mixed(policy, self.chunks_for(policy, idx), self.replay_cursor)
+            self.replay_cursor += self.replay_windows if self.replay is not None else 0
+        stats = {"train/tokens": float(sum(c["n_tokens"] for c in chunks))}
+        return chunks, stats
 
     def sample_batch(self, policy, generator: torch.Generator) -> list[Chunk]:
         """A fresh training minibatch of the training batch size (without replacement), drawn with ``generator``
-        only; for batch sharpness. Under full-batch GD it is a random batch of micro_batch * grad_accum."""
+        only; for batch sharpness. Under full-batch GD it is a random batch of micro_batch * grad_accum. With
+        replay, its replay part starts at a random point of the replay stream."""
         size = min(self.micro_batch * self.grad_accum, len(self.tasks))
         idx = torch.randperm(len(self.tasks), generator=generator)[:size].tolist()
-        return self.chunks_for(policy, idx)
+        start = int(torch.randint(0, len(self.replay), (1,), generator=generator)) if self.replay is not None else 0
+        return self._mixed(policy, self.chunks_for(policy, idx), start)
 
     def extra_parameters(self) -> dict[str, torch.Tensor]:
         return {}
 
     def state_dict(self) -> dict:
-        return {"cursor": self.cursor}
+        return {"cursor": self.cursor, "replay_cursor": self.replay_cursor}
 
     def load_state_dict(self, state: dict) -> None:
         self.cursor = int(state["cursor"])
+        self.replay_cursor = int(state.get("replay_cursor", 0))  # absent in checkpoints from before replay
 
     def extra_state(self) -> None:
         return None  # the data order is the cursor alone

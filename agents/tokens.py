@@ -32,10 +32,14 @@ class TokenStats:
 
 
 def token_stats(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor, entropy: bool = False, hidden: bool = False) -> TokenStats:
-    """One forward pass of ``model`` -> TokenStats. Differentiable (no no_grad here); logits in float32."""
+                labels: torch.Tensor, entropy: bool = False, hidden: bool = False,
+                temperature: float = 1.0) -> TokenStats:
+    """One forward pass of ``model`` -> TokenStats of the policy softmax(logits / temperature). Differentiable (no
+    no_grad here); logits in float32."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=hidden)
     logits = out.logits[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
     target = labels[:, 1:]
     mask = target != IGNORE
     logz = torch.logsumexp(logits, dim=-1)

@@ -25,10 +25,14 @@ from typing import Annotated, Union
 import tyro
 
 from agents.eos_lr import ControlConfig
-from experiments.demo import DemoConfig
+from agents.trainer import CheckpointError, ResumeWarning
+from experiments import cohen2021, eoss
+from experiments.demo import DemoConfig, run_demo
 from experiments.eoss import EossCommand
 from experiments.phases import PhaseConfig
+from experiments.report import ReportConfig, write_report
 from experiments.run import ConfigError, RunConfig, RunDirBusy, default_config, run
+from experiments.sweep import load_sweep, run_sweep
 
 SFT_DEFAULT, LORA_DEFAULT, RL_DEFAULT = (default_config(c) for c in ("sft", "lora", "rl"))
 
@@ -82,8 +86,6 @@ def execute(cmd) -> int:
         run_dir = run(cmd)  # validates first (the one check), then trains
         print(f"run dir: {run_dir}")
     elif isinstance(cmd, SweepCommand):
-        from experiments.sweep import load_sweep, run_sweep
-
         try:
             sweep = load_sweep(cmd.name)
         except KeyError as e:
@@ -92,14 +94,10 @@ def execute(cmd) -> int:
         if cmd.dry_run:
             return 0
         if cmd.report:
-            from experiments.report import ReportConfig, write_report
-
             out = cmd.root / sweep.name / "report"
             print(f"report: {write_report([cmd.root / sweep.name], ReportConfig(out=out))}")
         return 1 if any(r.status == "error" for r in results) else 0
     elif isinstance(cmd, ReportCommand):
-        from experiments.report import ReportConfig, write_report
-
         if not 0 < cmd.delta < 1:
             raise ConfigError(f"--delta {cmd.delta} must be in (0, 1)")
         try:
@@ -107,25 +105,19 @@ def execute(cmd) -> int:
         except FileNotFoundError as e:
             raise ConfigError(str(e)) from None
     elif isinstance(cmd, CohenCommand):
-        from experiments.cohen2021 import CohenConfig, config_errors, run_cohen
-
-        cfgs = [CohenConfig(lr=lr, steps=cmd.steps, out_dir=str(cmd.out_dir), schedule=cmd.schedule,
-                            control=cmd.control) for lr in cmd.lrs]
-        errors = [e for c in cfgs for e in config_errors(c)]
+        cfgs = [cohen2021.CohenConfig(lr=lr, steps=cmd.steps, out_dir=str(cmd.out_dir), schedule=cmd.schedule,
+                                      control=cmd.control) for lr in cmd.lrs]
+        errors = [e for c in cfgs for e in cohen2021.config_errors(c)]
         if errors:
             raise ConfigError("; ".join(errors))
         for c in cfgs:
-            print(f"run dir: {run_cohen(c)}")
+            print(f"run dir: {cohen2021.run_cohen(c)}")
     elif isinstance(cmd, EossCommand):
-        from experiments.eoss import config_errors, run_eoss
-
-        if errors := [e for c in cmd.configs() for e in config_errors(c)]:
+        if errors := [e for c in cmd.configs() for e in eoss.config_errors(c)]:
             raise ConfigError("; ".join(errors))
         for c in cmd.configs():
-            print(f"run dir: {run_eoss(c)}")
+            print(f"run dir: {eoss.run_eoss(c)}")
     elif isinstance(cmd, DemoConfig):
-        from experiments.demo import run_demo
-
         run_demo(cmd)
     return 0
 
@@ -143,8 +135,6 @@ def parse(argv: list[str] | None = None):
 
 def _show_resume_warning(message, category, filename, lineno, file=None, line=None):
     """One ``eoslab: warning:`` line for the trainer's resume notices; any other warning as Python shows it."""
-    from agents.trainer import ResumeWarning
-
     if issubclass(category, ResumeWarning):
         print(f"eoslab: warning: {message}", file=sys.stderr)
     else:
@@ -156,8 +146,6 @@ _show_warning = warnings.showwarning
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point (``eoslab``)."""
-    from agents.trainer import CheckpointError
-
     cmd = parse(argv)
     shown, warnings.showwarning = warnings.showwarning, _show_resume_warning
     try:

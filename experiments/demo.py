@@ -17,9 +17,25 @@ Re-running skips finished runs (DONE), so an interrupted demo resumes where it s
 
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
+
+import torch
+
+from agents.embedded import embedded_model_path
+from agents.optim import OptimConfig
+from agents.ppo import PPOConfig
+from agents.trainer import TrainConfig
+from experiments.cohen2021 import CohenConfig, config_errors, run_cohen
+from experiments.report import ReportConfig, phase_rows, write_report
+from experiments.run import ConfigError, EnvConfig, ModelConfig, RunConfig, default_config, replace
+from experiments.rundirs import find_runs
+from experiments.sweep import WARM_START, Sweep, execute, grid, plan
+from probes import ProbeConfig
 
 
 @dataclass(frozen=True)
@@ -42,14 +58,7 @@ class DemoConfig:
 
 
 def demo_sweeps(cfg: DemoConfig):
-    """The three LM studies as Sweeps (importing training code only here)."""
-    from agents.optim import OptimConfig
-    from agents.ppo import PPOConfig
-    from agents.trainer import TrainConfig
-    from experiments.run import EnvConfig, ModelConfig, RunConfig, default_config, replace
-    from experiments.sweep import WARM_START, Sweep, grid
-    from probes import ProbeConfig
-
+    """The three LM studies as Sweeps."""
     # tol 1e-2 (residual; λ error ~ tol²·gap⁻¹) saves HVPs against the default 1e-3: probes are most of the demo's time
     probe = ProbeConfig(every=cfg.probe_every, tol=1e-2, batch_sharpness_every=cfg.batch_sharpness_every,
                         batch_min_samples=4, batch_max_samples=8)
@@ -81,27 +90,12 @@ def demo_sweeps(cfg: DemoConfig):
 
 
 def _cohen_runs(lrs: tuple[float, ...], steps: int, out_dir: str) -> list[Path]:
-    import torch
-
-    from experiments.cohen2021 import CohenConfig, run_cohen
-
     torch.set_num_threads(1)
     return [run_cohen(CohenConfig(lr=lr, steps=steps, out_dir=out_dir)) for lr in lrs]
 
 
 def run_demo(cfg: DemoConfig = DemoConfig()) -> Path:
     """Run the demo; returns the report's index.html."""
-    import os
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
-
-    from experiments.report import ReportConfig, phase_rows, write_report
-    from experiments.rundirs import find_runs
-    from experiments.sweep import execute, plan
-
-    from experiments.cohen2021 import CohenConfig, config_errors
-    from experiments.run import ConfigError
-
     errors = [f"demo.workers={cfg.workers} must be >= 1"] if cfg.workers < 1 else []
     errors += [f"demo.{k}_lrs is empty" for k in ("sft", "lora", "rl") if not getattr(cfg, f"{k}_lrs")]
     errors += [f"demo cohen: {e}" for lr in cfg.cohen_lrs
@@ -119,8 +113,6 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> Path:
               flush=True)
         cohen = side.submit(_cohen_runs, tuple(cfg.cohen_lrs), cfg.cohen_steps, str(cfg.out / "cohen2021"))
         if cfg.model == "embedded":
-            from agents.embedded import embedded_model_path
-
             print(f"{stamp()} embedded model (built and cached on first use, ~4-5 min)", flush=True)
             path = embedded_model_path()
             print(f"{stamp()} model: {path}", flush=True)

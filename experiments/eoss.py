@@ -27,6 +27,9 @@ from pathlib import Path
 import torch
 
 from agents.runwriter import STATUS_COMPLETED, STATUS_DIVERGED, STATUS_RUNNING, RunWriter
+from experiments.cohen2021 import CohenConfig, build_mlp, load_data
+from probes.sharpness import batch_sharpness, lambda_max
+from probes.thresholds import stability_thresholds
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,6 @@ def config_errors(cfg: EossConfig) -> list[str]:
 
 def run_eoss(cfg: EossConfig = EossConfig()) -> Path:
     """Minibatch SGD with λ_max and batch-sharpness probes; writes and returns the run dir (skipped if DONE)."""
-    from experiments.cohen2021 import CohenConfig, build_mlp, load_data
-
     errors = config_errors(cfg)
     if errors:
         raise ValueError("; ".join(errors))
@@ -138,9 +139,6 @@ def run_eoss(cfg: EossConfig = EossConfig()) -> Path:
 
 def _probe(cfg, step, params, loss_fn, full, sample_batch, opt, net, warm) -> dict:
     """probe/lambda_max (full training set), probe/two_over_eta and probe/batch_sharpness (+ CI, mean of ratios)."""
-    from probes.sharpness import batch_sharpness, lambda_max
-    from probes.thresholds import stability_thresholds
-
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     eig = lambda_max(params, loss_fn, full, tol=cfg.eig_tol, init=warm, model=net, generator=gen)

@@ -24,8 +24,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import t as student_t
 
-from experiments.phases import PhaseConfig, Phases
+from experiments.phases import PhaseConfig, Phases, detect_phases
 from experiments.rundirs import Run
 
 MAJORITY = 2 / 3
@@ -44,8 +45,6 @@ class Stat:
 
 def stat(values) -> Stat:
     """Mean and Student-t CI (CONFIDENCE) of the finite values."""
-    from scipy.stats import t as student_t
-
     x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
     if not len(x):
         return Stat(math.nan, math.nan, math.nan, 0)
@@ -67,10 +66,19 @@ def _last(run: Run, *keys: str) -> float:
     return math.nan
 
 
+def run_phases(run: Run, key: str, config: PhaseConfig = PhaseConfig()) -> Phases | None:
+    """Phases of ``run`` on the sharpness ``key`` against its threshold; None if the key was never logged."""
+    steps, lam = run.series(key)
+    if not len(steps):
+        return None
+    ts, theta = run.threshold(key)
+    theta = np.interp(steps, ts, theta) if len(ts) else np.full(len(steps), np.nan)
+    ls, lv = run.series("train/loss")
+    return detect_phases(steps, lam, theta, ls, lv if len(lv) else None, config)
+
+
 def run_metrics(run: Run, config: PhaseConfig = PhaseConfig()) -> tuple[Phases | None, dict]:
     """The phases of ``run`` on its primary sharpness and the per-run numbers the table aggregates."""
-    from experiments.report import run_phases
-
     p = run_phases(run, run.primary_sharpness, config)
     m = {k: math.nan for k in METRICS}
     if p is not None:

@@ -62,3 +62,19 @@ def retention_texts(source: str) -> tuple[str, ...]:
     from pydoc_data.topics import topics  # local: a 700 kB module, needed only for hub models
 
     return tuple(topics[k] for k in sorted(topics))
+
+
+@lru_cache(maxsize=2)
+def replay_texts(source: str) -> tuple[str, ...]:
+    """Pre-training text to replay during SFT (agents/replay.py): "embedded" is the embedded model's pre-training
+    *train* split (prose and arithmetic; disjoint from the retention split); any other source is a file: a JSON list
+    of texts, or plain text split into documents at blank lines."""
+    if source == "embedded":
+        return tuple(embedded_texts(split="train"))
+    path = Path(source)
+    if path.suffix == ".json":
+        texts = json.loads(path.read_text())
+        if not (isinstance(texts, list) and all(isinstance(t, str) for t in texts)):
+            raise ConfigError(f"replay.source={source!r} must hold a JSON list of strings")
+        return tuple(texts)
+    return tuple(t for t in path.read_text().split("\n\n") if t.strip())

@@ -18,10 +18,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
-from experiments.findings import Stat, findings_table, statements
-from experiments.phases import PhaseConfig, Phases, detect_phases
+from experiments.findings import Stat, findings_table, run_phases, statements  # noqa: F401 - run_phases: API
+from experiments.phases import PhaseConfig
 from experiments.rundirs import Run, find_runs
 
 
@@ -38,17 +37,6 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
     for r in runs:
         groups[f"{r.path.parent.name} · {r.label} · {r.optimizer}"].append(r)
     return dict(sorted(groups.items()))
-
-
-def run_phases(run: Run, key: str, config: PhaseConfig = PhaseConfig()) -> Phases | None:
-    """Phases of ``run`` on the sharpness ``key`` against its threshold; None if the key was never logged."""
-    steps, lam = run.series(key)
-    if not len(steps):
-        return None
-    ts, theta = run.threshold(key)
-    theta = np.interp(steps, ts, theta) if len(ts) else np.full(len(steps), np.nan)
-    ls, lv = run.series("train/loss")
-    return detect_phases(steps, lam, theta, ls, lv if len(lv) else None, config)
 
 
 def _first_last(run: Run, key: str) -> tuple[float, float]:

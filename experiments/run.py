@@ -42,6 +42,8 @@ from agents.policy import LMPolicy, ModelConfig, resolve_device
 from agents.policy import config_errors as model_errors
 from agents.ppo import PPOConfig, PPORegime
 from agents.ppo import config_errors as ppo_errors
+from agents.replay import ReplayConfig, ReplayStream
+from agents.replay import config_errors as replay_errors
 from agents.retention import perplexity
 from agents.runwriter import RunWriter, git_hash
 from agents.sft import SFTRegime
@@ -51,6 +53,7 @@ from envs.config import EnvConfig, env_kwarg_names, make_env, train_tasks  # noq
 from envs.config import config_errors as env_errors
 from experiments.errors import ConfigError, RunDirBusy
 from experiments.lineage import lineage_name, retention_source
+from experiments.lineage import replay_texts
 from experiments.lineage import retention_texts as _retention_texts
 from probes import ProbeConfig, Prober
 
@@ -73,6 +76,8 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    """Pre-training text mixed into SFT batches against forgetting (SFT only; weight 0 = plain SFT)."""
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     out_dir: str = "runs"
     """Directory that holds the run dir."""
@@ -162,9 +167,19 @@ def _fit_errors(cfg: RunConfig) -> list[str]:
     if not isinstance(cfg.probe, ProbeConfig):
         errors.append("probe must be a probes.ProbeConfig")
     try:
-        retention_source(cfg.model.name)
+        source = retention_source(cfg.model.name)
     except ConfigError as e:
         errors.append(str(e))
+        source = None
+    if cfg.replay.weight > 0:
+        if cfg.regime != "sft":
+            errors.append(f"replay.weight={cfg.replay.weight} applies to SFT only (regime={cfg.regime!r})")
+        elif cfg.replay.source == "auto" and source is not None and source != "embedded":
+            errors.append(f"replay.source='auto' knows pre-training text only for the embedded model; give "
+                          f"--replay.source FILE (JSON list of texts, or text) for model.name={cfg.model.name!r}, "
+                          f"or --replay.weight 0")
+        elif cfg.replay.source != "auto" and not Path(cfg.replay.source).is_file():
+            errors.append(f"replay.source={cfg.replay.source!r} is not a file")
     return errors + _out_dir_errors(cfg)
 
 
@@ -204,6 +219,7 @@ def _checked(cfg: RunConfig):
     errors += section_errors + optim_errors(cfg.optim) + train_errors(cfg.train)
     if cfg.regime == "rl":
         errors += ppo_errors(cfg.ppo)
+    errors += replay_errors(cfg.replay)
     errors += _fit_errors(cfg)
     reported = {e.split("=")[0] for e in errors}
     errors += [e for e in _finite_errors(cfg) if e.split("=")[0] not in reported]
@@ -398,8 +414,13 @@ def _assemble(cfg: RunConfig, env, run_dir: Path, log_fn, progress: bool) -> Tra
         return envs.score_batch(env, completions, answers)
 
     if cfg.regime == "sft":
+        replay = None
+        if cfg.replay.weight > 0:
+            texts = replay_texts(cfg.replay.source if cfg.replay.source != "auto" else retention_source(cfg.model.name))
+            replay = ReplayStream(texts, policy.tokenizer, max_length, cfg.replay.pool, cfg.train.seed)
         regime = SFTRegime(tasks, micro_batch=cfg.train.micro_batch, grad_accum=cfg.train.grad_accum,
-                           full_batch=cfg.train.full_batch, seed=cfg.train.seed, max_length=max_length)
+                           full_batch=cfg.train.full_batch, seed=cfg.train.seed, max_length=max_length,
+                           replay=replay, replay_weight=cfg.replay.weight, replay_windows=cfg.replay.windows)
     else:
         regime = PPORegime(policy, tasks, score_fn, cfg.ppo, micro_batch=cfg.train.micro_batch, seed=cfg.train.seed,
                            max_length=max_length)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import os
 import pkgutil
 import time
@@ -24,7 +25,12 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Iterable
 
-from experiments.run import RunConfig, replace, run_name, validate
+import torch
+
+import experiments.sweeps
+from agents.embedded import embedded_model_path
+from agents.trainer import FINAL_MODEL
+from experiments.run import RunConfig, replace, run, run_name, validate
 
 
 # model.name placeholder: "the final model of this sweep's warm_start run" (e.g. RLVR from an SFT'd model)
@@ -66,8 +72,6 @@ class PlannedRun:
 
 def plan(sweep: Sweep, root: str | Path = "runs") -> list[PlannedRun]:
     """The sweep's runs with their directories under ``root/sweep.name``; validates every config first."""
-    from agents.trainer import FINAL_MODEL
-
     out_dir = str(Path(root) / sweep.name)
     planned, warm_model = [], None
     if sweep.warm_start is not None:
@@ -100,17 +104,11 @@ class RunResult:
 
 
 def _init_worker() -> None:
-    import torch
-
     torch.set_num_threads(1)
 
 
 def _run_one(cfg: RunConfig) -> RunResult:
     """Run one config in this process; never raises (a failed run must not stop the sweep)."""
-    import json
-
-    from experiments.run import run
-
     t0 = time.perf_counter()
     run_dir = Path(cfg.out_dir) / run_name(cfg)
     try:
@@ -147,8 +145,6 @@ def execute(planned: list[PlannedRun], workers: int = 1, dry_run: bool = False,
     first = [p for p in pending if p.prerequisite]
     pending = [p for p in pending if not p.prerequisite]
     if any(p.config.model.name == "embedded" for p in first + pending):
-        from agents.embedded import embedded_model_path
-
         embedded_model_path()  # build once here, not in every worker (they would wait on its lock anyway)
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned workers
     t0 = time.perf_counter()
@@ -180,9 +176,7 @@ def _echo_result(echo, res: RunResult, i: int, n: int, t0: float, what: str = ""
 
 
 def available_sweeps() -> list[str]:
-    import experiments.sweeps as pkg
-
-    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
+    return sorted(m.name for m in pkgutil.iter_modules(experiments.sweeps.__path__) if not m.name.startswith("_"))
 
 
 def load_sweep(name: str) -> Sweep:

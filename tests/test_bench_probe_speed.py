@@ -2,7 +2,6 @@
 claims (a bench whose rows miss it would compare nothing), on both its setups. Speed is not asserted here: the
 bench prints ratios (the brief: no timed unit tests); hessian-eigenthings / PyHessian rows are checked when the
 `bench` extra is installed and skipped by the bench itself otherwise."""
-import pytest
 
 from experiments.bench.probe_speed import BenchConfig, main
 

@@ -1,13 +1,12 @@
-"""eoslab CLI: every seed knob reachable, one-line config errors with exit 2, sweep/report/cohen subcommands."""
+"""eoslab CLI: every knob of the user's setup reachable, one-line config errors with exit 2, sweep/report/cohen
+subcommands."""
 
 import json
 import subprocess
 import sys
 
-import pytest
-
 from experiments.cli import main, one_line, parse
-from experiments.run import ConfigError, RunConfig, default_config
+from experiments.run import ConfigError, default_config
 
 
 def test_run_subcommands_and_seed_knobs():

@@ -22,8 +22,9 @@ def _regime(policy, tasks, **kw):
     return PPORegime(policy, tasks, digit_fraction, cfg, micro_batch=3, seed=1)
 
 
-def _by_hand(policy, chunks, old=None, ref=None):
-    """Per-sequence, unpadded recomputation: sum over the buffer of (logp, entropy, A, ratio terms)."""
+def _by_hand(policy, chunks, old=None, ref=None, temperature=1.0):
+    """Per-sequence, unpadded recomputation under the tempered policy softmax(logits / τ): sum over the buffer of
+    (logp, entropy, A, ratio terms)."""
     rows = []
     for c in chunks:
         for b in range(len(c["input_ids"])):
@@ -31,7 +32,7 @@ def _by_hand(policy, chunks, old=None, ref=None):
             ids = c["input_ids"][b][keep][None]
             lab = c["labels"][b][keep]
             pos = (lab[1:] != -100).nonzero().flatten()
-            logits = policy.model(input_ids=ids).logits[0, :-1].float()[pos]
+            logits = policy.model(input_ids=ids).logits[0, :-1].float()[pos] / temperature
             logq = torch.log_softmax(logits, -1)
             logp = logq.gather(-1, lab[1:][pos][:, None]).squeeze(-1)
             ent = -(logq.exp() * logq).sum(-1)
@@ -58,10 +59,13 @@ def test_group_advantages_and_gae_by_hand():
     assert torch.allclose(ret, (adv + values) * mask)
 
 
-def test_loss_at_ratio_one_equals_policy_gradient_objective_by_hand(tiny_model_dir, tasks):
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_loss_at_ratio_one_equals_policy_gradient_objective_by_hand(tiny_model_dir, tasks, temperature):
+    """On-policy: the trained policy is the sampling policy softmax(logits / τ), so old log-probs, the gradient
+    and the entropy are all of the tempered policy."""
     torch.manual_seed(0)
     policy = LMPolicy.from_pretrained(tiny_model_dir)
-    regime = _regime(policy, tasks, kl_coef=0.1, entropy_coef=0.01)
+    regime = _regime(policy, tasks, kl_coef=0.1, entropy_coef=0.01, temperature=temperature)
     rng = torch.get_rng_state()
     chunks, metrics = regime.next_batch(policy, 0)
     assert torch.equal(torch.get_rng_state(), rng)  # rollouts draw from their own generator only
@@ -78,7 +82,7 @@ def test_loss_at_ratio_one_equals_policy_gradient_objective_by_hand(tiny_model_d
     ours = [p.grad.clone() for p in params]
     policy.model.zero_grad(set_to_none=True)
 
-    rows = _by_hand(policy, chunks)
+    rows = _by_hand(policy, chunks, temperature=temperature)
     n = sum(len(r["logp"]) for r in rows)
     assert n == chunks[0]["normalizer"]
     for r, a in zip(rows, expected_adv):

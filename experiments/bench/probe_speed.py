@@ -168,8 +168,8 @@ def ours_oracle(params, loss_fn, chunks, model, ref, rel_acc, max_hvps=60) -> So
 
 def het_lanczos(model, loss_fn, chunks, ref, rel_acc, max_steps=60, fixed_steps: int | None = None,
                 seed=0) -> Solve | str:
-    """Oracle step count, or ``fixed_steps`` (its lanczos has no early stop; 20 steps is what a user must pick
-    for k=1, research §B6)."""
+    """Oracle step count, or ``fixed_steps``: its lanczos has no early stop, so a user must fix the step count in
+    advance without knowing the oracle's."""
     try:
         import hessian_eigenthings as het
     except ImportError as err:
