@@ -18,13 +18,15 @@ receive the same chunks and the same ``loss_fn``, so they measure the very loss 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from agents.eos_lr import CONTROLLED, ControlConfig, control_errors
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "linear", "cosine")
+SCHEDULES = ("constant", "linear", "cosine", *CONTROLLED)
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,8 @@ class OptimConfig:
     heavy-ball, stable up to λ_max = (2 + 2β)/η (Nesterov with ``nesterov=True``: (2 + 2β)/((1 + 2β)η); see
     probes.thresholds). ``weight_decay`` is L2 added to the gradient for SGD/Adam and decoupled for AdamW (torch
     semantics). ``schedule`` multiplies ``lr`` by 1 (constant), a linear decay to 0, or a cosine decay to 0 over the
-    run, after ``warmup_steps`` of linear warm-up.
+    run, after ``warmup_steps`` of linear warm-up; ``eos`` and ``cdat`` instead set η from a curvature estimate
+    during the run, starting from ``lr`` (agents.eos_lr, knobs in ``control``).
     ``grad_clip`` clips the global gradient L2 norm (None = off).
     """
 
@@ -54,9 +57,12 @@ class OptimConfig:
     eps: float = 1e-8
     """Adam/AdamW denominator ε."""
     schedule: str = "constant"
-    """LR multiplier after warm-up: constant, linear (to 0) or cosine (to 0) over the run."""
+    """LR multiplier after warm-up: constant, linear (to 0) or cosine (to 0) over the run; or eos (η held at
+    control.target × the stability threshold by a sharpness estimate) or cdat (Roulet et al. 2024), from lr."""
     warmup_steps: int = 0
-    """Steps of linear LR warm-up from 0."""
+    """Steps of linear LR warm-up from 0 (constant, linear, cosine only)."""
+    control: ControlConfig = field(default_factory=ControlConfig)
+    """Knobs of the eos and cdat schedules."""
     grad_clip: float | None = None
     """Clip the global gradient L2 norm to this (None = off)."""
 
@@ -82,6 +88,11 @@ def config_errors(cfg: OptimConfig) -> list[str]:
         errors.append(f"optim.schedule={cfg.schedule!r} is unknown; choose one of {SCHEDULES}")
     if cfg.warmup_steps < 0:
         errors.append(f"optim.warmup_steps={cfg.warmup_steps} must be >= 0")
+    if cfg.schedule in CONTROLLED:
+        if cfg.warmup_steps:
+            errors.append(f"optim.warmup_steps={cfg.warmup_steps} must be 0 with schedule={cfg.schedule!r}, which "
+                          "sets η itself (its bounded changes from optim.lr are its warm-up)")
+        errors += control_errors(cfg.control)
     if cfg.grad_clip is not None and not (math.isfinite(cfg.grad_clip) and cfg.grad_clip > 0):
         errors.append(f"optim.grad_clip={cfg.grad_clip} must be a finite number > 0, or None")
     return errors
@@ -109,7 +120,7 @@ def lr_multiplier(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
-        if cfg.schedule == "constant":
+        if cfg.schedule == "constant" or cfg.schedule in CONTROLLED:  # a controller, not this, moves η
             return 1.0
         frac = min(1.0, (step - warm) / max(1, total - warm))
         if cfg.schedule == "linear":
@@ -120,8 +131,11 @@ def lr_multiplier(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
-                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """``LambdaLR`` with :func:`lr_multiplier`; call ``.step()`` once per optimizer step."""
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR | None:
+    """``LambdaLR`` with :func:`lr_multiplier`; call ``.step()`` once per optimizer step. None for the schedules
+    that set η during the run (eos, cdat: :func:`agents.eos_lr.build_controller`)."""
+    if cfg.schedule in CONTROLLED:
+        return None
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, total_steps))
 
 

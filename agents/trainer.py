@@ -12,7 +12,12 @@ batch, which is also what the probes assume; data order is a pure function of (s
 generators seeded per step. Probes use only a generator of their own and are side-effect free, so a run with probes
 on is bitwise identical to the run with probes off. Checkpoint ``step_N`` stores θ_N (trainable parameters, as
 safetensors), optimizer + scheduler state, every RNG state, the regime's data-order state and the prober's state
-(warm-start vectors, the last update Δθ), so resuming at N replays steps N.. exactly (bitwise on CPU), probes included.
+(warm-start vectors, the last update Δθ) and the LR controller's state (schedule eos/cdat: η, EMAs, warm vector),
+so resuming at N replays steps N.. exactly (bitwise on CPU), probes included.
+
+LR controller (agents.eos_lr, optional): called after the gradient is accumulated (and clipped) and before the
+optimizer step; it sets η for that step, so ``train/lr`` and ``optim/lr`` of row t are the η that θ_{t+1} was taken
+with. Probes ran earlier in the step, at the η in force then (``probe/two_over_eta`` uses the previous step's η).
 
 Nothing read back from a run dir can execute code: tensors are safetensors, the ``.pt`` files hold only tensors and
 plain containers and load with ``torch.load(weights_only=True)``, and each checkpoint's ``manifest.json`` (sha256 of
@@ -240,7 +245,7 @@ class Trainer:
                  eval_tasks: Sequence[Any] = (), score_fn: Callable | None = None,
                  retention_fn: Callable[[Any], dict[str, float]] | None = None,
                  log_fn: Callable[[dict], None] | None = None, grad_clip: float | None = None,
-                 progress: bool = True, lineage: dict | None = None) -> None:
+                 progress: bool = True, lineage: dict | None = None, controller=None) -> None:
         self.lineage = lineage  # JSON written as FINAL_MODEL/LINEAGE_FILE next to the saved policy
         self.policy, self.regime, self.optimizer, self.scheduler = policy, regime, optimizer, scheduler
         self.config, self.run_dir, self.prober = config, Path(run_dir), prober
@@ -248,6 +253,7 @@ class Trainer:
         self.grad_clip, self.progress = grad_clip, progress
         self.writer = RunWriter(self.run_dir, log_fn)
         self.last_update: dict[str, torch.Tensor] | None = None
+        self.controller = controller  # agents.eos_lr controller (sets η each step) or None
 
     # ------------------------------------------------------------------ parameters
     def parameters(self) -> dict[str, torch.Tensor]:
@@ -271,13 +277,15 @@ class Trainer:
             "rng": rng_state(),
             "regime": self.regime.extra_state(),  # replaced, never mutated, by the regime
             "probe": _cpu_copy(probe),
+            "controller": _cpu_copy(self.controller.state_dict()) if self.controller is not None else None,
             "state": {"step": step, "regime": self.regime.state_dict(), "lr": self.optimizer.param_groups[0]["lr"],
                       "time": time.time()},
         }
 
     def save_checkpoint(self, step: int, snapshot: dict | None = None) -> Path:
         """checkpoints/step_<step>/: model.safetensors, optimizer.pt, rng.pt, [regime.pt], [probe.safetensors],
-        state.json and manifest.json (sha256 of the others), written to a temporary dir and renamed into place.
+        [controller.pt], state.json and manifest.json (sha256 of the others), written to a temporary dir and renamed
+        into place.
         ``snapshot`` (from ``_snapshot``) saves an earlier state; default: the current one."""
         snap = snapshot if snapshot is not None else self._snapshot(step)
         final = self.run_dir / "checkpoints" / f"step_{step}"
@@ -291,6 +299,8 @@ class Trainer:
             torch.save(snap["regime"], tmp / "regime.pt")
         if snap["probe"]:
             save_file(snap["probe"], str(tmp / "probe.safetensors"))
+        if snap.get("controller") is not None:
+            torch.save(snap["controller"], tmp / "controller.pt")
         write_json(tmp / "state.json", snap["state"])
         write_manifest(tmp)
         shutil.rmtree(final, ignore_errors=True)
@@ -316,8 +326,13 @@ class Trainer:
         opt = safe_load(path / "optimizer.pt")
         if not (isinstance(opt, dict) and {"optimizer", "scheduler"} <= set(opt)):
             raise CheckpointError(f"checkpoint {path}: optimizer.pt lacks the optimizer/scheduler state")
+        controller = safe_load(path / "controller.pt") if (path / "controller.pt").exists() else None
+        if self.controller is not None and controller is None:
+            raise CheckpointError(f"checkpoint {path} has no LR-controller state (controller.pt), which this run's "
+                                  "schedule needs to resume")
         return {"model": tensors, "optimizer": opt, "rng": safe_load(path / "rng.pt"), "state": state,
-                "regime": safe_load(path / "regime.pt") if (path / "regime.pt").exists() else None, "probe": probe}
+                "regime": safe_load(path / "regime.pt") if (path / "regime.pt").exists() else None, "probe": probe,
+                "controller": controller}
 
     def load_checkpoint(self, path: Path) -> int:
         """Restore θ, optimizer, scheduler, RNG, data order and prober state from ``path``; returns its step.
@@ -343,6 +358,8 @@ class Trainer:
             factors = [f(self.scheduler.last_epoch) for f in self.scheduler.lr_lambdas]
             for group, b, f in zip(self.optimizer.param_groups, base, factors):
                 group["initial_lr"], group["lr"] = b, b * f
+        if self.controller is not None:  # after the groups got the fresh lr: the controller's η replaces it
+            self.controller.load_state_dict(ck["controller"])
         set_rng_state(ck["rng"])
         self.regime.load_state_dict(ck["state"]["regime"])
         if ck["regime"] is not None:
@@ -425,8 +442,9 @@ class Trainer:
                              "final": r["completion"], "final_correct": r["correct"]} for r in rows]
         write_json(path, data)
 
-    def _probe(self, step: int, chunks: list) -> dict:
-        ctx = ProbeContext(
+    def _context(self, step: int, chunks: list) -> ProbeContext:
+        """The objective the optimizer steps on at θ_step (for probes and the LR controller)."""
+        return ProbeContext(
             params=dict(self.policy.trainable_parameters()),
             loss_fn=lambda chunk: self.regime.loss(self.policy, chunk),
             batches=chunks,
@@ -438,7 +456,9 @@ class Trainer:
             update=self.last_update,
             probe_set=self._probe_set(),
         )
-        return dict(self.prober(ctx))
+
+    def _probe(self, step: int, chunks: list) -> dict:
+        return dict(self.prober(self._context(step, chunks)))
 
     def _probe_set(self) -> list | None:
         """The regime's fixed probe set at the prober's ``probe_set_size`` (None: the batch is the probe set)."""
@@ -501,6 +521,9 @@ class Trainer:
                     if want_update else None
                 if self.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(list(params.values()), self.grad_clip)
+                if self.controller is not None:  # sets η of this step (see module docstring)
+                    row.update(self.controller(self._context(step, chunks), loss))
+                    row["train/lr"] = float(self.optimizer.param_groups[0]["lr"])
                 self.optimizer.step()
                 if self.scheduler is not None:
                     self.scheduler.step()

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Union
 
 import tyro
 
+from agents.eos_lr import ControlConfig
 from agents.trainer import CheckpointError, ResumeWarning
 from experiments import cohen2021, eoss
 from experiments.demo import DemoConfig, run_demo
@@ -63,6 +64,8 @@ class CohenCommand:
     lrs: tuple[float, ...] = (0.3, 0.45, 0.6)  # learning rates η, one run each (the edge is 2/η)
     steps: int = 500  # GD steps per run
     out_dir: Path = Path("runs/cohen2021")  # runs go to OUT_DIR/gd-digits-lr<η>-s0/
+    schedule: str = "constant"  # constant (η = lr), or eos / cdat: an LR controller starting from each lr
+    control: ControlConfig = field(default_factory=ControlConfig)  # knobs of the eos / cdat controller
 
 
 Command = Union[
@@ -102,7 +105,8 @@ def execute(cmd) -> int:
         except FileNotFoundError as e:
             raise ConfigError(str(e)) from None
     elif isinstance(cmd, CohenCommand):
-        cfgs = [cohen2021.CohenConfig(lr=lr, steps=cmd.steps, out_dir=str(cmd.out_dir)) for lr in cmd.lrs]
+        cfgs = [cohen2021.CohenConfig(lr=lr, steps=cmd.steps, out_dir=str(cmd.out_dir), schedule=cmd.schedule,
+                                      control=cmd.control) for lr in cmd.lrs]
         errors = [e for c in cfgs for e in cohen2021.config_errors(c)]
         if errors:
             raise ConfigError("; ".join(errors))

@@ -12,18 +12,26 @@ seeded Gaussian-mixture classification set. Expected: λ_max(∇²L) rises (prog
 run directory written by ``agents.runwriter.RunWriter`` like every other run's, so the report reads it unchanged.
 Computation in float64: at EoS, λ_max differences of 1% matter and the network is small (~9k parameters).
 
+With ``schedule="eos"`` (or ``"cdat"``) the same GD runs under an LR controller of agents.eos_lr that starts from
+``lr`` and then sets η itself (knobs in ``control``); it acts after the gradient and before the step, so the row
+of step t (``train/lr``, ``probe/two_over_eta``) holds the η of that step.
+
     python -m experiments.cohen2021 --lr 0.3
+    python -m experiments.cohen2021 --lr 0.1 --schedule eos --control.target 0.8
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import tyro
 
+from agents.eos_lr import CONTROLLED, ControlConfig, build_controller, control_errors
+from agents.optim import OptimConfig, lr_multiplier
 from agents.runwriter import DONE, STATUS_COMPLETED, STATUS_DIVERGED, STATUS_RUNNING, RunWriter
 from probes import ProbeConfig, ProbeContext, Prober
 
@@ -39,11 +47,18 @@ class CohenConfig:
     eig_tol: float = 1e-3  # LOBPCG relative residual of the λ_max solve
     seed: int = 0
     out_dir: str = "runs/cohen2021"
-    name: str | None = None  # default: gd-<dataset>-lr<η>-s<seed>
+    name: str | None = None  # default: gd-<dataset>-lr<η>-s<seed> (gd-<dataset>-eos<ρ>-lr<η>-... with a controller)
+    schedule: str = "constant"  # constant / linear / cosine (agents.optim), or eos / cdat: a controller from lr on
+    warmup_steps: int = 0  # linear warm-up before linear / cosine decay (fixed schedules only)
+    control: ControlConfig = field(default_factory=ControlConfig)  # knobs of the eos / cdat controller
 
     @property
     def run_name(self) -> str:
-        return self.name or f"gd-{self.dataset}-lr{self.lr:g}-s{self.seed}"
+        sched = {"constant": "", "eos": f"-eos{self.control.target:g}",
+                 "cdat": f"-cdat{self.control.cdat_scale:g}"}.get(self.schedule, f"-{self.schedule}")
+        if self.warmup_steps:
+            sched += f"-w{self.warmup_steps}"
+        return self.name or f"gd-{self.dataset}{sched}-lr{self.lr:g}-s{self.seed}"
 
 
 def config_errors(cfg: CohenConfig) -> list[str]:
@@ -55,6 +70,15 @@ def config_errors(cfg: CohenConfig) -> list[str]:
     for name in ("steps", "n_train", "width", "eig_every"):
         if getattr(cfg, name) < 1:
             errors.append(f"{name}={getattr(cfg, name)} must be >= 1")
+    schedules = ("constant", "linear", "cosine", *CONTROLLED)
+    if cfg.schedule not in schedules:
+        errors.append(f"schedule={cfg.schedule!r} must be one of {schedules}")
+    elif cfg.schedule in CONTROLLED:
+        errors += control_errors(cfg.control, prefix="control")
+        if cfg.warmup_steps:
+            errors.append(f"warmup_steps={cfg.warmup_steps} must be 0 with schedule={cfg.schedule!r}")
+    if cfg.warmup_steps < 0:
+        errors.append(f"warmup_steps={cfg.warmup_steps} must be >= 0")
     if cfg.dataset not in ("digits", "synthetic"):
         errors.append(f"dataset={cfg.dataset!r} must be 'digits' or 'synthetic'")
     elif cfg.dataset == "digits" and cfg.n_train > 1797:
@@ -107,10 +131,13 @@ def run_cohen(cfg: CohenConfig = CohenConfig()) -> Path:
 
     batches = [(x, y)]
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.0)  # plain GD; probes read thresholds from it
+    controller = build_controller(opt, cfg.schedule, cfg.control, cfg.seed)  # None for the fixed schedules
+    factor = lr_multiplier(OptimConfig(lr=cfg.lr, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps), cfg.steps)
     prober = Prober(ProbeConfig(every=cfg.eig_every, update_sharpness=False, batch_sharpness_every=0, tol=cfg.eig_tol,
                                 rayleigh_every=0, alignment_every=0, critical_every=0))   # λ_max only, as validated
     config = {"regime": "gd-mse", "experiment": "cohen2021", **asdict(cfg),
-              "optim": {"name": "sgd", "lr": cfg.lr, "momentum": 0.0, "weight_decay": 0.0},
+              "optim": {"name": "sgd", "lr": cfg.lr, "momentum": 0.0, "weight_decay": 0.0,
+                        "schedule": cfg.schedule, "warmup_steps": cfg.warmup_steps, "control": asdict(cfg.control)},
               "model": {"name": f"mlp-tanh-{cfg.width}x2", "lora_rank": 0},
               "train": {"steps": cfg.steps, "full_batch": True, "seed": cfg.seed},
               "env": {"env_id": cfg.dataset, "n_train": n}}
@@ -118,6 +145,7 @@ def run_cohen(cfg: CohenConfig = CohenConfig()) -> Path:
     writer.write_config(config)
     writer.replace_rows([])  # an unfinished earlier attempt starts over: the run is cheap and deterministic
     writer.write_status(STATUS_RUNNING, 0)
+    t0, probe_seconds = time.perf_counter(), 0.0
     for step in range(cfg.steps + 1):  # metrics at θ_step, before the step's update
         opt.zero_grad(set_to_none=True)
         out = net(x)
@@ -125,11 +153,22 @@ def run_cohen(cfg: CohenConfig = CohenConfig()) -> Path:
         loss.backward()
         acc = (out.detach().argmax(1) == y.argmax(1)).double().mean().item()
         grad_norm = torch.sqrt(sum((p.grad**2).sum() for p in net.parameters())).item()
-        rec = {"step": step, "train/loss": loss.item(), "train/lr": cfg.lr, "train/grad_norm": grad_norm,
-               "eval/accuracy": acc}
+        control = {}
+        if controller is None:
+            opt.param_groups[0]["lr"] = cfg.lr * factor(step)
+        elif step < cfg.steps and math.isfinite(loss.item()) and loss.item() <= 1e3:
+            control = controller(ProbeContext(params=params, loss_fn=loss_fn, batches=batches,
+                                              lr=opt.param_groups[0]["lr"], step=step, optimizer=opt, model=net),
+                                 loss.item())
+        lr = float(opt.param_groups[0]["lr"])  # η of this step (set by the controller, if any)
+        rec = {"step": step, "train/loss": loss.item(), "train/lr": lr, "train/grad_norm": grad_norm,
+               "eval/accuracy": acc, **control}
+        # wall-clock of training so far, the controller's estimates included and the diagnostic probes not
+        rec["train/seconds"] = time.perf_counter() - t0 - probe_seconds
         if prober.due(step):
-            rec.update(prober(ProbeContext(params=params, loss_fn=loss_fn, batches=batches, lr=cfg.lr,
+            rec.update(prober(ProbeContext(params=params, loss_fn=loss_fn, batches=batches, lr=lr,
                                            step=step, optimizer=opt, model=net)))
+            probe_seconds += rec["probe/seconds"]
         writer.append(rec)
         if not math.isfinite(loss.item()) or loss.item() > 1e3:
             writer.finish(STATUS_DIVERGED, step, f"loss {loss.item():.3g}")

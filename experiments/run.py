@@ -35,6 +35,7 @@ import torch
 
 import envs
 from agents.embedded import embedded_model_path
+from agents.eos_lr import CONTROLLED, build_controller
 from agents.optim import OptimConfig, build_optimizer, build_scheduler
 from agents.optim import config_errors as optim_errors
 from agents.policy import LMPolicy, ModelConfig, resolve_device
@@ -126,8 +127,14 @@ def run_name(cfg: RunConfig) -> str:
         batch = f"p{cfg.ppo.prompts_per_step}x{cfg.ppo.group_size}"
     else:
         batch = "gd" if cfg.train.full_batch else f"b{cfg.train.micro_batch * cfg.train.grad_accum}"
-    return (f"{cfg.regime}-{cfg.env.env_id}{_kwargs_tag(cfg.env.kwargs)}-{cfg.optim.name}-lr{cfg.optim.lr:g}-{batch}"
-            f"-r{cfg.model.lora_rank}-s{cfg.train.seed}")
+    # a curvature-driven schedule is part of the name (lr is only its start); fixed schedules keep their old names
+    sched = ""
+    if cfg.optim.schedule == "eos":
+        sched = f"-eos{cfg.optim.control.target:g}"
+    elif cfg.optim.schedule in CONTROLLED:
+        sched = f"-{cfg.optim.schedule}{cfg.optim.control.cdat_scale:g}"
+    return (f"{cfg.regime}-{cfg.env.env_id}{_kwargs_tag(cfg.env.kwargs)}-{cfg.optim.name}{sched}-lr{cfg.optim.lr:g}"
+            f"-{batch}-r{cfg.model.lora_rank}-s{cfg.train.seed}")
 
 
 def _kwargs_tag(kwargs: dict) -> str:
@@ -426,7 +433,8 @@ def _assemble(cfg: RunConfig, env, run_dir: Path, log_fn, progress: bool) -> Tra
                    prober=Prober(cfg.probe) if cfg.probe.every > 0 else None,
                    eval_tasks=env.tasks("test", cfg.env.n_eval) if cfg.env.n_eval else [], score_fn=score_fn,
                    retention_fn=_retention_fn(cfg), log_fn=log_fn, grad_clip=cfg.optim.grad_clip,
-                   progress=progress, lineage=_lineage(cfg, run_dir))
+                   progress=progress, lineage=_lineage(cfg, run_dir),
+                   controller=build_controller(optimizer, cfg.optim.schedule, cfg.optim.control, cfg.train.seed))
 
 
 def _retention_fn(cfg: RunConfig):

@@ -13,7 +13,7 @@ from .eigs import STOPS
 from .hvp import MODES
 from .sharpness import ESTIMATORS
 
-__all__ = ["ProbeConfig"]
+__all__ = ["ProbeConfig", "config_errors"]
 
 
 @dataclass(frozen=True)
@@ -122,21 +122,34 @@ class ProbeConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("every", "batch_sharpness_every", "trace_every", "blocks_every", "k", "max_hvps", "probe_set_size",
-                     "rayleigh_every", "alignment_every", "critical_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"ProbeConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.mode not in MODES:
-            raise ValueError(f"ProbeConfig.mode must be one of {MODES}, got {self.mode!r}")
-        if self.batch_estimator not in ESTIMATORS:
-            raise ValueError(f"ProbeConfig.batch_estimator invalid: {self.batch_estimator!r}")
-        if not 0 < self.confidence < 1 or self.tol <= 0:
-            raise ValueError("ProbeConfig: need 0 < confidence < 1 and tol > 0")
-        if self.stop not in STOPS:
-            raise ValueError(f"ProbeConfig.stop must be one of {STOPS}, got {self.stop!r}")
-        if self.every > 0 and (self.k < 1 or self.max_hvps < self.k):
-            raise ValueError("ProbeConfig: need k >= 1 and max_hvps >= k")
-        if not 0 < self.critical_rtol < 1 or self.critical_max_forwards < 3:
-            raise ValueError("ProbeConfig: need 0 < critical_rtol < 1 and critical_max_forwards >= 3")
-        if not 1 <= self.batch_min_samples <= self.batch_max_samples:
-            raise ValueError("ProbeConfig: need 1 <= batch_min_samples <= batch_max_samples")
+        errors = config_errors(self)
+        if errors:
+            raise ValueError("ProbeConfig: " + "; ".join(errors))
+
+
+def config_errors(cfg: ProbeConfig) -> list[str]:
+    """Every problem with ``cfg`` (empty when valid); ``ProbeConfig`` raises them at construction."""
+    errors = [f"{name} must be >= 0, got {getattr(cfg, name)}"
+              for name in ("every", "batch_sharpness_every", "trace_every", "blocks_every", "k", "max_hvps",
+                           "probe_set_size", "rayleigh_every", "alignment_every", "critical_every")
+              if getattr(cfg, name) < 0]
+    if cfg.mode not in MODES:
+        errors.append(f"mode must be one of {MODES}, got {cfg.mode!r}")
+    if cfg.batch_estimator not in ESTIMATORS:
+        errors.append(f"batch_estimator must be one of {tuple(ESTIMATORS)}, got {cfg.batch_estimator!r}")
+    if not 0 < cfg.confidence < 1:
+        errors.append(f"need 0 < confidence < 1, got {cfg.confidence}")
+    if not cfg.tol > 0:
+        errors.append(f"need tol > 0, got {cfg.tol}")
+    if cfg.stop not in STOPS:
+        errors.append(f"stop must be one of {STOPS}, got {cfg.stop!r}")
+    if cfg.every > 0 and (cfg.k < 1 or cfg.max_hvps < cfg.k):
+        errors.append(f"need k >= 1 and max_hvps >= k, got k={cfg.k}, max_hvps={cfg.max_hvps}")
+    if not 0 < cfg.critical_rtol < 1:
+        errors.append(f"need 0 < critical_rtol < 1, got {cfg.critical_rtol}")
+    if cfg.critical_max_forwards < 3:
+        errors.append(f"need critical_max_forwards >= 3, got {cfg.critical_max_forwards}")
+    if not 1 <= cfg.batch_min_samples <= cfg.batch_max_samples:
+        errors.append(f"need 1 <= batch_min_samples <= batch_max_samples, got {cfg.batch_min_samples}, "
+                      f"{cfg.batch_max_samples}")
+    return errors
