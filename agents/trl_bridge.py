@@ -21,7 +21,7 @@ from transformers import Trainer, TrainerCallback
 import envs
 from agents.policy import LMPolicy, token_logprobs
 from agents.sft import make_chunks
-from envs.verify import make_trl_reward
+from envs import make_trl_reward
 from probes import ProbeConfig, ProbeContext, Prober
 
 
@@ -150,7 +150,7 @@ def env_reward_function(env_id: str, **env_kwargs: Any) -> Callable[..., list[fl
     """TRL reward function (GRPOTrainer / RLOOTrainer ``reward_funcs``) scoring completions with ``env_id``'s
     verifier against the dataset column ``answer`` (TRL passes extra columns as list kwargs; keep
     ``remove_unused_columns=False``, the GRPOConfig default). Rewards in [0, 1]; malformed completions score 0.
-    This is ``envs.verify.make_trl_reward``, re-exported so TRL users find rewards next to the probe callback."""
+    This is ``envs.make_trl_reward``, re-exported so TRL users find rewards next to the probe callback."""
     return make_trl_reward(env_id, **env_kwargs)
 
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from envs.arith import HARD  # cheap: pure Python, no heavy dependencies
 from envs.core import Task, TextTaskEnv
+from envs.verify import completion_text
 
 # id -> (entry point, registered kwargs). No max_episode_steps: episodes are single-step and terminate
 # themselves; a TimeLimit(1) would also set truncated=True on the terminating step.
@@ -90,4 +91,27 @@ def score_batch(env_id_or_env: str | gym.Env, completions: list, answers: list[s
     return np.fromiter((score(c, a) for c, a in zip(completions, answers)), dtype=np.float64, count=len(answers))
 
 
-__all__ = ["ENV_IDS", "SUITE_IDS", "Task", "TextTaskEnv", "load_tasks", "make_unwrapped", "score_batch"]
+
+def make_trl_reward(env_id: str, **env_kwargs: Any):
+    """A TRL reward function ``f(prompts, completions, answer, **kw) -> list[float]`` scoring with ``env_id``'s
+    verifier (``env_kwargs`` configure the env). The dataset needs an ``answer`` column; TRL passes every
+    dataset column as a keyword list, which ``**kw`` absorbs. ``f.__name__`` is what TRL logs under
+    ``rewards/<name>/mean``.
+
+    >>> f = make_trl_reward("ArithRLVR-v0")
+    >>> f(prompts=["Compute 1+2. "], completions=["1+2=3\\nAnswer: 3"], answer=["3"])
+    [1.0]
+    """
+    score = make_unwrapped(env_id, **env_kwargs).score
+
+    def reward(prompts: list, completions: list, answer: list[str], **kwargs: Any) -> list[float]:
+        if len(completions) != len(answer):
+            raise ValueError(f"{len(completions)} completions but {len(answer)} answers")
+        return [score(completion_text(c), a) for c, a in zip(completions, answer)]
+
+    reward.__name__ = reward.__qualname__ = env_id.split("-v")[0].replace("-", "_").lower() + "_reward"
+    return reward
+
+
+__all__ = ["ENV_IDS", "SUITE_IDS", "Task", "TextTaskEnv", "load_tasks", "make_trl_reward", "make_unwrapped",
+           "score_batch"]

@@ -340,26 +340,3 @@ def completion_text(completion: Any) -> Any:
     if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
         return completion[-1].get("content")
     return completion
-
-
-def make_trl_reward(env_id: str, **env_kwargs: Any):
-    """A TRL reward function ``f(prompts, completions, answer, **kw) -> list[float]`` scoring with ``env_id``'s
-    verifier (``env_kwargs`` configure the env). The dataset needs an ``answer`` column; TRL passes every
-    dataset column as a keyword list, which ``**kw`` absorbs. ``f.__name__`` is what TRL logs under
-    ``rewards/<name>/mean``.
-
-    >>> f = make_trl_reward("ArithRLVR-v0")
-    >>> f(prompts=["Compute 1+2. "], completions=["1+2=3\\nAnswer: 3"], answer=["3"])
-    [1.0]
-    """
-    from envs import make_unwrapped  # envs imports this module; import here to keep the dependency one-way
-
-    score = make_unwrapped(env_id, **env_kwargs).score
-
-    def reward(prompts: list, completions: list, answer: list[str], **kwargs: Any) -> list[float]:
-        if len(completions) != len(answer):
-            raise ValueError(f"{len(completions)} completions but {len(answer)} answers")
-        return [score(completion_text(c), a) for c, a in zip(completions, answer)]
-
-    reward.__name__ = reward.__qualname__ = env_id.split("-v")[0].replace("-", "_").lower() + "_reward"
-    return reward

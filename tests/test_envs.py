@@ -567,7 +567,7 @@ def test_load_tasks_and_score_batch():
 
 
 def test_trl_reward_adapter_plain_and_chat_completions():
-    from envs.verify import make_trl_reward
+    from envs import make_trl_reward
 
     f = make_trl_reward("ArithRLVR-v0")
     assert f.__name__ == "arithrlvr_reward"

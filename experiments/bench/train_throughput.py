@@ -116,7 +116,7 @@ def trl_run(model: str, regime_name: str, steps: int, warmup: int, batch: int, p
         args = GRPOConfig(per_device_train_batch_size=ppo.prompts_per_step * ppo.group_size,
                           num_generations=ppo.group_size, max_completion_length=ppo.max_new_tokens,
                           temperature=ppo.temperature, beta=0.0, epsilon=ppo.clip_eps, **common)
-        trainer = GRPOTrainer(model=lm, reward_funcs=[envs.verify.make_trl_reward(ENV)], args=args,
+        trainer = GRPOTrainer(model=lm, reward_funcs=[envs.make_trl_reward(ENV)], args=args,
                               train_dataset=data, processing_class=tok, optimizers=(opt, None), callbacks=[Clock()])
     trainer.train()
     return clock.per_step()

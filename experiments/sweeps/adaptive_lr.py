@@ -16,15 +16,20 @@ Two parts:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from agents.eos_lr import ControlConfig
+from experiments.cohen2021 import CohenConfig, run_cohen
+from experiments.rundirs import load_run
 from experiments.run import RunConfig, default_config, replace
 from experiments.sweep import WARM_START, Sweep
 from probes import ProbeConfig
+from probes.sharpness import t_quantile
 
 SEEDS = (0, 1, 2)
 
@@ -59,8 +64,6 @@ SWEEP = Sweep("adaptive_lr", tuple(_arms(_SFT, "sft", (3e-4, 1e-3, 3e-3), warmup
 def cohen_configs(out_dir: str = "runs/adaptive_lr/cohen", steps: int = 500, seeds=SEEDS) -> dict[str, list]:
     """arm -> CohenConfigs over seeds: constant grid, warm-up + cosine, eos at ρ ∈ {0.5, 0.8, 0.9, 1.0, 1.5} (k = 5),
     cdat σ ∈ {1, 2} (every step)."""
-    from experiments.cohen2021 import CohenConfig
-
     base = CohenConfig(steps=steps, eig_every=50, out_dir=out_dir)
     arms = {f"const-lr{lr:g}": dict(lr=lr) for lr in (0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.3, 1.6)}
     arms.update({f"cosine-lr{lr:g}-w50": dict(lr=lr, schedule="cosine", warmup_steps=50) for lr in (0.6, 1.0, 1.6)})
@@ -72,7 +75,6 @@ def cohen_configs(out_dir: str = "runs/adaptive_lr/cohen", steps: int = 500, see
 
 
 def _mean_ci(xs: list[float]) -> tuple[float, float]:
-    from probes.sharpness import t_quantile
 
     n = len(xs)
     mean = sum(xs) / n
@@ -88,9 +90,6 @@ GRAPH_COST, HVP_COST = 1.3, 1.6   # in G on the tanh MLP (cached graph; probes/h
 def run_cohen_part(out_dir: str = "runs/adaptive_lr/cohen", steps: int = 500, echo=print) -> dict[str, dict]:
     """Run (or reuse) every Cohen config; returns arm -> {loss, loss_ci, loss_at_C, loss_at_C_ci, seconds,
     est_hvps, diverged} and echoes a table. C = ``steps`` G of compute (what a plain GD run spends)."""
-    from experiments.cohen2021 import run_cohen
-    from experiments.rundirs import load_run
-
     runs = {arm: [load_run(run_cohen(c)) for c in cfgs] for arm, cfgs in cohen_configs(out_dir, steps).items()}
     out = {}
     for arm, rs in runs.items():
@@ -123,9 +122,6 @@ def run_cohen_part(out_dir: str = "runs/adaptive_lr/cohen", steps: int = 500, ec
 
 
 if __name__ == "__main__":
-    import json
-    import sys
-
     root = sys.argv[1] if len(sys.argv) > 1 else "runs/adaptive_lr/cohen"
     summary = run_cohen_part(root)
     Path(root, "summary.json").write_text(json.dumps(summary, indent=1))
