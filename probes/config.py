@@ -139,7 +139,7 @@ def config_errors(cfg: ProbeConfig) -> list[str]:
         errors.append(f"batch_estimator must be one of {tuple(ESTIMATORS)}, got {cfg.batch_estimator!r}")
     if not 0 < cfg.confidence < 1:
         errors.append(f"need 0 < confidence < 1, got {cfg.confidence}")
-    if not cfg.tol > 0:
+    if cfg.tol <= 0:  # NaN/inf are left to the run config's finiteness check, which names the flag
         errors.append(f"need tol > 0, got {cfg.tol}")
     if cfg.stop not in STOPS:
         errors.append(f"stop must be one of {STOPS}, got {cfg.stop!r}")

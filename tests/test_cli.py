@@ -66,7 +66,7 @@ def test_one_run_and_report_through_the_cli(tiny_model_dir, tmp_path, capsys):
             "--env.n-train", "8", "--env.n-eval", "2", "--train.steps", "2", "--train.micro-batch", "4",
             "--train.grad-accum", "2", "--train.retention-tokens", "64", "--train.n-samples", "1",
             "--train.eval-max-new-tokens", "4", "--train.max-length", "64", "--probe.every", "1",
-            "--probe.batch-sharpness-every", "0", "--probe.max-hvps", "8"]
+            "--probe.batch-sharpness-every", "0", "--probe.max-hvps", "8", "--replay.weight", "0"]
     assert main(args) == 0
     run_dir = tmp_path / "runs" / "cli"
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"

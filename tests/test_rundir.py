@@ -24,7 +24,8 @@ def cli_args(model_dir, out_dir, *extra, name="r"):
             "--env.n-train", "8", "--env.n-eval", "2", "--train.steps", "2", "--train.micro-batch", "2",
             "--train.grad-accum", "2", "--train.eval-every", "0", "--train.retention-every", "0",
             "--train.retention-tokens", "0", "--train.eval-max-new-tokens", "4", "--train.n-samples", "1",
-            "--train.max-length", "64", "--probe.every", "0", "--optim.lr", "0.05", *extra]
+            "--train.max-length", "64", "--probe.every", "0", "--optim.lr", "0.05", "--replay.weight", "0",
+            *extra]
 
 
 def one_error_line(capsys) -> str:

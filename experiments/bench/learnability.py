@@ -90,6 +90,8 @@ def plan(env_id: str, args) -> list[tuple[str, object]]:
         base = default_config(command)
         c = replace(base, out_dir=str(args.out / env_id), env={"env_id": env_id, "n_eval": args.n_eval},
                     model={"name": args.model} if command != "rl" else {})
+        if c.replay.weight > 0:
+            c = replace(c, replay={"source": args.replay_source})
         return replace(c, **sections) if sections else c
 
     def steps(c, n):
@@ -128,6 +130,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--envs", nargs="+", default=list(ENVS))
     p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=REGIMES)
     p.add_argument("--model", default="embedded", help="'embedded' or a local model directory")
+    p.add_argument("--replay-source", default="auto",
+                   help="pre-training text replayed by SFT/LoRA ('auto': the embedded model's; for another model a "
+                        "JSON list of texts or a text file)")
     p.add_argument("--n-eval", type=int, default=500, help="held-out test problems scored at start and end")
     p.add_argument("--out", type=Path, default=Path("runs/bench/learnability"))
     p.add_argument("--sft-steps", type=int, default=0, help="0 = the default of `eoslab sft`")
