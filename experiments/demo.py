@@ -75,11 +75,12 @@ def demo_sweeps(cfg: DemoConfig):
     )
     lora = replace(sft, model={"lora_rank": cfg.lora_rank}, train={"steps": cfg.lora_steps})
     # the warm start is the first steps of `eoslab sft` at its defaults (AdamW; warm-up, then the peak LR, since a
-    # cosine over a few steps would anneal early): a policy that has learnt part of the task
+    # cosine over a few steps would anneal early): a policy that has learnt part of the task. Without replay, so that
+    # any --model works (replay needs its pre-training text); a warm start this short forgets little.
     warm = replace(default_config("sft"), name="warm-start-sft", model={"name": cfg.model}, env=sft.env,
-                   optim={"schedule": "constant"}, probe=ProbeConfig(every=0), train={"steps": cfg.warm_start_steps, "eval_every": 50,
-                                                      "retention_every": 50, "retention_tokens": 4096,
-                                                      "checkpoint_every": 0, "n_samples": 4})
+                   optim={"schedule": "constant"}, probe=ProbeConfig(every=0), replay={"weight": 0.0},
+                   train={"steps": cfg.warm_start_steps, "eval_every": 50, "retention_every": 50,
+                          "retention_tokens": 4096, "checkpoint_every": 0, "n_samples": 4})
     rl = replace(sft, regime="rl", model={"name": WARM_START}, ppo=PPOConfig(prompts_per_step=4, group_size=4,
                                                                              max_new_tokens=48, temperature=0.7),
                  train={"steps": cfg.rl_steps, "micro_batch": 8, "grad_accum": 1, "eval_every": 20,
