@@ -1,4 +1,4 @@
-"""SFT learning-rate sweep, the seed setup: full fine-tuning on verifiable instruction tasks (InstructRLVR-v0,
+"""SFT learning-rate sweep in the user's setup: full fine-tuning on verifiable instruction tasks (InstructRLVR-v0,
 the offline stand-in for Alpaca: 9000 generated train tasks, so accuracy is measurable), SGD (momentum 0.9, L2 weight
 decay 1e-4), effective batch 16 = 4 micro-batches of 4, η from 1e-4 (used in practice) to 1e-2."""
 
