@@ -31,8 +31,10 @@ class ReplayConfig:
 
     weight: float = 0.0
     """α: the replay loss's share of the objective, (1 − α) L_task + α L_lm (0 = plain SFT)."""
-    windows: int = 8
-    """Pre-training windows (of train.max_length tokens) per optimizer step."""
+    windows: int = 4
+    """Pre-training windows (of train.max_length tokens) per optimizer step. 4 x 128 tokens beside SFT's 64
+    examples: 0.94 held-out at retention x1.05 for about the step time of plain SFT; 8 gave 0.96 at x1.00 for
+    ~20 % more time per step (embedded model, ArithRLVR-v0, the SFT default)."""
     pool: int = 4096
     """Windows in the replay pool, cut from the start of the pre-training train split."""
     source: str = "auto"

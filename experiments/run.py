@@ -96,12 +96,13 @@ def default_config(command: str) -> RunConfig:
 
     * sft: AdamW 1e-3, batch 64 (16 x 4), 1000 steps, 50 warm-up steps then cosine decay. Constant AdamW 1e-3
       reached 0.51 / 0.78 / 0.79 held-out after 250 / 500 / 750 steps and this schedule 0.97 after 1000, but
-      forgot: retention perplexity x3.98 of the base. Replay of the pre-training text at α = 0.2
-      (agents/replay.py) keeps it: 0.45 / 0.79 / 0.92 / 0.96 held-out after 250 / 500 / 750 / 1000 steps at
-      retention x1.14 / 1.03 / 1.02 / 1.00 (500 test problems). Replay needs the base model's pre-training text:
-      known for the embedded model, a file (``--replay.source``) for any other, or ``--replay.weight 0``. Plain
-      SGD (momentum 0.9, weight decay 1e-4, batch 16; RunConfig's own defaults) at 0.05 reached 0.21 after 3000
-      steps. The EoS studies keep constant LRs of their own; this default is for a policy that learns.
+      forgot: retention perplexity x3.98 of the base. Replay of the pre-training text at α = 0.2, 4 windows per
+      step (agents/replay.py) keeps it: 0.25 / 0.80 / 0.91 / 0.94 held-out after 250 / 500 / 750 / 1000 steps at
+      retention x1.27 / 1.16 / 1.07 / 1.05 (500 test problems; 8 windows: 0.96 at x1.00, ~20 % slower per step).
+      Replay needs the base model's pre-training text: known for the embedded model, a file
+      (``--replay.source``) for any other, or ``--replay.weight 0``. Plain SGD (momentum 0.9, weight decay 1e-4,
+      batch 16; RunConfig's own defaults) at 0.05 reached 0.21 after 3000 steps. The EoS studies keep constant
+      LRs of their own; this default is for a policy that learns.
     * lora: the same at 3e-3 (rank 8, without replay: 0.80 held-out after 1000 steps).
     * rl: PPO from the "rl" pool, AdamW 1e-4, rollouts at temperature 0.7 (8 prompts x 4 samples): at 1.0 the
       samples of a partly trained policy are almost all wrong (reward 0.03 at greedy accuracy 0.25) and groups
