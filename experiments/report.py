@@ -33,11 +33,10 @@ class ReportConfig:
 
 
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
-    """Sweep groups: runs sharing parent directory, regime label and optimizer setting."""
+    """Sweep groups: runs sharing parent directory, regime label and optimizer."""
     groups: dict[str, list[Run]] = defaultdict(list)
     for r in runs:
-        # the optimizer setting (gd / sgd / sgd β=0.9 / adam): momentum 0 and 0.9 never share a panel
-        groups[f"{r.path.parent.name} · {r.label} · {optim_setting(r)}"].append(r)
+        groups[f"{r.path.parent.name} · {r.label} · {r.optimizer}"].append(r)
     return dict(sorted(groups.items()))
 
 

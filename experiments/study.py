@@ -158,7 +158,7 @@ def config_errors(cfg: StudyConfig) -> list[str]:
             errors.append(f"study.{name}={getattr(cfg, name)} must be >= 1")
     if cfg.gd_n_train % BATCH:
         errors.append(f"study.gd_n_train={cfg.gd_n_train} must be a multiple of {BATCH} (GD's chunks)")
-    if not pairs(cfg):
+    if not errors and not pairs(cfg):
         errors.append("study: no regime × optimizer pair left to run")
     return errors
 
