@@ -263,9 +263,12 @@ def _calibration_step_and_key(c: RunConfig) -> tuple[int, str]:
     return (c.probe.every, "probe/adam_lambda_max") if c.optim.name == "adam" else (0, "probe/lambda_max")
 
 
-def fingerprint(c: RunConfig) -> str:
-    """Hash of what determines a calibration's value (the run config, less where it is stored)."""
-    d = {k: v for k, v in asdict(c).items() if k not in ("out_dir", "name", "overwrite")}
+def fingerprint(c: RunConfig, warm: RunConfig | None = None) -> str:
+    """Hash of what determines a calibration's value: the run config, less where it is stored, and for RLVR the
+    warm start's config (its model path stays the same when the warm start changes)."""
+    def strip(x: RunConfig) -> dict:
+        return {k: v for k, v in asdict(x).items() if k not in ("out_dir", "name", "overwrite")}
+    d = {"run": strip(c), "warm_start": strip(warm) if c.regime == "rl" and warm is not None else None}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -282,7 +285,7 @@ def cached_calibration(cfg: StudyConfig) -> dict[str, dict]:
         saved = json.loads(path.read_text())
     except json.JSONDecodeError:
         return {}
-    want = {k: fingerprint(c) for k, c in calibration_configs(cfg).items()}
+    want = {k: fingerprint(c, warm_start_config(cfg)) for k, c in calibration_configs(cfg).items()}
     return {k: v for k, v in saved.items() if k in want and v.get("fingerprint") == want[k]}
 
 
@@ -310,7 +313,7 @@ def calibrate(cfg: StudyConfig, echo=print) -> dict[str, float]:
                 raise RuntimeError(f"calibration {key}: no positive {metric} at step {step} in {run_dir} "
                                    f"(got {at.tolist()}); see its status.json")
             saved[key] = {"lambda0": float(at[0]), "metric": metric, "step": step, "run": str(run_dir),
-                          "fingerprint": fingerprint(c)}
+                          "fingerprint": fingerprint(c, warm_start_config(cfg))}
             cached[key] = saved[key]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(saved, indent=1, sort_keys=True))

@@ -145,3 +145,29 @@ def test_tiny_study_end_to_end(tiny_model_dir, tmp_path):
     lines.clear()
     run_study(cfg, echo=lines.append)
     assert "[todo]" not in "\n".join(lines) and "cached" in "\n".join(lines)
+
+
+def test_regime_answers_follow_their_rule():
+    from experiments.findings import regime_answers
+
+    def group(regime, optim, answer):
+        return {"group": f"{regime} · {optim}", "regime": regime, "optim": optim, "answer": answer}
+
+    found = [group("sft", "gd", "yes"), group("sft", "adam", "no"), group("rl", "sgd", "no"),
+             group("rl", "adam", "no"), group("lora-r4", "sgd", "no"), group("lora-r4", "adam", "inconclusive"),
+             {"group": "sft · gd", "statement": "a claim without an answer"}]
+    got = {a["regime"]: a for a in regime_answers(found)}
+    assert {k: a["answer"] for k, a in got.items()} == {"sft": "yes", "rl": "no", "lora-r4": "inconclusive"}
+    assert "holds the edge under gd" in got["sft"]["statement"] and got["sft"]["rule"]
+
+
+def test_full_batch_runs_are_gd_in_the_findings(tmp_path):
+    from experiments.findings import optim_setting
+    from experiments.rundirs import Run
+
+    def run(full_batch, momentum=0.0):
+        return Run(tmp_path, {"optim": {"name": "sgd", "momentum": momentum}, "train": {"full_batch": full_batch}},
+                   {}, {}, [])
+
+    assert [optim_setting(run(True)), optim_setting(run(False)), optim_setting(run(False, 0.9))] == \
+        ["gd", "sgd", "sgd β=0.9"]
