@@ -37,7 +37,8 @@ from experiments.rundirs import Run
 MAJORITY = 2 / 3
 CONFIDENCE = 0.95
 SETTLED = ("flat", "softening", "below-edge", "above-edge")  # conclusive phases other than eos
-METRICS = ("r0", "sharpening_rate", "time_to_edge", "band_fraction", "overshoot", "final_loss", "final_accuracy")
+METRICS = ("r0", "sharpening_rate", "time_to_edge", "band_fraction", "overshoot", "final_loss", "final_accuracy",
+           "retention_ratio")
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,10 @@ def run_metrics(run: Run, config: PhaseConfig = PhaseConfig()) -> tuple[Phases |
     if p is not None:
         m.update(r0=p.r0, sharpening_rate=p.sharpening_rate, time_to_edge=p.time_to_edge,
                  band_fraction=p.band_fraction, overshoot=p.overshoot)
-    m.update(final_loss=_last(run, "train/loss"), final_accuracy=_last(run, "eval/accuracy", "env/accuracy"))
+    # forgetting: held-out pre-training perplexity at the end over at the start (1 = nothing forgotten)
+    _, ppl = run.series("retention/perplexity")
+    m.update(final_loss=_last(run, "train/loss"), final_accuracy=_last(run, "eval/accuracy", "env/accuracy"),
+             retention_ratio=float(ppl[-1] / ppl[0]) if len(ppl) > 1 and ppl[0] > 0 else math.nan)
     return p, m
 
 

@@ -30,6 +30,7 @@ class ReportConfig:
     out: Path = Path("runs/report")  # output directory (index.html + PNGs)
     delta: float = PhaseConfig.delta  # EoS band half-width δ relative to the threshold
     title: str = "Edge of Stability in LM post-training"
+    notes: tuple[str, ...] = ()  # lines listed under the title (HTML and findings.md), e.g. a study's LR placement
 
 
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
@@ -201,6 +202,8 @@ def write_report(paths, config: ReportConfig = ReportConfig()) -> Path:
     phase_cfg = PhaseConfig(delta=config.delta)
     sources = html.escape(", ".join(map(str, paths)))
     parts = [f"<h1>{html.escape(config.title)}</h1>", f"<p>{len(runs)} runs from {sources}</p>"]
+    if config.notes:
+        parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in config.notes) + "</ul>")
 
     rows = phase_rows(runs, phase_cfg)
     parts.append("<h2>EoS phases</h2>")
@@ -252,7 +255,8 @@ def write_report(paths, config: ReportConfig = ReportConfig()) -> Path:
     (out / "findings.json").write_text(json.dumps({"table": table, "statements": found, "regimes": regimes},
                                                   indent=1,
                                                   default=lambda o: o.__dict__ if isinstance(o, Stat) else str(o)))
-    (out / "findings.md").write_text(findings_markdown(config.title, table, found, regimes, len(runs), config.delta))
+    (out / "findings.md").write_text(findings_markdown(config.title, table, found, regimes, len(runs), config.delta,
+                                                       config.notes))
 
     parts.append("<h2>Figures (one per sweep group, overlaying learning rates)</h2>")
     parts.extend(fig_parts)
@@ -284,10 +288,11 @@ def write_report(paths, config: ReportConfig = ReportConfig()) -> Path:
 
 
 def findings_markdown(title: str, table: list[dict], found: list[dict], regimes: list[dict], n_runs: int,
-                      delta: float) -> str:
-    """The findings as Markdown: per-regime answers, every statement with its rule and figures, the table."""
+                      delta: float, notes: tuple[str, ...] = ()) -> str:
+    """The findings as Markdown: notes, per-regime answers, every statement with its rule and figures, the table."""
     lines = [f"# {title}", "", f"{n_runs} runs; phases and rules in experiments/phases.py and experiments/findings.py "
              f"(δ = {delta}); numbers are mean [95% CI] (n seeds).", ""]
+    lines += [f"- {n}" for n in notes] + ([""] if notes else [])
     if regimes:
         lines += ["## Does the Edge of Stability persist? (per regime)", ""]
         lines += [f"- **{a['statement']}** (rule: {a['rule']})" for a in regimes] + [""]
@@ -297,7 +302,7 @@ def findings_markdown(title: str, table: list[dict], found: list[dict], regimes:
         text = f"**{f['statement']}**" if "answer" in f else f["statement"]
         lines.append(f"- {text} (rule: {f['rule']}) {figs}".rstrip())
     cols = ["regime", "optim", "lr", "seeds", "phases", "catapult_share", "r0", "sharpening_rate", "time_to_edge",
-            "band_fraction", "overshoot", "final_loss", "final_accuracy"]
+            "band_fraction", "overshoot", "final_loss", "final_accuracy", "retention_ratio"]
     lines += ["", "## Table (per regime × optimizer × η)", "", "| " + " | ".join(cols) + " |",
               "|" + "---|" * len(cols)]
     for row in table:

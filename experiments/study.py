@@ -340,8 +340,9 @@ def study_sweeps(cfg: StudyConfig, calibration: dict[str, float]) -> list[Sweep]
         if key not in calibration:
             raise KeyError(f"no calibration for {key}")
         lrs = lr_grid(calibration[key], optimizer, cfg.ratios)
-        desc = (f"{regime} × {optimizer}: λ₀ = {calibration[key]:.4g}, r₀ = η·λ₀/{EDGE[optimizer]:g} ∈ "
-                f"{{{', '.join(f'{r:g}' for r in cfg.ratios)}}}")
+        metric = "λ₁(P^-½HP^-½)" if optimizer == "adam" else "λ_max"
+        desc = (f"{regime} × {optimizer}: λ₀ = {calibration[key]:.4g} ({metric}), edge θ = {EDGE[optimizer]:g}/η, "
+                f"r₀ = η·λ₀/{EDGE[optimizer]:g} ∈ {{{', '.join(f'{r:g}' for r in cfg.ratios)}}}")
         sweeps.append(Sweep(sweep_name(regime, optimizer), grid(base_config(cfg, regime, optimizer), lrs=lrs,
                                                                 seeds=cfg.seeds), desc))
     return sweeps
@@ -435,8 +436,11 @@ def run_study(cfg: StudyConfig = StudyConfig(), echo=print) -> Path | None:
     planned = [p for s in sweeps for p in plan(s, cfg.out)]
     say(f"{len(planned)} runs ({sum(p.done for p in planned)} done) on {cfg.workers} workers -> {cfg.out}")
     results = execute(planned, workers=cfg.workers, echo=say)
+    # how each LR grid was placed, and what was skipped: read from the calibration and the plan, not written here
+    notes = tuple(f"{s.name}: {s.description}; η ∈ {{{', '.join(f'{lr:g}' for lr in sorted({c.optim.lr for c in s.configs}))}}}"
+                  for s in sweeps) + tuple(f"skipped {r} × {o}: {why}" for r, o, why in skipped(cfg))
     index = write_report([Path(cfg.out) / s.name for s in sweeps],
-                         ReportConfig(out=Path(cfg.out) / "report", title=cfg.title))
+                         ReportConfig(out=Path(cfg.out) / "report", title=cfg.title, notes=notes))
     found = json.loads((index.parent / "findings.json").read_text())
     for a in found.get("regimes", []):
         say(f"{a['statement']}")

@@ -141,6 +141,7 @@ def test_tiny_study_end_to_end(tiny_model_dir, tmp_path):
     assert "Does the Edge of Stability persist" in md and all(f"{r}: does the Edge" in md for r in answers)
     assert all(s["rule"] in md for s in found["statements"])
     assert "[figure](" in md and "[figure]" in index.read_text()
+    assert "skipped rl × gd" in md and "sft-gd: sft × gd: λ₀ =" in md  # how each grid was placed
     # rerunning runs nothing: every run is done and the calibration is cached
     lines.clear()
     run_study(cfg, echo=lines.append)
