@@ -126,7 +126,7 @@ def execute(cmd) -> int:
     elif isinstance(cmd, DemoConfig):
         run_demo(cmd)
     elif isinstance(cmd, StudyConfig):
-        run_study(cmd)
+        return 1 if run_study(cmd).failed else 0
     return 0
 
 

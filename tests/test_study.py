@@ -120,7 +120,9 @@ def test_tiny_study_end_to_end(tiny_model_dir, tmp_path):
     cfg = tiny(tiny_model_dir, tmp_path, regimes=("sft", "rl"), optimizers=("gd", "adam"), ratios=(1.0,), steps=4,
                rl_steps=2)
     lines = []
-    index = run_study(cfg, echo=lines.append)
+    result = run_study(cfg, echo=lines.append)
+    index = result.index
+    assert not result.failed
     text = "\n".join(lines)
     assert "FAILED" not in text and "skip rl × gd" in text
     out = tmp_path / "study"
@@ -172,3 +174,14 @@ def test_full_batch_runs_are_gd_in_the_findings(tmp_path):
 
     assert [optim_setting(run(True)), optim_setting(run(False)), optim_setting(run(False, 0.9))] == \
         ["gd", "sgd", "sgd β=0.9"]
+
+
+def test_cli_dry_run_trains_nothing(tmp_path, capsys):
+    from experiments.cli import main
+
+    assert main(["study", "--dry-run", "--out", str(tmp_path / "s"), "--regimes", "sft", "rl"]) == 0
+    out = capsys.readouterr().out
+    assert "skip rl × gd" in out and "calibration: 0/3 cached" in out and "estimated" in out
+    assert not (tmp_path / "s").exists()
+    assert main(["study", "--regimes", "nope", "--out", str(tmp_path / "s")]) == 2  # one-line config error
+    assert "eoslab: error: invalid study config" in capsys.readouterr().err
