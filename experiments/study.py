@@ -99,7 +99,7 @@ SCALES = {
 class StudyConfig:
     """The study's grid and budgets; fields left at None take the values of ``scale`` (SCALES)."""
 
-    scale: Literal["demo", "small", "full"] = "demo"  # demo (~9 min CPU), small (every pair, 3 seeds, ~3 h CPU), full (GPU)
+    scale: Literal["demo", "small", "full"] = "demo"  # demo (~9 min CPU), small (all pairs, 3 seeds, ~3 h), full (GPU)
     out: Path = Path("runs/study")  # sweeps go to OUT/<regime>-<optimizer>/, calibration.json and report/ beside them
     workers: int = 2  # parallel runs (one core each)
     dry_run: bool = False  # print the plan (pairs, skips, calibration, LRs when calibrated, time estimate) and exit
@@ -107,7 +107,7 @@ class StudyConfig:
     device: str = "auto"  # model.device of every run (auto, cpu, cuda, cuda:1 ...)
     alpaca_path: str = "alpaca_data.json"  # full scale: the Alpaca JSON that AlpacaSFT-v0 reads for SFT and LoRA
     env_id: str | None = None  # SFT/LoRA env (demo/small: ArithRLVR-v0; full: AlpacaSFT-v0 on alpaca_path)
-    rl_env_id: str | None = None  # RLVR env, also the warm start's SFT data (demo/small: ArithRLVR-v0; full: InstructRLVR-v0)
+    rl_env_id: str | None = None  # RLVR env and warm-start data (demo/small: ArithRLVR-v0; full: InstructRLVR-v0)
     regimes: tuple[str, ...] | None = None  # subset of sft, lora_r4, lora_r16, lora_r64, rl, rl_lora_r16
     optimizers: tuple[str, ...] | None = None  # subset of gd, sgd, sgd_m0.9 (the user's), adam
     seeds: tuple[int, ...] | None = None  # train seeds of every cell (small/full: 0 1 2)
@@ -123,7 +123,7 @@ class StudyConfig:
     warm_start_steps: int | None = None  # SFT steps (AdamW, no probes) of RLVR's starting policy
     checkpoint_every: int | None = None  # checkpoint cadence (0 = at the end only: an interrupted run starts over)
     adam_calibration_steps: int = 20  # Adam steps at η = 1e-6 before λ₀ of the preconditioned Hessian is read
-    replay_weight: float = 0.0  # SFT replay α (0 = plain SFT, the user's objective; > 0 needs replay_source off-embedded)
+    replay_weight: float = 0.0  # SFT replay α (0: plain SFT, the user's; > 0 off-embedded needs replay_source)
     replay_source: str = "auto"  # replay text (auto: the embedded model's; or a JSON list / text file)
     title: str = "Does the Edge of Stability persist in post-training?"  # title of the findings page
 
@@ -444,8 +444,11 @@ def run_study(cfg: StudyConfig = StudyConfig(), echo=print) -> StudyResult:
     say(f"{len(planned)} runs ({sum(p.done for p in planned)} done) on {cfg.workers} workers -> {cfg.out}")
     results = execute(planned, workers=cfg.workers, echo=say)
     # how each LR grid was placed, and what was skipped: read from the calibration and the plan, not written here
-    notes = tuple(f"{s.name}: {s.description}; η ∈ {{{', '.join(f'{lr:g}' for lr in sorted({c.optim.lr for c in s.configs}))}}}"
-                  for s in sweeps) + tuple(f"skipped {r} × {o}: {why}" for r, o, why in skipped(cfg))
+    def lrs(s: Sweep) -> str:
+        return ", ".join(f"{lr:g}" for lr in sorted({c.optim.lr for c in s.configs}))
+
+    notes = tuple(f"{s.name}: {s.description}; η ∈ {{{lrs(s)}}}" for s in sweeps) + \
+        tuple(f"skipped {r} × {o}: {why}" for r, o, why in skipped(cfg))
     index = write_report([Path(cfg.out) / s.name for s in sweeps],
                          ReportConfig(out=Path(cfg.out) / "report", title=cfg.title, notes=notes))
     found = json.loads((index.parent / "findings.json").read_text())
