@@ -8,6 +8,7 @@
     eoslab cohen [--lrs 0.3 0.45]                                                 Cohen et al. 2021 validation runs
     eoslab eoss [--lrs 0.45 --batch 4]                                            Edge of Stochastic Stability runs
     eoslab demo                                                                   the whole study, small, on CPU
+    eoslab study [--scale demo|small|full] [--dry-run]                            does EoS persist? calibrated grid
 
 Every field of RunConfig is a flag (``eoslab sft --help``). Config errors (and a run dir that another process is
 using) are reported in one line before any model is loaded, with exit status 2 and no traceback; a run that cannot
@@ -32,6 +33,7 @@ from experiments.eoss import EossCommand
 from experiments.phases import PhaseConfig
 from experiments.report import ReportConfig, write_report
 from experiments.run import ConfigError, RunConfig, RunDirBusy, default_config, run
+from experiments.study import StudyConfig, run_study
 from experiments.sweep import load_sweep, run_sweep
 
 SFT_DEFAULT, LORA_DEFAULT, RL_DEFAULT = (default_config(c) for c in ("sft", "lora", "rl"))
@@ -77,6 +79,10 @@ Command = Union[
     Annotated[CohenCommand, tyro.conf.subcommand("cohen")],
     Annotated[EossCommand, tyro.conf.subcommand("eoss")],
     Annotated[DemoConfig, tyro.conf.subcommand("demo", description="The whole study, small, on CPU.")],
+    Annotated[StudyConfig, tyro.conf.subcommand(
+        "study", description="Does the Edge of Stability persist in SFT, LoRA and RLVR? Calibrates λ₀ per regime × "
+                             "optimizer, runs the LR grid placed from it × seeds (resumable), writes the findings "
+                             "page (OUT/report/index.html and findings.md).")],
 ]
 
 
@@ -119,6 +125,8 @@ def execute(cmd) -> int:
             print(f"run dir: {eoss.run_eoss(c)}")
     elif isinstance(cmd, DemoConfig):
         run_demo(cmd)
+    elif isinstance(cmd, StudyConfig):
+        return 1 if run_study(cmd).failed else 0
     return 0
 
 

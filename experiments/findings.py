@@ -15,6 +15,11 @@ Rules (a group is one regime × optimizer setting, over its η grid):
 - answer per group: "yes" if HOLDS at some η; "no" if HOLDS nowhere and every seed of every η ended in a settled
   phase (flat, softening, below-edge, above-edge); else "inconclusive" (a seed still sharpening at the end, too
   short, or swinging across the edge: a longer run could still reach and hold it).
+- answer per regime ("does EoS persist in this regime?", over its optimizer settings): "yes" if some optimizer
+  setting's answer is yes (naming which); "no" if every setting's answer is no; else "inconclusive".
+
+Optimizer settings: full-batch runs (train.full_batch) are "gd" (their batch is the whole training set), apart from
+minibatch "sgd"; momentum shows as "β=…".
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from experiments.rundirs import Run
 MAJORITY = 2 / 3
 CONFIDENCE = 0.95
 SETTLED = ("flat", "softening", "below-edge", "above-edge")  # conclusive phases other than eos
-METRICS = ("r0", "sharpening_rate", "time_to_edge", "band_fraction", "overshoot", "final_loss", "final_accuracy")
+METRICS = ("r0", "sharpening_rate", "time_to_edge", "band_fraction", "overshoot", "final_loss", "final_accuracy",
+           "retention_ratio")
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,9 @@ def stat(values) -> Stat:
 
 
 def optim_setting(run: Run) -> str:
-    return run.optimizer + (f" β={run.momentum:g}" if run.momentum else "")
+    """e.g. "gd", "sgd", "sgd β=0.9", "adam": full-batch SGD is GD, a different optimizer from minibatch SGD."""
+    name = "gd" if run.optimizer == "sgd" and run._get("train", "full_batch", default=False) else run.optimizer
+    return name + (f" β={run.momentum:g}" if run.momentum else "")
 
 
 def _last(run: Run, *keys: str) -> float:
@@ -84,7 +92,10 @@ def run_metrics(run: Run, config: PhaseConfig = PhaseConfig()) -> tuple[Phases |
     if p is not None:
         m.update(r0=p.r0, sharpening_rate=p.sharpening_rate, time_to_edge=p.time_to_edge,
                  band_fraction=p.band_fraction, overshoot=p.overshoot)
-    m.update(final_loss=_last(run, "train/loss"), final_accuracy=_last(run, "eval/accuracy", "env/accuracy"))
+    # forgetting: held-out pre-training perplexity at the end over at the start (1 = nothing forgotten)
+    _, ppl = run.series("retention/perplexity")
+    m.update(final_loss=_last(run, "train/loss"), final_accuracy=_last(run, "eval/accuracy", "env/accuracy"),
+             retention_ratio=float(ppl[-1] / ppl[0]) if len(ppl) > 1 and ppl[0] > 0 else math.nan)
     return p, m
 
 
@@ -131,9 +142,29 @@ def statements(table: list[dict]) -> list[dict]:
         holds = any(r["phases"].get("eos", 0) >= MAJORITY * r["seeds"] for r in rows)
         conclusive = all(set(r["phases"]) <= set(SETTLED) | {"eos"} for r in rows)
         answer = "yes" if holds else ("no" if conclusive else "inconclusive")
-        out.append({"group": name, "answer": answer,
+        out.append({"group": name, "regime": regime, "optim": optim, "answer": answer,
                     "statement": f"{name}: does it reach and hold the edge? {answer}",
                     "rule": "yes: holds the edge at some η; no: holds it nowhere and every seed ended flat, "
                             "softening, below or above the edge; else inconclusive",
                     "holds": holds, "lrs": [r["lr"] for r in rows]})
+    return out
+
+
+def regime_answers(found: list[dict]) -> list[dict]:
+    """Per regime, from the per-group answers of :func:`statements` (rule in the module docstring):
+    {regime, answer, statement, rule, groups: {optimizer setting: answer}}."""
+    by: dict[str, dict[str, str]] = defaultdict(dict)
+    for f in found:
+        if "answer" in f and "regime" in f:
+            by[f["regime"]][f["optim"]] = f["answer"]
+    out = []
+    for regime, groups in sorted(by.items()):
+        yes = [o for o, a in groups.items() if a == "yes"]
+        answer = "yes" if yes else ("no" if all(a == "no" for a in groups.values()) else "inconclusive")
+        per = "; ".join(f"{o}: {a}" for o, a in groups.items())
+        why = f" (holds the edge under {', '.join(yes)})" if yes else ""
+        out.append({"regime": regime, "answer": answer, "groups": groups,
+                    "statement": f"{regime}: does the Edge of Stability persist? {answer}{why} [{per}]",
+                    "rule": "yes: some optimizer setting holds the edge at some η; no: every setting answers no; "
+                            "else inconclusive"})
     return out

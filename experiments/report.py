@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from experiments.findings import Stat, findings_table, run_phases, statements  # noqa: F401 - run_phases: API
+from experiments.findings import (Stat, findings_table, optim_setting, regime_answers, run_phases,  # noqa: F401
+                                  statements)
 from experiments.phases import PhaseConfig
 from experiments.rundirs import Run, find_runs
 
@@ -29,6 +30,7 @@ class ReportConfig:
     out: Path = Path("runs/report")  # output directory (index.html + PNGs)
     delta: float = PhaseConfig.delta  # EoS band half-width δ relative to the threshold
     title: str = "Edge of Stability in LM post-training"
+    notes: tuple[str, ...] = ()  # lines listed under the title (HTML and findings.md), e.g. a study's LR placement
 
 
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
@@ -53,7 +55,7 @@ def phase_rows(runs: list[Run], config: PhaseConfig = PhaseConfig()) -> list[dic
         row = {
             "run": r.name,
             "regime": r.label,
-            "optim": r.optimizer + (f" β={r.momentum:g}" if r.momentum else ""),
+            "optim": optim_setting(r),
             "lr": r.lr,
             "status": r.status.get("status", "?"),
             "steps": int(r.status.get("step", max((x.get("step", 0) for x in r.records), default=0))),
@@ -200,6 +202,8 @@ def write_report(paths, config: ReportConfig = ReportConfig()) -> Path:
     phase_cfg = PhaseConfig(delta=config.delta)
     sources = html.escape(", ".join(map(str, paths)))
     parts = [f"<h1>{html.escape(config.title)}</h1>", f"<p>{len(runs)} runs from {sources}</p>"]
+    if config.notes:
+        parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in config.notes) + "</ul>")
 
     rows = phase_rows(runs, phase_cfg)
     parts.append("<h2>EoS phases</h2>")
@@ -216,25 +220,46 @@ def write_report(paths, config: ReportConfig = ReportConfig()) -> Path:
     parts.append(html_table(rows))
     (out / "phases.json").write_text(json.dumps(rows, indent=1, default=str))
 
-    parts.append("<h2>Findings (rules in experiments/findings.py; CIs across seeds)</h2>")
-    table = findings_table(runs, phase_cfg)
-    found = statements(table)
-    parts.append("<ul>" + "".join(f"<li>{'<b>' if 'answer' in f else ''}{html.escape(f['statement'])}"
-                                  f"{'</b>' if 'answer' in f else ''} <i>(rule: {html.escape(f['rule'])})</i></li>"
-                                  for f in found) + "</ul>")
-    parts.append(html_table([{k: _fmt_stat(v) if isinstance(v, Stat) else (json.dumps(v) if isinstance(v, dict) else v)
-                              for k, v in row.items()} for row in table]))
-    (out / "findings.json").write_text(json.dumps({"table": table, "statements": found}, indent=1,
-                                                  default=lambda o: o.__dict__ if isinstance(o, Stat) else str(o)))
-
-    parts.append("<h2>Figures (one per sweep group, overlaying learning rates)</h2>")
+    # figures first, so that every findings group can link to the figures its runs are drawn in
+    figures, fig_parts = defaultdict(list), []
     for title, group in group_runs(runs).items():
         try:
             png = sweep_figure(group, title, out / f"{_slug(title)}.png")
         except ValueError as e:  # a group whose runs have no metrics yet
-            parts.append(f"<p>{html.escape(str(e))}</p>")
+            fig_parts.append(f"<p>{html.escape(str(e))}</p>")
             continue
-        parts.append(f"<h3>{html.escape(title)}</h3><img src='{png.name}'>")
+        fig_parts.append(f"<h3 id='{_slug(title)}'>{html.escape(title)}</h3><img src='{png.name}'>")
+        for r in group:
+            if png.name not in figures[f"{r.label} · {optim_setting(r)}"]:
+                figures[f"{r.label} · {optim_setting(r)}"].append(png.name)
+
+    table = findings_table(runs, phase_cfg)
+    found = statements(table)
+    regimes = regime_answers(found)
+    for f in found:
+        f["figures"] = figures.get(f["group"], [])
+
+    def links(f: dict) -> str:
+        return " ".join(f"<a href='#{html.escape(Path(p).stem)}'>[figure]</a>" for p in f.get("figures", []))
+
+    parts.append("<h2>Findings (rules in experiments/findings.py; CIs across seeds)</h2>")
+    if regimes:
+        parts.append("<h3>Does the Edge of Stability persist? (per regime)</h3><ul>" + "".join(
+            f"<li><b>{html.escape(a['statement'])}</b> <i>(rule: {html.escape(a['rule'])})</i></li>"
+            for a in regimes) + "</ul>")
+    parts.append("<ul>" + "".join(f"<li>{'<b>' if 'answer' in f else ''}{html.escape(f['statement'])}"
+                                  f"{'</b>' if 'answer' in f else ''} <i>(rule: {html.escape(f['rule'])})</i> "
+                                  f"{links(f)}</li>" for f in found) + "</ul>")
+    parts.append(html_table([{k: _fmt_stat(v) if isinstance(v, Stat) else (json.dumps(v) if isinstance(v, dict) else v)
+                              for k, v in row.items()} for row in table]))
+    (out / "findings.json").write_text(json.dumps({"table": table, "statements": found, "regimes": regimes},
+                                                  indent=1,
+                                                  default=lambda o: o.__dict__ if isinstance(o, Stat) else str(o)))
+    (out / "findings.md").write_text(findings_markdown(config.title, table, found, regimes, len(runs), config.delta,
+                                                       config.notes))
+
+    parts.append("<h2>Figures (one per sweep group, overlaying learning rates)</h2>")
+    parts.extend(fig_parts)
 
     parts.append("<h2>Catastrophic forgetting (first vs last logged step)</h2>")
     parts.append(html_table(forgetting_rows(runs)))
@@ -260,6 +285,34 @@ def write_report(paths, config: ReportConfig = ReportConfig()) -> Path:
     index.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(config.title)}</title>"
                      f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
     return index
+
+
+def findings_markdown(title: str, table: list[dict], found: list[dict], regimes: list[dict], n_runs: int,
+                      delta: float, notes: tuple[str, ...] = ()) -> str:
+    """The findings as Markdown: notes, per-regime answers, every statement with its rule and figures, the table."""
+    lines = [f"# {title}", "", f"{n_runs} runs; phases and rules in experiments/phases.py and experiments/findings.py "
+             f"(δ = {delta}); numbers are mean [95% CI] (n seeds).", ""]
+    lines += [f"- {n}" for n in notes] + ([""] if notes else [])
+    if regimes:
+        lines += ["## Does the Edge of Stability persist? (per regime)", ""]
+        lines += [f"- **{a['statement']}** (rule: {a['rule']})" for a in regimes] + [""]
+    lines += ["## Statements", ""]
+    for f in found:
+        figs = " ".join(f"[figure]({p})" for p in f.get("figures", []))
+        text = f"**{f['statement']}**" if "answer" in f else f["statement"]
+        lines.append(f"- {text} (rule: {f['rule']}) {figs}".rstrip())
+    cols = ["regime", "optim", "lr", "seeds", "phases", "catapult_share", "r0", "sharpening_rate", "time_to_edge",
+            "band_fraction", "overshoot", "final_loss", "final_accuracy", "retention_ratio"]
+    lines += ["", "## Table (per regime × optimizer × η)", "", "| " + " | ".join(cols) + " |",
+              "|" + "---|" * len(cols)]
+    for row in table:
+        cells = []
+        for c in cols:
+            v = row.get(c)
+            cells.append(_fmt_stat(v) if isinstance(v, Stat) else
+                         ", ".join(f"{k} {n}" for k, n in v.items()) if isinstance(v, dict) else html.unescape(_fmt(v)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
