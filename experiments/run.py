@@ -104,10 +104,14 @@ def default_config(command: str) -> RunConfig:
       batch 16; RunConfig's own defaults) at 0.05 reached 0.21 after 3000 steps. The EoS studies keep constant
       LRs of their own; this default is for a policy that learns.
     * lora: the same at 3e-3 (rank 8, without replay: 0.80 held-out after 1000 steps).
-    * rl: PPO from the "rl" pool, AdamW 1e-4, rollouts at temperature 0.7 (8 prompts x 4 samples): at 1.0 the
-      samples of a partly trained policy are almost all wrong (reward 0.03 at greedy accuracy 0.25) and groups
-      carry no signal; from that policy AdamW 1e-4 at 0.7 gained +0.065 held-out in 250 steps (KL 0.03), while 3e-4
-      collapsed a 0.15 policy to 0.01 within 50 steps (KL 0.21).
+    * rl: PPO from the "rl" pool, AdamW 1e-4 after 10 warm-up steps, gradient norm clipped at 1, rollouts of
+      32 prompts x 8 samples at temperature 0.7. From a 150-step SFT warm start (0.208 held-out) this gained +0.210
+      in 300 steps (0.418 [0.38, 0.46], KL 0.04; one seed). Samples per step set the gain (8 x 4: +0.02, 8 x 8:
+      +0.06, 16 x 8: +0.11); a higher LR did not help (2e-4 behind 1e-4 at step 150; 3e-4 without warm-up
+      collapsed the policy). Without clipping the 32 x 8 run reached +0.156 by step 100 and then collapsed: the k3
+      KL term's gradient, exp(log π_ref − log π_θ) − 1 per token, explodes on a sampled token that π_θ has made
+      far less likely than π_ref (‖g‖ = 121 against ≤ 0.5 before); clipping at 1 touches only such steps. At 1.0
+      the samples of a partly trained policy are almost all wrong, so groups carry no signal.
     """
     sft = RunConfig(regime="sft",
                     optim=OptimConfig(name="adamw", lr=1e-3, weight_decay=0.0, schedule="cosine", warmup_steps=50),
@@ -119,8 +123,9 @@ def default_config(command: str) -> RunConfig:
         return dataclasses.replace(sft, model=ModelConfig(lora_rank=8),
                                    optim=dataclasses.replace(sft.optim, lr=3e-3))
     if command == "rl":
-        return RunConfig(regime="rl", optim=OptimConfig(name="adamw", lr=1e-4, weight_decay=0.0),
-                         ppo=PPOConfig(temperature=0.7),
+        return RunConfig(regime="rl", optim=OptimConfig(name="adamw", lr=1e-4, weight_decay=0.0, warmup_steps=10,
+                                                        grad_clip=1.0),
+                         ppo=PPOConfig(prompts_per_step=32, group_size=8, temperature=0.7),
                          train=TrainConfig(steps=300, micro_batch=8, grad_accum=1, eval_every=50, retention_every=100))
     raise ValueError(f"unknown command {command!r}; choose sft, lora or rl")
 
