@@ -62,8 +62,13 @@ def stat(values) -> Stat:
 
 def optim_setting(run: Run) -> str:
     """e.g. "gd", "sgd", "sgd β=0.9", "adam": full-batch SGD is GD, a different optimizer from minibatch SGD."""
-    name = "gd" if run.optimizer == "sgd" and run._get("train", "full_batch", default=False) else run.optimizer
+    name = "gd" if run.optimizer == "sgd" and run.full_batch else run.optimizer
     return name + (f" β={run.momentum:g}" if run.momentum else "")
+
+
+def group_name(regime: str, optim: str) -> str:
+    """The name of a findings group (one regime × optimizer setting), e.g. "lora-r8 · sgd β=0.9"."""
+    return f"{regime} · {optim}"
 
 
 def _last(run: Run, *keys: str) -> float:
@@ -123,7 +128,7 @@ def statements(table: list[dict]) -> list[dict]:
         groups[(row["regime"], row["optim"])].append(row)
     out = []
     for (regime, optim), rows in groups.items():
-        name = f"{regime} · {optim}"
+        name = group_name(regime, optim)
         rules = [
             ("reaches and holds the edge", "phase = eos in ≥ 2/3 of the seeds",
              lambda r: r["phases"].get("eos", 0) >= MAJORITY * r["seeds"]),

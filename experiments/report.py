@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from experiments.findings import (Stat, findings_table, optim_setting, regime_answers, run_phases,  # noqa: F401
-                                  statements)
+from experiments.findings import (METRICS, Stat, findings_table, group_name, optim_setting,  # noqa: F401
+                                  regime_answers, run_phases, statements)
 from experiments.phases import PhaseConfig
 from experiments.rundirs import Run, find_runs
 
@@ -230,8 +230,8 @@ def write_report(paths, config: ReportConfig = ReportConfig()) -> Path:
             continue
         fig_parts.append(f"<h3 id='{_slug(title)}'>{html.escape(title)}</h3><img src='{png.name}'>")
         for r in group:
-            if png.name not in figures[f"{r.label} · {optim_setting(r)}"]:
-                figures[f"{r.label} · {optim_setting(r)}"].append(png.name)
+            if png.name not in figures[group_name(r.label, optim_setting(r))]:
+                figures[group_name(r.label, optim_setting(r))].append(png.name)
 
     table = findings_table(runs, phase_cfg)
     found = statements(table)
@@ -301,8 +301,7 @@ def findings_markdown(title: str, table: list[dict], found: list[dict], regimes:
         figs = " ".join(f"[figure]({p})" for p in f.get("figures", []))
         text = f"**{f['statement']}**" if "answer" in f else f["statement"]
         lines.append(f"- {text} (rule: {f['rule']}) {figs}".rstrip())
-    cols = ["regime", "optim", "lr", "seeds", "phases", "catapult_share", "r0", "sharpening_rate", "time_to_edge",
-            "band_fraction", "overshoot", "final_loss", "final_accuracy", "retention_ratio"]
+    cols = ["regime", "optim", "lr", "seeds", "phases", "catapult_share", *METRICS]
     lines += ["", "## Table (per regime × optimizer × η)", "", "| " + " | ".join(cols) + " |",
               "|" + "---|" * len(cols)]
     for row in table:

@@ -81,6 +81,10 @@ class Run:
         return str(self._get("optim", "name", default="sgd"))
 
     @property
+    def full_batch(self) -> bool:
+        return bool(self._get("train", "full_batch", default=False))
+
+    @property
     def lr(self) -> float:
         lr = self._get("optim", "lr")
         if lr is None:

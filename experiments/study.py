@@ -58,6 +58,7 @@ from agents.policy import ModelConfig
 from agents.ppo import PPOConfig
 from agents.replay import ReplayConfig
 from agents.trainer import FINAL_MODEL, TrainConfig
+from experiments.report import ReportConfig, write_report
 from experiments.run import ConfigError, EnvConfig, RunConfig, default_config, replace, run_name, validate
 from experiments.rundirs import load_run
 from experiments.sweep import Sweep, execute, grid, plan
@@ -166,6 +167,11 @@ def config_errors(cfg: StudyConfig) -> list[str]:
 def pairs(cfg: StudyConfig) -> list[tuple[str, str]]:
     """The (regime, optimizer) pairs that run, in order; SKIPPED ones left out."""
     return [(r, o) for r in cfg.regimes for o in cfg.optimizers if (REGIMES[r][0], o) not in SKIPPED]
+
+
+def has_rlvr(cfg: StudyConfig) -> bool:
+    """Whether some pair runs RLVR, which starts from the shared warm start."""
+    return any(REGIMES[r][0] == "rl" for r, _ in pairs(cfg))
 
 
 def skipped(cfg: StudyConfig) -> list[tuple[str, str, str]]:
@@ -383,8 +389,7 @@ def estimate_seconds(cfg: StudyConfig, sweeps: list[Sweep] | None = None) -> flo
             total += (SEC_PER_RUN + c.train.steps * step + probes * probed * SEC_PER_PROBED_EXAMPLE
                       + bs * c.probe.batch_max_samples * n * 2 * SEC_PER_EXAMPLE_STEP)
     calib = len(calibration_configs(cfg)) * (SEC_PER_RUN + 64 * SEC_PER_PROBED_EXAMPLE)
-    warm = (cfg.warm_start_steps * (SEC_PER_STEP + 64 * SEC_PER_EXAMPLE_STEP) + SEC_PER_RUN) if any(
-        REGIMES[r][0] == "rl" for r, _ in pairs(cfg)) else 0.0
+    warm = (cfg.warm_start_steps * (SEC_PER_STEP + 64 * SEC_PER_EXAMPLE_STEP) + SEC_PER_RUN) if has_rlvr(cfg) else 0.0
     return warm + (calib + total) / cfg.workers
 
 
@@ -395,7 +400,7 @@ def check(cfg: StudyConfig) -> None:
     if errors:
         raise ConfigError("invalid study config:\n  - " + "\n  - ".join(errors))
     configs = list(calibration_configs(cfg).values()) + [base_config(cfg, r, o) for r, o in pairs(cfg)]
-    if any(REGIMES[r][0] == "rl" for r, _ in pairs(cfg)):
+    if has_rlvr(cfg):
         configs.append(warm_start_config(cfg))
     for c in configs:
         if c.regime == "rl" and not warm_model(cfg).exists():  # the warm start may not exist yet
@@ -411,8 +416,6 @@ class StudyResult:
 
 def run_study(cfg: StudyConfig = StudyConfig(), echo=print) -> StudyResult:
     """Calibrate, run every sweep (resumable), write the findings page (report/index.html and findings.md)."""
-    from experiments.report import ReportConfig, write_report  # matplotlib only when reporting
-
     cfg = resolve(cfg)
     check(cfg)
     t0 = time.perf_counter()
@@ -431,7 +434,7 @@ def run_study(cfg: StudyConfig = StudyConfig(), echo=print) -> StudyResult:
             for s in study_sweeps(cfg, {k: v["lambda0"] for k, v in cached.items()}):
                 say(f"{s.name}: {s.description}; η ∈ {sorted({c.optim.lr for c in s.configs})}")
         return StudyResult(None)
-    if any(REGIMES[r][0] == "rl" for r, _ in pairs(cfg)):
+    if has_rlvr(cfg):
         say("warm start for RLVR")
         res = execute(plan(Sweep("warm_start", (warm_start_config(cfg),)), cfg.out), workers=1, echo=say)
         if any(r.status not in ("completed", "skipped") for r in res):
