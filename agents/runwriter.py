@@ -64,12 +64,20 @@ def metric_rows(path: Path) -> tuple[list[dict], list[int]]:
     return rows, bad
 
 
-def read_metrics(run_dir: Path | str) -> list[dict]:
-    """Rows of metrics.jsonl (empty list when absent); lines that are not JSON (a torn last line) are left out."""
+def is_wall_clock(key: str) -> bool:
+    """Whether a metric is a wall-clock time (``time/*``, ``probe/seconds``, ``optim/est_seconds``): the only values
+    that differ between two runs that are otherwise bitwise identical (a resumed run and its uninterrupted twin)."""
+    return key.startswith("time/") or key.endswith("seconds")
+
+
+def read_metrics(run_dir: Path | str, wall_clock: bool = True) -> list[dict]:
+    """Rows of metrics.jsonl (empty list when absent); lines that are not JSON (a torn last line) are left out.
+    ``wall_clock=False`` drops the wall-clock keys (``is_wall_clock``), to compare two runs value for value."""
     path = Path(run_dir) / METRICS
     if not path.exists():
         return []
-    return metric_rows(path)[0]
+    rows = metric_rows(path)[0]
+    return rows if wall_clock else [{k: v for k, v in r.items() if not is_wall_clock(k)} for r in rows]
 
 
 class RunWriter:

@@ -494,7 +494,10 @@ class Trainer:
             for step in range(start, cfg.steps):
                 # θ_step is the last good state should θ_{step+1} diverge: keep a copy unless a checkpoint has it
                 snapshot = self._snapshot(step) if on_disk != step else None
+                t_measure = time.perf_counter()
                 row = {"step": step, **self._measure(step)}
+                t_step = time.perf_counter()
+                measure_s = t_step - t_measure
                 chunks, batch_metrics = self.regime.next_batch(self.policy, step)
                 row.update(batch_metrics)
                 if self.prober is not None and self.prober.due(step):
@@ -529,6 +532,10 @@ class Trainer:
                     self.scheduler.step()
                 self.last_update = None if before is None else {
                     k: p.detach() - before[k] for k, p in self.policy.trainable_parameters().items()}
+                # wall seconds of this step's training (batch or rollouts, gradients, controller, update), probes
+                # excluded (probe/seconds has them); of its eval + retention (time/measure_s): what a budget counts
+                row["time/step_s"] = time.perf_counter() - t_step - row.get("probe/seconds", 0.0)
+                row["time/measure_s"] = measure_s
                 self.writer.append(row)
                 if bar is not None:
                     bar.update(1)
@@ -537,9 +544,10 @@ class Trainer:
                     self.save_checkpoint(step + 1)
                     on_disk = step + 1
                     self.writer.write_status(STATUS_RUNNING, step + 1)
+            t_measure = time.perf_counter()
             final_row = self._measure(cfg.steps, final=True)
             if final_row:
-                self.writer.append({"step": cfg.steps, **final_row})
+                self.writer.append({"step": cfg.steps, **final_row, "time/measure_s": time.perf_counter() - t_measure})
             self.save_checkpoint(cfg.steps)
             if cfg.save_model:
                 # under checkpoints/ so that run-dir discovery (a dir holding config.json) never mistakes it for a run

@@ -32,7 +32,7 @@ from agents.ppo import PPOConfig
 from agents.trainer import TrainConfig
 from experiments.cohen2021 import CohenConfig, config_errors, run_cohen
 from experiments.report import ReportConfig, phase_rows, write_report
-from experiments.run import ConfigError, EnvConfig, ModelConfig, RunConfig, default_config, replace
+from experiments.run import ConfigError, EnvConfig, ModelConfig, RunConfig, replace, warm_start_config
 from experiments.rundirs import find_runs
 from experiments.sweep import WARM_START, Sweep, execute, grid, plan
 from probes import ProbeConfig
@@ -74,13 +74,9 @@ def demo_sweeps(cfg: DemoConfig):
         probe=probe,
     )
     lora = replace(sft, model={"lora_rank": cfg.lora_rank}, train={"steps": cfg.lora_steps})
-    # the warm start is the first steps of `eoslab sft` at its defaults (AdamW; warm-up, then the peak LR, since a
-    # cosine over a few steps would anneal early): a policy that has learnt part of the task. Without replay, so that
-    # any --model works (replay needs its pre-training text); a warm start this short forgets little.
-    warm = replace(default_config("sft"), name="warm-start-sft", model={"name": cfg.model}, env=sft.env,
-                   optim={"schedule": "constant"}, probe=ProbeConfig(every=0), replay={"weight": 0.0},
-                   train={"steps": cfg.warm_start_steps, "eval_every": 50, "retention_every": 50,
-                          "retention_tokens": 4096, "checkpoint_every": 0, "n_samples": 4})
+    warm = replace(warm_start_config(cfg.warm_start_steps), model={"name": cfg.model}, env=sft.env,
+                   train={"eval_every": 50, "retention_every": 50, "retention_tokens": 4096, "checkpoint_every": 0,
+                          "n_samples": 4})
     rl = replace(sft, regime="rl", model={"name": WARM_START}, ppo=PPOConfig(prompts_per_step=4, group_size=4,
                                                                              max_new_tokens=48, temperature=0.7),
                  train={"steps": cfg.rl_steps, "micro_batch": 8, "grad_accum": 1, "eval_every": 20,

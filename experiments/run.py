@@ -131,6 +131,20 @@ def default_config(command: str) -> RunConfig:
     raise ValueError(f"unknown command {command!r}; choose sft, lora or rl")
 
 
+WARM_START_STEPS = 150
+
+
+def warm_start_config(steps: int = WARM_START_STEPS) -> RunConfig:
+    """RLVR's starting policy (named ``warm-start-sft``): the first ``steps`` SFT steps of ``eoslab sft`` at its
+    defaults, a policy that has learnt part of the task, so rewards vary within PPO's groups (from the base model they
+    are ~0). The LR is held at its peak after the warm-up: a cosine over so few steps would anneal early (the default's
+    LR at step 150 is 0.97 x peak). No replay, so that any ``--model`` works without its pre-training text; a warm
+    start this short forgets little. No probes. Callers set model, env, out_dir and the cadences of their budget; the
+    +0.210 RL gain in ``default_config`` was measured from this policy (150 steps, 0.208 held-out)."""
+    return replace(default_config("sft"), name="warm-start-sft", optim={"schedule": "constant"},
+                   probe=ProbeConfig(every=0), replay={"weight": 0.0}, train={"steps": steps})
+
+
 def run_name(cfg: RunConfig) -> str:
     """``name`` or e.g. ``sft-ArithRLVR-v0-sgd-lr0.01-b16-r0-s0`` (``gd`` = full batch; rl: prompts x group)."""
     if cfg.name:

@@ -59,7 +59,8 @@ from agents.ppo import PPOConfig
 from agents.replay import ReplayConfig
 from agents.trainer import FINAL_MODEL, TrainConfig
 from experiments.report import ReportConfig, write_report
-from experiments.run import ConfigError, EnvConfig, RunConfig, default_config, replace, run_name, validate
+from experiments.run import ConfigError, EnvConfig, RunConfig, replace, run_name, validate
+from experiments.run import warm_start_config as warm_start_config_of_run
 from experiments.rundirs import load_run
 from experiments.sweep import Sweep, execute, grid, plan
 from probes import ProbeConfig
@@ -186,14 +187,12 @@ def warm_start_dir(cfg: StudyConfig) -> Path:
 
 
 def warm_start_config(cfg: StudyConfig) -> RunConfig:
-    """RLVR's starting policy: the first steps of ``eoslab sft`` at its defaults (AdamW, constant after warm-up) on
-    the RL env's SFT pool, without replay, so rewards vary within PPO's groups (from the base model they are ~0)."""
-    return replace(default_config("sft"), name="warm-start-sft", out_dir=str(warm_start_dir(cfg)),
+    """RLVR's starting policy: experiments.run.warm_start_config on the RL env, in the study's out dir."""
+    return replace(warm_start_config_of_run(cfg.warm_start_steps), out_dir=str(warm_start_dir(cfg)),
                    model={"name": cfg.model, "device": cfg.device},
                    env=EnvConfig(env_id=cfg.rl_env_id, n_eval=cfg.n_eval),
-                   optim={"schedule": "constant"}, probe=ProbeConfig(every=0), replay={"weight": 0.0},
-                   train={"steps": cfg.warm_start_steps, "eval_every": 0, "retention_every": 0,
-                          "retention_tokens": 4096, "checkpoint_every": cfg.checkpoint_every, "n_samples": 4})
+                   train={"eval_every": 0, "retention_every": 0, "retention_tokens": 4096,
+                          "checkpoint_every": cfg.checkpoint_every, "n_samples": 4})
 
 
 def _optim(optimizer: str, lr: float = 1e-2) -> OptimConfig:

@@ -91,7 +91,7 @@ def test_a_corrupt_checkpoint_falls_back_to_the_previous_intact_one(tiny_model_d
         assert resumed.train() == "completed"
     a, b = _params(straight), _params(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)  # replayed from step_2: the same trajectory
-    assert read_metrics(tmp_path / "a") == read_metrics(tmp_path / "b")
+    assert read_metrics(tmp_path / "a", wall_clock=False) == read_metrics(tmp_path / "b", wall_clock=False)
 
 
 def test_no_intact_checkpoint_fails_in_one_line_with_status_failed(tiny_model_dir, tmp_path, data):
@@ -112,7 +112,7 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tiny_model_dir, tmp_path,
         f.write('{"step": 3, "train/lo')  # a crash in the middle of an append
     with pytest.warns(UserWarning, match="torn"):
         make_trainer(tiny_model_dir, tmp_path / "b", data, steps=6).train()
-    assert read_metrics(tmp_path / "a") == read_metrics(tmp_path / "b")
+    assert read_metrics(tmp_path / "a", wall_clock=False) == read_metrics(tmp_path / "b", wall_clock=False)
 
 
 @pytest.mark.parametrize("loss", ["all", "row 3", "garbled row 3"])
@@ -132,7 +132,7 @@ def test_rows_lost_from_metrics_are_regenerated_from_an_older_state(tiny_model_d
         metrics.write_text("".join(json.dumps(r) + "\n" for r in read_metrics(tmp_path / "b") if r["step"] != 3))
     with pytest.warns(UserWarning, match="no row for step"):
         make_trainer(tiny_model_dir, tmp_path / "b", data, steps=6, checkpoint_every=2).train()
-    assert read_metrics(tmp_path / "a") == read_metrics(tmp_path / "b")
+    assert read_metrics(tmp_path / "a", wall_clock=False) == read_metrics(tmp_path / "b", wall_clock=False)
 
 
 def test_a_diverged_run_keeps_the_last_good_state(tiny_model_dir, tmp_path, data):

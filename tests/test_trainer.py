@@ -1,5 +1,6 @@
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -90,14 +91,10 @@ def test_resume_with_probes_on_is_bitwise_identical(tiny_model_dir, tmp_path, da
     make_trainer(tiny_model_dir, tmp_path / "b", data, steps=3, regime=regime, prober=prober()).train()
     torch.manual_seed(12345)
     make_trainer(tiny_model_dir, tmp_path / "b", data, steps=6, regime=regime, prober=prober()).train()
-    a, b = _rows_without_timing(tmp_path / "a"), _rows_without_timing(tmp_path / "b")
+    a, b = (read_metrics(tmp_path / d, wall_clock=False) for d in "ab")
     assert [r["step"] for r in b] == list(range(7))
     assert "probe/update_sharpness" in b[3] and "probe/batch_sharpness" in b[4]
     assert a == b
-
-
-def _rows_without_timing(run_dir):
-    return [{k: v for k, v in r.items() if k != "probe/seconds"} for r in read_metrics(run_dir)]
 
 
 @pytest.mark.parametrize("regime", ["sft", "rl"])
@@ -183,10 +180,18 @@ def test_divergence_ends_cleanly_and_keeps_good_checkpoints(tiny_model_dir, tmp_
 
 def test_samples_and_metrics_files(tiny_model_dir, tmp_path, data):
     t = make_trainer(tiny_model_dir, tmp_path, data, steps=2, checkpoint_every=0)
-    t.retention_fn = lambda pol: {"retention/perplexity": 7.0, "retention/loss": math.log(7.0)}
+    def slow_retention(pol):
+        time.sleep(0.5)
+        return {"retention/perplexity": 7.0, "retention/loss": math.log(7.0)}
+
+    t.retention_fn = slow_retention
     t.train()
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [0, 1, 2]
+    # the wall clock splits into training (time/step_s) and measurement (time/measure_s): retention is measured at
+    # steps 0 and 2 (the end), and its half second never enters the training time
+    assert [r["time/measure_s"] >= 0.5 for r in rows] == [True, False, True]
+    assert all(0 < r["time/step_s"] < 0.5 for r in rows[:2]) and "time/step_s" not in rows[2]
     assert {"train/loss", "train/lr", "train/grad_norm", "eval/accuracy", "retention/perplexity"} <= set(rows[0])
     assert "train/loss" not in rows[2] and "eval/accuracy" in rows[2]
     assert rows[0]["train/lr"] == pytest.approx(3e-3)

@@ -84,7 +84,8 @@ def summarize(run_dir: Path, seconds: float) -> dict:
 
 def plan(env_id: str, args) -> list[tuple[str, object]]:
     """(label, RunConfig) in execution order; the RL warm start comes before RL."""
-    from experiments.run import default_config, replace
+    from agents.trainer import FINAL_MODEL
+    from experiments.run import default_config, replace, warm_start_config
 
     def cfg(command: str, **sections):
         base = default_config(command)
@@ -97,10 +98,9 @@ def plan(env_id: str, args) -> list[tuple[str, object]]:
     def steps(c, n):
         return replace(c, train={"steps": n}) if n else c
 
-    # the first warm_steps steps of the SFT default: its cosine would decay over warm_steps instead of the default's
-    # 1000, so the warm start keeps the warm-up and holds the peak LR (the default's LR at step 150 is 0.97 x peak)
-    warm = steps(cfg("sft", name="warm-start-sft", optim={"schedule": "constant"}), args.warm_steps)
-    warm_dir = Path(warm.out_dir) / "warm-start-sft" / "checkpoints" / "final_model"
+    warm = replace(warm_start_config(args.warm_steps), out_dir=str(args.out / env_id),
+                   env={"env_id": env_id, "n_eval": args.n_eval}, model={"name": args.model})
+    warm_dir = Path(warm.out_dir) / warm.name / FINAL_MODEL
     runs = {"sft": [("sft", steps(cfg("sft"), args.sft_steps))], "lora": [("lora", steps(cfg("lora"), args.lora_steps))],
             "sgd": [], "rl": [("warm start", warm), ("rl", steps(cfg("rl", model={"name": str(warm_dir)},
                                                                    name="rl-from-warm-start"), args.rl_steps))],
