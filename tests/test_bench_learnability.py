@@ -18,6 +18,8 @@ def test_every_regime_runs_and_is_summarised(tiny_model_dir, tmp_path, capsys):
                  "--rl-steps", "2", "--rl-base-steps", "2"])
     assert [r["label"] for r in rows] == ["sft", "lora", "sgd lr=0.1", "warm start", "rl", "rl-base"]
     assert all(r["status"] == "completed" and r["n_eval"] == 4 and "acc1" in r and "ppl1" in r for r in rows)
+    # training time (the time/step_s rows) is part of the wall time of the run, and probes add to it
+    assert all(0 < r["train_seconds"] < r["seconds"] and r["probe_seconds"] >= 0 for r in rows)
     by = {r["label"]: r for r in rows}
     assert "reward0" in by["rl"] and "reward0" in by["rl-base"] and "reward0" not in by["sft"]
     rl_config = json.loads((out / "ArithRLVR-v0" / "rl-from-warm-start" / "config.json").read_text())["config"]

@@ -5,16 +5,17 @@ For every env, one run of each regime at the defaults of the CLI (``experiments.
 * ``sft``      `eoslab sft` (full fine-tuning);
 * ``lora``     `eoslab lora` (rank 8 adapters);
 * ``sgd``      the user's setting (SGD, momentum 0.9, weight decay 1e-4, batch 16) at each ``--sgd-lrs``, with
-  ``--sgd-steps`` steps (chosen so its wall time matches the SFT default's budget);
+  ``--sgd-steps`` steps (chosen so its training time matches the SFT default's);
 * ``rl``       `eoslab rl` from a brief SFT warm start (``--warm-steps`` SFT steps: a policy well below the ceiling);
   RL trains on the env's "rl" pool of train problems, disjoint from SFT's;
 * ``rl-base``  `eoslab rl` from the bare base model (does the base ever earn a reward?).
 
 Printed per run: greedy accuracy on the held-out test problems at step 0 and at the end (n = ``n_eval``, with a
 95 % Wilson interval), retention perplexity before -> after (and the ratio), RL's mean reward (first and last 10 %
-of steps) and KL to the reference, and wall seconds (training + its evals + checkpoints, one torch thread; the
-time of the run that produced the directory, so rerunning reprints without re-measuring — delete ``--out`` to
-measure again). The numbers in the README come from this script.
+of steps) and KL to the reference, and seconds: wall (the whole run: start-up, training, evals, probes at the
+defaults, checkpoints; one torch thread; the time of the run that produced the directory, so rerunning reprints
+without re-measuring — delete ``--out`` to measure again), then training alone (the sum of ``time/step_s``: what the
+15-minute budget counts) and probes (``probe/seconds``). The numbers in the README come from this script.
 
     python experiments/bench/learnability.py                                  # every env (hours on a 2-core CPU)
     python experiments/bench/learnability.py --envs ArithRLVR-v0 --sgd-lrs 0.03 0.1
@@ -73,6 +74,8 @@ def summarize(run_dir: Path, seconds: float) -> dict:
         out["acc1_ci"] = wilson(round(acc[-1][1] * n), n)
     if ppl:
         out["ppl0"], out["ppl1"] = ppl[0], ppl[-1]
+    out["train_seconds"] = sum(r.get("time/step_s", 0.0) for r in rows)
+    out["probe_seconds"] = sum(r.get("probe/seconds", 0.0) for r in rows)
     rewards = [r["env/reward_mean"] for r in rows if r.get("env/reward_mean") is not None]
     if rewards:
         k = max(1, len(rewards) // 10)
@@ -122,7 +125,8 @@ def fmt(row: dict) -> str:
     cell = f"{f('acc0')} -> {f('acc1')}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
     ppl = f"{f('ppl0', '.1f')} -> {f('ppl1', '.1f')} (x{row['ppl1'] / row['ppl0']:.2f})" if "ppl0" in row else "-"
     rl = f"reward {f('reward0')} -> {f('reward1')}, kl {f('kl1', '.4f')}" if "reward0" in row else ""
-    return f"{cell:<34} {ppl:<28} {row['seconds']:7.0f}s  {row['status']:<9} {rl}"
+    secs = f"{row['seconds']:5.0f} ({row['train_seconds']:.0f} + {row['probe_seconds']:.0f})s"
+    return f"{cell:<34} {ppl:<28} {secs:<20} {row['status']:<9} {rl}"
 
 
 def main(argv=None) -> list[dict]:
@@ -137,8 +141,10 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--out", type=Path, default=Path("runs/bench/learnability"))
     p.add_argument("--sft-steps", type=int, default=0, help="0 = the default of `eoslab sft`")
     p.add_argument("--lora-steps", type=int, default=0, help="0 = the default of `eoslab lora`")
-    p.add_argument("--sgd-lrs", type=float, nargs="*", default=[])
-    p.add_argument("--sgd-steps", type=int, default=4000)
+    p.add_argument("--sgd-lrs", type=float, nargs="*", default=[0.01, 0.03, 0.1, 0.3],
+                   help="the user's SGD setting at each of these LRs (the grid that finds its best LR)")
+    p.add_argument("--sgd-steps", type=int, default=3000,
+                   help="SGD steps: 3000 at batch 16 train for about as long as the SFT default's 1000 at batch 64")
     p.add_argument("--warm-steps", type=int, default=150)
     p.add_argument("--rl-steps", type=int, default=0, help="0 = the default of `eoslab rl`")
     p.add_argument("--rl-base-steps", type=int, default=50)
@@ -148,7 +154,8 @@ def main(argv=None) -> list[dict]:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     results = []
     for env_id in args.envs:
-        print(f"\n== {env_id}   held-out accuracy (95% CI)           retention ppl                wall", flush=True)
+        print(f"\n== {env_id}   held-out accuracy (95% CI)           retention ppl                "
+              "wall (train + probes)", flush=True)
         for label, cfg in plan(env_id, args):
             row = {"env": env_id, "label": label, **summarize(*timed_run(cfg))}
             results.append(row)
