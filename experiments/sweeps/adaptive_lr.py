@@ -26,7 +26,7 @@ import numpy as np
 from agents.eos_lr import ControlConfig
 from experiments.cohen2021 import CohenConfig, run_cohen
 from experiments.rundirs import load_run
-from experiments.run import RunConfig, default_config, replace
+from experiments.run import RunConfig, default_config, replace, warm_start_config
 from experiments.sweep import WARM_START, Sweep
 from probes import ProbeConfig
 from probes.sharpness import t_quantile
@@ -52,8 +52,8 @@ def _arms(base: RunConfig, tag: str, lrs: tuple[float, ...], warmup: int) -> lis
 
 _SFT = replace(default_config("sft"), train={"steps": 500})
 _LORA = replace(default_config("lora"), train={"steps": 500})
-# RLVR from a 150-step SFT warm start, as in the README's learnability table: from the base model the reward is ~0
-_WARM = replace(default_config("sft"), train={"steps": 150}, name="warm-start-sft")
+# RLVR from the lab's warm start (150 SFT steps), as in the README's learnability table: from the base the reward is ~0
+_WARM = warm_start_config()
 _RL = replace(default_config("rl"), model={"name": WARM_START}, train={"steps": 300})
 SWEEP = Sweep("adaptive_lr", tuple(_arms(_SFT, "sft", (3e-4, 1e-3, 3e-3), warmup=50)
                                    + _arms(_LORA, "lora", (1e-3, 3e-3, 1e-2), warmup=50)
