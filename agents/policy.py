@@ -257,17 +257,33 @@ class LMPolicy:
     def _completion_ids(self, completions: Sequence[str]) -> list[list[int]]:
         return [list(x) for x in self.tokenizer(list(completions), add_special_tokens=False)["input_ids"]]
 
+    def _segment_ids(self, segments: Sequence[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
+        """Token ids of ``(text, is_env)`` segments, each tokenized on its own (as a multi-turn rollout appends them),
+        and whether each token is a target (policy text) or context (env text)."""
+        ids, target = [], []
+        for text, is_env in segments:
+            t = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += t
+            target += [not is_env] * len(t)
+        return ids, target
+
     def encode(
-        self, prompts: Sequence[str], completions: Sequence[str], max_length: int | None = None
+        self, prompts: Sequence[str], completions: Sequence[str | Sequence[tuple[str, bool]]],
+        max_length: int | None = None
     ) -> dict[str, torch.Tensor]:
-        """Tokenize prompt/completion pairs into a right-padded training batch; see ``collate``."""
+        """Tokenize prompt/completion pairs into a right-padded training batch; see ``collate``. A completion is a
+        string (all of it a target) or the ``(text, is_env)`` segments of a multi-turn episode after its prompt,
+        whose env segments (tool replies) are context only: their labels are masked like the prompt's."""
         if isinstance(prompts, str) or isinstance(completions, str):
             raise TypeError("encode takes lists of prompts and completions, not a single string")
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        return self.collate(
-            self._prompt_ids(prompts), self._completion_ids(completions), max_length=max_length, add_eos=True
-        )
+        if all(isinstance(c, str) for c in completions):
+            return self.collate(
+                self._prompt_ids(prompts), self._completion_ids(completions), max_length=max_length, add_eos=True
+            )
+        ids, targets = zip(*(self._segment_ids([(c, False)] if isinstance(c, str) else c) for c in completions))
+        return self.collate(self._prompt_ids(prompts), ids, max_length=max_length, add_eos=True, targets=targets)
 
     def collate(
         self,
@@ -275,8 +291,10 @@ class LMPolicy:
         completion_ids: Sequence[Sequence[int]],
         max_length: int | None = None,
         add_eos: bool = True,
+        targets: Sequence[Sequence[bool]] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Token ids -> {input_ids, attention_mask, labels} [B, T], right padding, labels -100 on prompt and pad.
+        """Token ids -> {input_ids, attention_mask, labels} [B, T], right padding, labels -100 on prompt and pad
+        (and on the completion tokens whose ``targets`` entry is False: env text inside a multi-turn completion).
 
         add_eos appends EOS after each completion (use False for Generation.completion_ids, which already end in
         EOS when finished). Truncation rule when len(prompt) + len(completion) exceeds max_length (default: the
@@ -288,8 +306,10 @@ class LMPolicy:
             raise ValueError("empty batch")
         limit = max_length if max_length is not None else self.max_length
         eos, pad_id = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        rows, n_prompt = [], []
-        for p, c in zip(prompt_ids, completion_ids):
+        if targets is not None and [len(t) for t in targets] != [len(c) for c in completion_ids]:
+            raise ValueError("targets must give one flag per completion token")
+        rows, n_prompt, context = [], [], []
+        for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
             p, c = list(p), list(c) + ([eos] if add_eos else [])
             if limit is not None:
                 if len(p) >= limit:
@@ -299,10 +319,14 @@ class LMPolicy:
                 c = c[: limit - len(p)]
             rows.append(p + c)
             n_prompt.append(len(p))
+            if targets is not None:  # positions of env tokens in the row (the appended EOS is the policy's)
+                context.append([len(p) + j for j, t in enumerate(targets[i][: len(c)]) if not t])
         input_ids, attention_mask = pad(rows, pad_id)
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE)
         for i, k in enumerate(n_prompt):
             labels[i, :k] = IGNORE
+            if context and context[i]:
+                labels[i, context[i]] = IGNORE
         dev = self.device
         return {"input_ids": input_ids.to(dev), "attention_mask": attention_mask.to(dev), "labels": labels.to(dev)}
 

@@ -4,7 +4,8 @@ Loss of an effective batch B (token-mean cross-entropy on completion tokens only
 
     L(B) = -(1 / N_B) Σ_{i∈B} Σ_{t∈completion_i} log π_θ(c_{i,t} | p_i, c_{i,<t}),   N_B = # completion tokens in B
 
-(EOS after the completion counts as a completion token). The batch is cut into chunks of ``micro_batch`` examples and
+(EOS after the completion counts as a completion token; in a multi-turn demonstration the env's replies are context,
+not completion tokens: see ``SFTRegime.segments``). The batch is cut into chunks of ``micro_batch`` examples and
 every chunk carries N_B as its ``normalizer``, so chunk losses sum to L(B) (see agents/optim.py).
 
 Data order: an infinite stream that concatenates per-epoch permutations of the training set, permutation e drawn
@@ -16,7 +17,7 @@ same stream. ``full_batch=True`` makes every step the whole training set in inde
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,10 +27,11 @@ from agents.optim import split
 Chunk = dict[str, Any]  # input_ids, attention_mask, labels [b, T]; normalizer: float (N_B); n_tokens: int
 
 
-def make_chunks(policy, prompts: Sequence[str], completions: Sequence[str], micro_batch: int,
-                max_length: int | None) -> list[Chunk]:
+def make_chunks(policy, prompts: Sequence[str], completions: Sequence[str | Sequence[tuple[str, bool]]],
+                micro_batch: int, max_length: int | None) -> list[Chunk]:
     """Encode (prompt, completion) pairs into chunks whose token-sum losses, divided by the batch's total
-    completion-token count, sum to the batch's token-mean loss."""
+    completion-token count, sum to the batch's token-mean loss (a completion may be ``(text, is_env)`` segments:
+    env tokens are neither targets nor counted; see LMPolicy.encode)."""
     pairs = list(zip(prompts, completions))
     chunks = []
     for part in split(pairs, micro_batch):
@@ -66,7 +68,11 @@ def stream_indices(n: int, seed: int, start: int, count: int) -> list[int]:
 
 @dataclass
 class SFTRegime:
-    """Behaviour cloning on ``tasks`` (anything with ``.prompt`` and ``.demonstration``, e.g. envs.core.Task)."""
+    """Behaviour cloning on ``tasks`` (anything with ``.prompt`` and ``.demonstration``, e.g. envs.core.Task).
+
+    ``segments`` (e.g. the env's ``demonstration_segments``): a task's demonstrated episode as ``(text, is_env)``
+    pairs, the prompt first; env text after the prompt (a multi-turn episode's tool replies) is context, not a
+    target, so the loss is the token-mean over the policy's own tokens only. None: the demonstration is all target."""
 
     tasks: Sequence[Any]
     micro_batch: int = 4
@@ -79,6 +85,7 @@ class SFTRegime:
     replay_weight: float = 0.0           # α of (1 − α) L_task + α L_lm (agents/replay.py)
     replay_windows: int = 0              # replay windows per step
     replay_cursor: int = 0               # replay windows consumed so far
+    segments: Callable[[Any], Sequence[tuple[str, bool]]] | None = None   # the env's demonstration_segments
     _full: list[Chunk] | None = field(default=None, repr=False)
     _probe: tuple[tuple[int, int], list[Chunk]] | None = field(default=None, repr=False)  # (size, seed) -> chunks
 
@@ -111,8 +118,19 @@ class SFTRegime:
 
     def chunks_for(self, policy, indices: Sequence[int]) -> list[Chunk]:
         tasks = [self.tasks[i] for i in indices]
-        return make_chunks(policy, [t.prompt for t in tasks], [t.demonstration for t in tasks],
+        return make_chunks(policy, [t.prompt for t in tasks], [self._completion(t) for t in tasks],
                            self.micro_batch, self.max_length)
+
+    def _completion(self, task) -> str | list[tuple[str, bool]]:
+        """The demonstration, or its segments after the prompt when some of them are env text."""
+        if self.segments is None:
+            return task.demonstration
+        segs = list(self.segments(task))
+        if not segs or segs[0] != (task.prompt, True):
+            raise ValueError(f"demonstration segments of {getattr(task, 'task_id', task)!r} must start with the "
+                             "prompt as env text")
+        rest = segs[1:]
+        return "".join(t for t, _ in rest) if not any(is_env for _, is_env in rest) else rest
 
     def _mixed(self, policy, chunks: list[Chunk], replay_start: int) -> list[Chunk]:
         """Task chunks reweighted by (1 − α) plus replay windows [replay_start, + replay_windows) weighted by α."""

@@ -173,6 +173,12 @@ class TextTaskEnv(gym.Env[str, str]):
         """Shortest completion that states ``answer`` in the env's format (used by the SB3 answer-choice view)."""
         return f"Answer: {answer}"
 
+    def demonstration_segments(self, task: Task) -> list[tuple[str, bool]]:
+        """``task``'s demonstrated episode as ``(text, is_env)`` pairs that concatenate to ``task.prompt +
+        task.demonstration``: env text (the prompt, tool replies) is context, never a behaviour-cloning target.
+        One turn: the prompt, then the demonstration."""
+        return [(task.prompt, True), (task.demonstration, False)]
+
     # ---- dataset mode ----
     def split_size(self, split: str) -> int:
         """Number of problems of ``split`` in dataset mode."""

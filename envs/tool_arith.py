@@ -232,6 +232,10 @@ class ArithToolEnv(ArithEnv):
         """The verifier on a transcript after the prompt (a single final turn is a transcript too)."""
         return self._check(completion, answer, self.max_transcript_chars)
 
+    def demonstration_segments(self, task: Task) -> list[tuple[str, bool]]:
+        """The prompt (env), each demonstrated turn (policy) and the calculator's reply to it (env)."""
+        return demonstration_segments(task)
+
     def segments(self) -> list[tuple[str, bool]]:
         """The episode so far as ``(text, is_env)`` pairs (they concatenate to the transcript)."""
         return list(self._segments)

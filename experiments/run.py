@@ -448,7 +448,8 @@ def _assemble(cfg: RunConfig, env, run_dir: Path, log_fn, progress: bool) -> Tra
             replay = ReplayStream(texts, policy.tokenizer, max_length, cfg.replay.pool, cfg.train.seed)
         regime = SFTRegime(tasks, micro_batch=cfg.train.micro_batch, grad_accum=cfg.train.grad_accum,
                            full_batch=cfg.train.full_batch, seed=cfg.train.seed, max_length=max_length,
-                           replay=replay, replay_weight=cfg.replay.weight, replay_windows=cfg.replay.windows)
+                           replay=replay, replay_weight=cfg.replay.weight, replay_windows=cfg.replay.windows,
+                           segments=env.demonstration_segments)
     else:
         regime = PPORegime(policy, tasks, score_fn, cfg.ppo, micro_batch=cfg.train.micro_batch, seed=cfg.train.seed,
                            max_length=max_length)

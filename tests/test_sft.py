@@ -6,6 +6,7 @@ import envs
 from agents.optim import OptimConfig, accumulate_gradients, build_optimizer
 from agents.policy import LMPolicy, LoRASpec
 from agents.sft import SFTRegime, make_chunks, stream_indices
+from conftest import build_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +147,51 @@ def test_probe_set_is_a_fixed_seeded_subset_whose_chunks_sum_to_its_mean_ce(tiny
     assert sum(len(c["input_ids"]) for c in regime.probe_set(policy, 100, seed=3)) == len(tasks)   # whole set
     assert regime.probe_set(policy, 0, seed=3) is None
     assert SFTRegime(tasks, full_batch=True).probe_set(policy, 5, seed=3) is None   # GD: the batch is the set
+
+
+def _manual_multi_turn_ce(model, tokenizer, segments):
+    """Token-mean CE over the policy's tokens (+ EOS) of one multi-turn episode, each segment tokenized on its own:
+    env tokens (prompt, tool replies) are inputs only. Ground truth for the masked SFT loss."""
+    ids, targets = [], []
+    for i, (text, is_env) in enumerate(segments):
+        t = tokenizer(text, add_special_tokens=i == 0)["input_ids"]
+        ids += t
+        targets += [not is_env] * len(t)
+    ids, targets = ids + [tokenizer.eos_token_id], targets + [True]
+    logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+    picked = [j for j in range(1, len(ids)) if targets[j]]
+    ce = F.cross_entropy(logits[[j - 1 for j in picked]].float(), torch.tensor([ids[j] for j in picked]),
+                         reduction="sum")
+    return ce / len(picked), picked, ids
+
+
+def test_multi_turn_demonstration_trains_on_policy_turns_only(tmp_path):
+    """SFT on a tool-use episode: the calculator's reply is context, never a target (the policy must not learn to
+    write tool results itself); the loss is the token-mean CE over the policy's turns and EOS."""
+    env = envs.make_unwrapped("ArithToolRLVR-v0")
+    tasks = [t for t in env.tasks("train", 20) if len(env.demonstration_segments(t)) == 4][:3]
+    assert len(tasks) == 3  # prompt, <calc>...</calc>, <result>...</result>, Answer: ...
+    policy = LMPolicy.from_pretrained(build_tiny_model(tmp_path, context=512))  # the tool prompt is ~160 tokens
+    regime = SFTRegime(tasks, micro_batch=2, segments=env.demonstration_segments, max_length=512)
+    chunks = regime.chunks_for(policy, range(3))
+    tok = policy.tokenizer
+    for i, task in enumerate(tasks):
+        c = chunks[i // 2]
+        row, labels = c["input_ids"][i % 2], c["labels"][i % 2]
+        segments = env.demonstration_segments(task)
+        want, picked, ids = _manual_multi_turn_ce(policy.model, tok, segments)
+        assert row[: len(ids)].tolist() == ids
+        assert (labels != -100).nonzero().flatten().tolist() == picked  # exactly the policy's tokens (+ EOS)
+        targets = tok.decode(row[labels != -100])
+        assert "<result>" not in targets and targets.startswith(segments[1][0]) and segments[3][0] in targets
+    with torch.no_grad():
+        ours = sum(regime.loss(policy, c) for c in chunks)
+        wants = [_manual_multi_turn_ce(policy.model, tok, env.demonstration_segments(t)) for t in tasks]
+    n = [len(w[1]) for w in wants]
+    assert float(ours) == pytest.approx(float(sum(w[0] * k for w, k in zip(wants, n)) / sum(n)), rel=1e-5)
+    # a one-turn env's segments are the plain demonstration: the same chunks as without segments
+    one = envs.make_unwrapped("ArithRLVR-v0")
+    plain = envs.load_tasks("ArithRLVR-v0", "train", 4)
+    a = SFTRegime(plain, micro_batch=2).chunks_for(policy, range(4))
+    b = SFTRegime(plain, micro_batch=2, segments=one.demonstration_segments).chunks_for(policy, range(4))
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in ("input_ids", "labels"))
