@@ -68,6 +68,11 @@ class PPOConfig:
     """GAE λ (value advantages)."""
     vf_coef: float = 0.5
     """Value-loss coefficient c_V (value advantages)."""
+    curriculum_window: int = 0
+    """0 = off. > 0: rollouts draw from the env's difficulty ladder (``reset(options={"difficulty": k})``), the level
+    moved by envs.curriculum's rule over blocks of this many episodes (success ≥ 0.8: harder, ≤ 0.2: easier)."""
+    curriculum_start: int = 0
+    """The curriculum's first level (0 = the easiest)."""
 
 
 def config_errors(cfg: PPOConfig) -> list[str]:
@@ -88,6 +93,8 @@ def config_errors(cfg: PPOConfig) -> list[str]:
             errors.append(f"ppo.{name}={getattr(cfg, name)} must be >= 0")
     if not (0 <= cfg.gamma <= 1 and 0 <= cfg.gae_lambda <= 1):
         errors.append("ppo.gamma and ppo.gae_lambda must be in [0, 1]")
+    if cfg.curriculum_window < 0 or cfg.curriculum_start < 0:
+        errors.append("ppo.curriculum_window and ppo.curriculum_start must be >= 0")
     return errors
 
 
@@ -137,13 +144,25 @@ class PPORegime:
 
     def __init__(self, policy, tasks: Sequence[Any], score_fn: Callable[[list[str], list[str]], Sequence[float]],
                  config: PPOConfig = PPOConfig(), micro_batch: int = 4, seed: int = 0,
-                 max_length: int | None = 128) -> None:
+                 max_length: int | None = 128, levels: Sequence[Sequence[Any]] | None = None,
+                 curriculum: Any = None) -> None:
+        """``levels`` + ``curriculum`` (an envs.curriculum.Curriculum over ``len(levels)`` levels): each rollout
+        draws its prompts from ``levels[curriculum.level]`` (each level its own data stream) and reports its
+        rewards to the curriculum, which may move the level for the next rollout; ``tasks`` is then unused."""
         errors = config_errors(config)
         if errors:
             raise ValueError("; ".join(errors))
         if len(tasks) == 0:
             raise ValueError("PPORegime needs at least one training task")
+        if (levels is None) != (curriculum is None):
+            raise ValueError("a curriculum needs its levels' tasks, and levels need a curriculum")
+        if levels is not None and (len(levels) != curriculum.config.n_levels or not all(len(t) for t in levels)):
+            raise ValueError(f"the curriculum has {curriculum.config.n_levels} levels; got {len(levels)} task lists "
+                             "(each needs at least one task)")
         self.tasks, self.score_fn, self.config = list(tasks), score_fn, config
+        self.levels = [list(t) for t in levels] if levels is not None else None
+        self.curriculum = curriculum
+        self.level_cursors = [0] * len(self.levels) if self.levels is not None else []
         self.micro_batch, self.seed, self.max_length = micro_batch, seed, max_length
         self.cursor = 0                        # prompts consumed (data-order state)
         self.buffer: list[dict] | None = None  # chunks of the current rollout (reused for ppo_epochs steps)
@@ -172,10 +191,10 @@ class PPORegime:
                 return forward_stats(policy.model, chunk, temperature=self.config.temperature)[0]
         return forward_stats(self.reference, chunk, temperature=self.config.temperature)[0]
 
-    def rollout(self, policy, task_indices: Sequence[int], generator: torch.Generator) -> tuple[list[dict], dict]:
-        """Sample, score and freeze one buffer; returns (chunks, env/rl metrics of the rollout)."""
+    def rollout(self, policy, prompts: Sequence[Any], generator: torch.Generator) -> tuple[list[dict], dict]:
+        """Sample, score and freeze one buffer for the tasks ``prompts``; returns (chunks, env/rl metrics)."""
         cfg = self.config
-        tasks = [self.tasks[i] for i in task_indices for _ in range(cfg.group_size)]
+        tasks = [t for t in prompts for _ in range(cfg.group_size)]
         gen = policy.generate([t.prompt for t in tasks], max_new_tokens=cfg.max_new_tokens,
                               temperature=cfg.temperature, generator=generator)
         rewards = torch.tensor(np.asarray(self.score_fn(gen.texts, [t.answer for t in tasks]), dtype=np.float64),
@@ -218,17 +237,31 @@ class PPORegime:
         """A new rollout every ``ppo_epochs`` steps (sampling generator seeded by (seed, step)), else the same
         buffer."""
         if self.buffer is None or step % self.config.ppo_epochs == 0:
-            idx = stream_indices(len(self.tasks), self.seed, self.cursor, self.config.prompts_per_step)
-            self.cursor += len(idx)
+            n = self.config.prompts_per_step
             generator = torch.Generator().manual_seed(_mix(self.seed, step, 7))
-            self.buffer, metrics = self.rollout(policy, idx, generator)
+            if self.curriculum is None:
+                idx = stream_indices(len(self.tasks), self.seed, self.cursor, n)
+                self.cursor += len(idx)
+                self.buffer, metrics = self.rollout(policy, [self.tasks[i] for i in idx], generator)
+                return self.buffer, metrics
+            level = self.curriculum.level
+            tasks = self.levels[level]
+            # each level streams its own permutations (seeded by the run's seed and the level)
+            idx = stream_indices(len(tasks), _mix(self.seed, level), self.level_cursors[level], n)
+            self.level_cursors[level] += len(idx)
+            self.cursor += len(idx)
+            self.buffer, metrics = self.rollout(policy, [tasks[i] for i in idx], generator)
+            self.curriculum.update(torch.cat([c["rewards"] for c in self.buffer]).tolist())
+            metrics.update({"curriculum/level_played": float(level), **self.curriculum.metrics()})
             return self.buffer, metrics
         return self.buffer, {}
 
     def sample_batch(self, policy, generator: torch.Generator) -> list[dict]:
-        """A fresh rollout buffer (prompts and samples drawn with ``generator`` only), for batch sharpness."""
-        idx = torch.randint(len(self.tasks), (self.config.prompts_per_step,), generator=generator).tolist()
-        return self.rollout(policy, idx, generator)[0]
+        """A fresh rollout buffer (prompts and samples drawn with ``generator`` only; under a curriculum from the
+        current level, which it leaves as it is), for batch sharpness."""
+        tasks = self.tasks if self.curriculum is None else self.levels[self.curriculum.level]
+        idx = torch.randint(len(tasks), (self.config.prompts_per_step,), generator=generator).tolist()
+        return self.rollout(policy, [tasks[i] for i in idx], generator)[0]
 
     def probe_set(self, policy, size: int, seed: int) -> None:
         """None: RLVR has no fixed training set; its objective is the surrogate on the current rollout buffer,
@@ -276,10 +309,18 @@ class PPORegime:
         return {f"value_head.{k}": v for k, v in self.value_head.named_parameters()}
 
     def state_dict(self) -> dict:
-        return {"cursor": self.cursor}
+        if self.curriculum is None:
+            return {"cursor": self.cursor}
+        return {"cursor": self.cursor, "level_cursors": list(self.level_cursors),
+                "curriculum": self.curriculum.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.cursor = int(state["cursor"])
+        if self.curriculum is not None:
+            if "curriculum" not in state:
+                raise ValueError("this checkpoint was written without a curriculum")
+            self.level_cursors = [int(c) for c in state["level_cursors"]]
+            self.curriculum.load_state_dict(state["curriculum"])
 
     def extra_state(self):
         """The live rollout buffer, needed to resume in the middle of its ppo_epochs."""

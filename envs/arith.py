@@ -271,6 +271,7 @@ class ArithEnv(ProceduralTaskEnv):
 
     family = "arith"
     reset_options = RESET_OPTIONS + ("difficulty",)
+    n_levels = len(DIFFICULTY_LEVELS)  # reset(options={"difficulty": k}) for k < n_levels
 
     def __init__(self, *, answer_format: str = "strict", **kwargs):
         knobs = {k: kwargs.pop(k) for k in list(kwargs) if k in _KNOBS}  # the rest go to TextTaskEnv

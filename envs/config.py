@@ -63,6 +63,19 @@ def train_tasks(env: TextTaskEnv, e: EnvConfig, regime: str) -> list:
     return tasks
 
 
+def curriculum_levels(env: TextTaskEnv, e: EnvConfig) -> list[list]:
+    """The RL pool's training tasks at each difficulty level of ``env`` (``env.at_difficulty(k)``, the levels of
+    ``env.n_levels``): at most ``e.n_train`` (default: the dataset's train size) distinct problems per level, all of
+    them on a level whose problem space is smaller (the one-digit levels)."""
+    levels = []
+    for k in range(env.n_levels):
+        level = env.at_difficulty(k)
+        tasks = level.tasks("train", level.split_size("train"), at_most=True)
+        tasks = [t for t in tasks if pool_of(level.split_key(t)) == "rl"]
+        levels.append(tasks[:e.n_train] if e.n_train is not None else tasks)
+    return levels
+
+
 def config_errors(e: EnvConfig, regime: str) -> tuple[list[str], TextTaskEnv | None]:
     """(problems with ``e`` for a run of ``regime``, the env built from it or None when it cannot be built).
 

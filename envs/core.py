@@ -185,12 +185,13 @@ class TextTaskEnv(gym.Env[str, str]):
         n_test = max(1, round(self.dataset_size * self.test_fraction))
         return n_test if check_split(split) == "test" else self.dataset_size - n_test
 
-    def tasks(self, split: str = "train", n: int | None = None) -> list[Task]:
+    def tasks(self, split: str = "train", n: int | None = None, at_most: bool = False) -> list[Task]:
         """The first ``n`` distinct problems of ``split`` (default: the split's dataset-mode size).
 
         Items are ``task(i, split)`` for ``i = 0, 1, ...``, skipping repeats of a canonical problem, so
         ``tasks(s, n)`` is a prefix of ``tasks(s, m)`` for ``n < m``. Raises ValueError if the problem space of
-        the split is too small to hold ``n`` distinct problems.
+        the split is too small to hold ``n`` distinct problems; ``at_most=True`` returns the ones found instead,
+        once ``1000 + 20·found`` draws in a row brought no new problem (e.g. a one-digit curriculum level).
         """
         split = check_split(split)
         n = self.split_size(split) if n is None else int(n)
@@ -200,8 +201,10 @@ class TextTaskEnv(gym.Env[str, str]):
         if len(cached) >= n:
             return cached[:n]
         out, seen = [], set()
-        index, max_index = 0, 50 * n + 1000
+        index, max_index, last_new = 0, 50 * n + 1000, 0
         while len(out) < n:
+            if at_most and index - last_new > 1000 + 20 * len(out):
+                return out
             if index >= max_index:
                 raise ValueError(
                     f"only {len(out)} distinct {split} problems found in {max_index} draws; "
@@ -212,6 +215,7 @@ class TextTaskEnv(gym.Env[str, str]):
             if key not in seen:
                 seen.add(key)
                 out.append(task)
+                last_new = index
             index += 1
         self._datasets[split] = out
         return out

@@ -192,3 +192,40 @@ def test_rollouts_are_reproducible_and_config_is_checked(tiny_model_dir, tasks):
     assert any("advantage" in e for e in config_errors(PPOConfig(advantage="td")))
     with pytest.raises(ValueError, match="temperature"):
         PPORegime(policy, tasks, digit_fraction, PPOConfig(temperature=0.0))
+
+
+def test_curriculum_moves_the_level_and_rollouts_draw_from_it(tiny_model_dir):
+    """Rollouts draw their prompts from the curriculum's current level and report their rewards to it: all
+    rewarded -> one level harder per full block (4 episodes = one rollout here), never past the top; the level
+    played, the level after and the block's success are logged; state_dict resumes the same stream bitwise."""
+    from envs.curriculum import Curriculum
+
+    policy = LMPolicy.from_pretrained(tiny_model_dir)
+    levels = [envs.load_tasks("ArithRLVR-v0", "train", 3, max_digits=d) for d in (1, 2, 3)]
+    cfg = PPOConfig(prompts_per_step=2, group_size=2, max_new_tokens=4)
+
+    def regime(score):
+        return PPORegime(policy, levels[1], lambda c, a: [score] * len(c), cfg, micro_batch=4, seed=1,
+                         levels=levels, curriculum=Curriculum(n_levels=3, window=4))
+
+    up = regime(1.0)
+    played = []
+    for step in range(4):
+        chunks, m = up.next_batch(policy, step)
+        prompts = {policy.tokenizer.decode(ids, skip_special_tokens=True) for c in chunks for ids in c["input_ids"]}
+        assert all(any(p.startswith(t.prompt) for t in levels[int(m["curriculum/level_played"])]) for p in prompts)
+        played.append((m["curriculum/level_played"], m["curriculum/level"], m["curriculum/success"]))
+    assert played == [(0, 1, 1.0), (1, 2, 1.0), (2, 2, 1.0), (2, 2, 1.0)]
+    down = regime(0.0)
+    assert [down.next_batch(policy, s)[1]["curriculum/level"] for s in range(2)] == [0, 0]
+    # resume: a fresh regime loaded with the state after step 1 replays steps 2-3 exactly
+    a, b = regime(1.0), regime(1.0)
+    for step in range(2):
+        a.next_batch(policy, step)
+    b.load_state_dict(a.state_dict())
+    for step in (2, 3):
+        ca, ma = a.next_batch(policy, step)
+        cb, mb = b.next_batch(policy, step)
+        assert ma == mb and all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(ca, cb))
+    with pytest.raises(ValueError, match="levels"):
+        PPORegime(policy, levels[0], digit_fraction, cfg, levels=levels[:2], curriculum=Curriculum(n_levels=3))

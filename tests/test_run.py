@@ -53,6 +53,8 @@ def test_default_config_is_valid_and_named():
     ({"env": {"kwargs": {"split": "test"}}}, "not accepted"),
     ({"env": {"kwargs": {"max_digits": 12}}}, "max_digits"),
     ({"env": {"env_id": "AlpacaSFT-v0", "kwargs": {"path": "/no/such/alpaca.json"}}}, "not found"),
+    ({"regime": "rl", "env": {"env_id": "InstructRLVR-v0"}, "ppo": {"curriculum_window": 8}}, "difficulty levels"),
+    ({"regime": "rl", "ppo": {"curriculum_window": 8, "curriculum_start": 6}}, "curriculum_start=6 must be < 6"),
 ])
 def test_validate_reports_each_config_error(tmp_path, sections, fragment):
     cfg = tiny_cfg(tmp_path, tmp_path, **sections)
@@ -140,6 +142,22 @@ def test_value_head_run_resumes_bitwise(tiny_model_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     opt = torch.load(resumed / "checkpoints" / "step_2" / "optimizer.pt", weights_only=False)["optimizer"]
     assert len(opt["param_groups"]) == 2  # policy + value head, one optimizer
+
+
+def test_rl_curriculum_run_logs_its_level_and_resumes_bitwise(tiny_model_dir, tmp_path):
+    """`eoslab rl --ppo.curriculum-window N`: rollouts from the env's difficulty ladder, the level in the metrics, and
+    the curriculum's state in the checkpoints (a resumed run equals the straight one, level and all)."""
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, regime="rl", ppo={"curriculum_window": 2, "curriculum_start": 1},
+                   train={"steps": 3, "retention_tokens": 0})
+    straight = run(replace(cfg, name="a"), progress=False)
+    run(replace(cfg, name="b", train={"steps": 2}), progress=False)
+    (tmp_path / "b" / "DONE").unlink()
+    resumed = run(replace(cfg, name="b"), progress=False)
+    rows = [r for r in read_metrics(straight, wall_clock=False) if "train/loss" in r]
+    assert [r["curriculum/level_played"] for r in rows][0] == 1.0 and all("curriculum/level" in r for r in rows)
+    assert rows == [r for r in read_metrics(resumed, wall_clock=False) if "train/loss" in r]
+    state = json.loads((resumed / "checkpoints" / "step_3" / "state.json").read_text())["regime"]
+    assert state["curriculum"]["config"]["window"] == 2 and len(state["level_cursors"]) == 6
 
 
 def test_wandb_logs_offline_into_the_run_dir(tiny_model_dir, tmp_path, monkeypatch):
