@@ -14,7 +14,8 @@ Rules (a group is one regime × optimizer setting, over its η grid):
   when the run ended).
 - answer per group: "yes" if HOLDS at some η; "no" if HOLDS nowhere and every seed of every η ended in a settled
   phase (flat, softening, below-edge, above-edge); else "inconclusive" (a seed still sharpening at the end, too
-  short, or swinging across the edge: a longer run could still reach and hold it).
+  short, or swinging across the edge: a longer run could still reach and hold it). An η with fewer than
+  ``MIN_SEEDS`` seeds makes the answer "inconclusive" whatever its runs show: one run is an anecdote.
 - answer per regime ("does EoS persist in this regime?", over its optimizer settings): "yes" if some optimizer
   setting's answer is yes (naming which); "no" if every setting's answer is no; else "inconclusive".
 
@@ -35,6 +36,7 @@ from experiments.phases import PhaseConfig, Phases, detect_phases
 from experiments.rundirs import Run
 
 MAJORITY = 2 / 3
+MIN_SEEDS = 2  # seeds per η before a group answers yes or no
 CONFIDENCE = 0.95
 SETTLED = ("flat", "softening", "below-edge", "above-edge")  # conclusive phases other than eos
 METRICS = ("r0", "sharpening_rate", "time_to_edge", "band_fraction", "overshoot", "final_loss", "final_accuracy",
@@ -146,11 +148,14 @@ def statements(table: list[dict]) -> list[dict]:
             out.append({"group": name, "statement": text, "rule": rule, "holds": bool(lrs), "lrs": lrs})
         holds = any(r["phases"].get("eos", 0) >= MAJORITY * r["seeds"] for r in rows)
         conclusive = all(set(r["phases"]) <= set(SETTLED) | {"eos"} for r in rows)
-        answer = "yes" if holds else ("no" if conclusive else "inconclusive")
+        few = min(r["seeds"] for r in rows) < MIN_SEEDS
+        answer = "inconclusive" if few else "yes" if holds else ("no" if conclusive else "inconclusive")
+        why = f" ({min(r['seeds'] for r in rows)} seed per η; the rule needs {MIN_SEEDS})" if few else ""
         out.append({"group": name, "regime": regime, "optim": optim, "answer": answer,
-                    "statement": f"{name}: does it reach and hold the edge? {answer}",
-                    "rule": "yes: holds the edge at some η; no: holds it nowhere and every seed ended flat, "
-                            "softening, below or above the edge; else inconclusive",
+                    "statement": f"{name}: does it reach and hold the edge? {answer}{why}",
+                    "rule": f"yes: holds the edge at some η; no: holds it nowhere and every seed ended flat, "
+                            f"softening, below or above the edge; else inconclusive (and with < {MIN_SEEDS} seeds "
+                            "at any η)",
                     "holds": holds, "lrs": [r["lr"] for r in rows]})
     return out
 

@@ -65,6 +65,14 @@ def test_one_seed_or_a_short_run_is_inconclusive(tmp_path):
     seeded(tmp_path / "r", "short", 1e-2, 0, steps=30, slope=6.0)  # reaches the edge at t = 30, then ends
     out = statements(findings_table(find_runs([tmp_path / "r"])))
     assert [s["answer"] for s in out if "answer" in s] == ["inconclusive"]
+    # one seed that holds the edge is an anecdote, not a yes; a second seed makes it one
+    seeded(tmp_path / "one", "edge-s0", 1e-2, 0, edge_at=0)
+    out = statements(findings_table(find_runs([tmp_path / "one"])))
+    assert [(s["answer"], s["statement"]) for s in out if "answer" in s] == \
+        [("inconclusive", "sft · sgd: does it reach and hold the edge? inconclusive (1 seed per η; the rule needs 2)")]
+    assert next(s for s in out if "eos in" in s["rule"])["holds"]  # the per-η statement still says what it saw
+    seeded(tmp_path / "one", "edge-s1", 1e-2, 1, edge_at=0)
+    assert [s["answer"] for s in statements(findings_table(find_runs([tmp_path / "one"]))) if "answer" in s] == ["yes"]
 
 
 def test_stat():
