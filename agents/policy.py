@@ -250,14 +250,15 @@ class LMPolicy:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     # ------------------------------------------------------------------ batching
-    def _prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+    def prompt_token_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each prompt, as ``encode`` and ``generate`` put them before a completion."""
         # add_special_tokens=True on the prompt only: a BOS-using tokenizer gets its BOS, never a stray EOS.
         return [list(x) for x in self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
 
     def _completion_ids(self, completions: Sequence[str]) -> list[list[int]]:
         return [list(x) for x in self.tokenizer(list(completions), add_special_tokens=False)["input_ids"]]
 
-    def _segment_ids(self, segments: Sequence[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
+    def segment_ids(self, segments: Sequence[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
         """Token ids of ``(text, is_env)`` segments, each tokenized on its own (as a multi-turn rollout appends them),
         and whether each token is a target (policy text) or context (env text)."""
         ids, target = [], []
@@ -280,10 +281,10 @@ class LMPolicy:
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
         if all(isinstance(c, str) for c in completions):
             return self.collate(
-                self._prompt_ids(prompts), self._completion_ids(completions), max_length=max_length, add_eos=True
+                self.prompt_token_ids(prompts), self._completion_ids(completions), max_length=max_length, add_eos=True
             )
-        ids, targets = zip(*(self._segment_ids([(c, False)] if isinstance(c, str) else c) for c in completions))
-        return self.collate(self._prompt_ids(prompts), ids, max_length=max_length, add_eos=True, targets=targets)
+        ids, targets = zip(*(self.segment_ids([(c, False)] if isinstance(c, str) else c) for c in completions))
+        return self.collate(self.prompt_token_ids(prompts), ids, max_length=max_length, add_eos=True, targets=targets)
 
     def collate(
         self,
@@ -357,7 +358,7 @@ class LMPolicy:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        prompt_ids = self._prompt_ids(prompts)
+        prompt_ids = self.prompt_token_ids(prompts)
         if any(len(p) == 0 for p in prompt_ids):
             raise ValueError("generate needs non-empty prompts (the tokenizer adds no BOS to condition on)")
         limit = self.max_length

@@ -173,6 +173,16 @@ class TextTaskEnv(gym.Env[str, str]):
         """Shortest completion that states ``answer`` in the env's format (used by the SB3 answer-choice view)."""
         return f"Answer: {answer}"
 
+    #: policy turns per episode (1: one completion, scored at once); see ``reply``
+    max_turns: int = 1
+    #: text that ends a turn early (e.g. a tool call's closing tag), or None
+    turn_stop: str | None = None
+
+    def reply(self, turn: str) -> str | None:
+        """The env's reply to a policy turn that is not the episode's last (a tool result), or None when the turn
+        ends the episode. Pure: a rollout calls it to play the episode without ``step``. One-turn envs: None."""
+        return None
+
     def demonstration_segments(self, task: Task) -> list[tuple[str, bool]]:
         """``task``'s demonstrated episode as ``(text, is_env)`` pairs that concatenate to ``task.prompt +
         task.demonstration``: env text (the prompt, tool replies) is context, never a behaviour-cloning target.

@@ -232,6 +232,12 @@ class ArithToolEnv(ArithEnv):
         """The verifier on a transcript after the prompt (a single final turn is a transcript too)."""
         return self._check(completion, answer, self.max_transcript_chars)
 
+    turn_stop = "</calc>"  # a tool call ends its turn: the calculator answers before the policy goes on
+
+    def reply(self, turn: str) -> str | None:
+        """The calculator's reply to a turn holding ``<calc>EXPR</calc>``; None for any other (final) turn."""
+        return tool_reply(turn)
+
     def demonstration_segments(self, task: Task) -> list[tuple[str, bool]]:
         """The prompt (env), each demonstrated turn (policy) and the calculator's reply to it (env)."""
         return demonstration_segments(task)

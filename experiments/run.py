@@ -105,8 +105,8 @@ def default_config(command: str) -> RunConfig:
       (``--replay.source``) for any other, or ``--replay.weight 0``. 1000 steps trained for 552 s on one thread
       (probes at their defaults added 319 s). The user's SGD (momentum 0.9, weight decay 1e-4, batch 16, replay;
       RunConfig's own optimizer defaults) for 3000 steps (534-581 s of training) reached 0.65 at η 0.01, 0.78 at
-      0.03, 0.18 at 0.1 and diverged at 0.3 (one seed each). The EoS studies keep constant LRs of their own; this default is for a
-      policy that learns.
+      0.03, 0.18 at 0.1 and diverged at 0.3 (one seed each). The EoS studies keep constant LRs of their own;
+      this default is for a policy that learns.
     * lora: the same at 3e-3 (rank 8: 0.76 held-out at retention x1.06 with 8 replay windows; 0.80 at x2.77
       without replay).
     * rl: PPO from the "rl" pool, AdamW 1e-4 after 10 warm-up steps, gradient norm clipped at 1, rollouts of
@@ -465,7 +465,8 @@ def _assemble(cfg: RunConfig, env, run_dir: Path, log_fn, progress: bool) -> Tra
             curriculum = Curriculum(n_levels=len(levels), start=cfg.ppo.curriculum_start,
                                     window=cfg.ppo.curriculum_window)
         regime = PPORegime(policy, tasks, score_fn, cfg.ppo, micro_batch=cfg.train.micro_batch, seed=cfg.train.seed,
-                           max_length=max_length, levels=levels, curriculum=curriculum)
+                           max_length=max_length, levels=levels, curriculum=curriculum, reply_fn=env.reply,
+                           max_turns=env.max_turns, turn_stop=env.turn_stop)
     groups = [{"params": list(policy.trainable_parameters().values())}]
     if regime.extra_parameters():
         groups.append({"params": list(regime.extra_parameters().values())})

@@ -229,3 +229,48 @@ def test_curriculum_moves_the_level_and_rollouts_draw_from_it(tiny_model_dir):
         assert ma == mb and all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(ca, cb))
     with pytest.raises(ValueError, match="levels"):
         PPORegime(policy, levels[0], digit_fraction, cfg, levels=levels[:2], curriculum=Curriculum(n_levels=3))
+
+
+def test_multi_turn_rollout_masks_env_replies_out_of_the_loss(tiny_model_dir, tasks):
+    """Episodes of up to 3 turns against a pure reply function: each buffer row is prompt + turn (+ reply + turn
+    ...), the env's replies are masked like the prompt (no advantage, no log-prob, not counted in N), the reward
+    scores the whole transcript, and the gradient of the chunk losses equals the on-policy policy gradient over the
+    policy's tokens alone (computed by hand per sequence)."""
+    torch.manual_seed(0)
+    policy = LMPolicy.from_pretrained(tiny_model_dir)
+    reply = "\n<result>7</result>\n"
+    replied = []
+
+    def reply_fn(turn):  # replies to turns of even length (a pure function of the turn, like a calculator)
+        replied.append(turn)
+        return reply if len(turn) % 2 == 0 else None
+
+    cfg = PPOConfig(prompts_per_step=2, group_size=4, max_new_tokens=6)
+    regime = PPORegime(policy, tasks, digit_fraction, cfg, micro_batch=3, seed=1, reply_fn=reply_fn, max_turns=3)
+    chunks, metrics = regime.next_batch(policy, 0)
+    texts = sum((c["texts"] for c in chunks), [])
+    assert any(reply in t for t in texts) and 1 < metrics["rl/turns"] <= 3   # some episodes went on after a reply
+    assert torch.allclose(torch.cat([c["rewards"] for c in chunks]),
+                          torch.tensor(digit_fraction(texts, None), dtype=torch.float32))
+    reply_ids = policy.tokenizer(reply, add_special_tokens=False)["input_ids"]
+    n = 0
+    for c in chunks:
+        for b in range(len(c["input_ids"])):
+            ids, labels = c["input_ids"][b].tolist(), c["labels"][b]
+            target_text = policy.tokenizer.decode(c["input_ids"][b][labels != -100])
+            assert "<result>" not in target_text
+            for start in (i for i in range(len(ids)) if ids[i: i + len(reply_ids)] == reply_ids):
+                assert (labels[start: start + len(reply_ids)] == -100).all()   # every reply is context only
+                assert (c["advantages"][b][start - 1: start - 1 + len(reply_ids)] == 0).all()
+            n += int((labels[1:] != -100).sum())
+    assert n == chunks[0]["normalizer"]
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    ours = [g.clone() for g in torch.autograd.grad(sum(regime.loss(policy, c) for c in chunks), params)]
+    rows = _by_hand(policy, chunks)
+    hand = sum(-(r["adv"] * r["logp"]).sum() for r in rows) / n
+    grads = torch.autograd.grad(hand, params)
+    num = sum(((a - g) ** 2).sum() for a, g in zip(ours, grads)).sqrt()
+    den = sum((g ** 2).sum() for g in grads).sqrt()
+    assert den > 0 and num / den < 1e-4
+    with pytest.raises(ValueError, match="reply_fn"):
+        PPORegime(policy, tasks, digit_fraction, cfg, max_turns=2)
