@@ -21,8 +21,8 @@ disabled (no copy; rl/kl is then logged even at β = 0); under full fine-tuning 
 (only when β > 0).
 At ρ = 1 (fresh buffer, ``ppo_epochs=1``) clipping is inactive and ∇L is the on-policy policy gradient.
 
-Multi-turn episodes (``max_turns`` > 1, e.g. ArithToolRLVR-v0's calculator): a turn is sampled (cut after
-``turn_stop`` when it appears), ``reply_fn(turn)`` gives the env's reply (None: the turn was the last), and the next
+Multi-turn episodes (a ``protocol``, e.g. ArithToolRLVR-v0's calculator; agents.episodes): a turn is sampled (cut
+after ``turn_stop`` when it appears), ``reply(turn)`` gives the env's reply (None: the turn was the last), and the next
 turn is sampled after prompt + turns + replies, up to ``max_turns``; the reward scores the whole transcript. The
 buffer holds the episode as one sequence whose env replies are context, not actions: their tokens are masked like
 the prompt's, so they carry no advantage, no KL and no gradient (N counts policy tokens only). Each segment is
@@ -39,6 +39,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from agents.episodes import TurnProtocol, play
 from agents.optim import split
 from agents.sft import stream_indices
 from agents.tokens import token_stats
@@ -153,13 +154,11 @@ class PPORegime:
     def __init__(self, policy, tasks: Sequence[Any], score_fn: Callable[[list[str], list[str]], Sequence[float]],
                  config: PPOConfig = PPOConfig(), micro_batch: int = 4, seed: int = 0,
                  max_length: int | None = 128, levels: Sequence[Sequence[Any]] | None = None,
-                 curriculum: Any = None, reply_fn: Callable[[str], str | None] | None = None,
-                 max_turns: int = 1, turn_stop: str | None = None) -> None:
+                 curriculum: Any = None, protocol: TurnProtocol | None = None) -> None:
         """``levels`` + ``curriculum`` (an envs.curriculum.Curriculum over ``len(levels)`` levels): each rollout
         draws its prompts from ``levels[curriculum.level]`` (each level its own data stream) and reports its
         rewards to the curriculum, which may move the level for the next rollout; ``tasks`` is then unused.
-        ``reply_fn``, ``max_turns`` > 1, ``turn_stop``: multi-turn episodes (module docstring; the env's
-        ``reply``, ``max_turns`` and ``turn_stop``)."""
+        ``protocol``: multi-turn episodes (module docstring; agents.episodes.TurnProtocol.of(env))."""
         errors = config_errors(config)
         if errors:
             raise ValueError("; ".join(errors))
@@ -170,9 +169,7 @@ class PPORegime:
         if levels is not None and (len(levels) != curriculum.config.n_levels or not all(len(t) for t in levels)):
             raise ValueError(f"the curriculum has {curriculum.config.n_levels} levels; got {len(levels)} task lists "
                              "(each needs at least one task)")
-        if max_turns < 1 or (max_turns > 1 and reply_fn is None):
-            raise ValueError("multi-turn episodes need max_turns >= 1 and, above 1, the env's reply_fn")
-        self.reply_fn, self.max_turns, self.turn_stop = reply_fn, max_turns, turn_stop
+        self.protocol = protocol
         self.tasks, self.score_fn, self.config = list(tasks), score_fn, config
         self.levels = [list(t) for t in levels] if levels is not None else None
         self.curriculum = curriculum
@@ -205,44 +202,16 @@ class PPORegime:
                 return forward_stats(policy.model, chunk, temperature=self.config.temperature)[0]
         return forward_stats(self.reference, chunk, temperature=self.config.temperature)[0]
 
-    def _play(self, policy, tasks: Sequence[Any], generator: torch.Generator):
-        """Multi-turn episodes: (texts after the prompt, prompt ids, completion ids, target flags, finished, turns)."""
-        cfg, eos = self.config, policy.tokenizer.eos_token_id
-        segments: list[list[tuple[str, bool]]] = [[] for _ in tasks]
-        finished, turns, open_ = [False] * len(tasks), [0] * len(tasks), list(range(len(tasks)))
-        for turn in range(self.max_turns):
-            if not open_:
-                break
-            gen = policy.generate([tasks[i].prompt + "".join(t for t, _ in segments[i]) for i in open_],
-                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                  generator=generator)
-            still = []
-            for j, i in enumerate(open_):
-                text, done = gen.texts[j], gen.finished[j]
-                if self.turn_stop and self.turn_stop in text:
-                    text, done = text[: text.index(self.turn_stop) + len(self.turn_stop)], False
-                segments[i].append((text, False))
-                turns[i] += 1
-                reply = self.reply_fn(text) if turn + 1 < self.max_turns else None
-                if reply is None:
-                    finished[i] = done
-                else:
-                    segments[i].append((reply, True))
-                    still.append(i)
-            open_ = still
-        ids, targets = zip(*(policy.segment_ids(s) for s in segments))
-        ids = [list(x) + ([eos] if f else []) for x, f in zip(ids, finished)]
-        targets = [list(t) + ([True] if f else []) for t, f in zip(targets, finished)]
-        texts = ["".join(t for t, _ in s) for s in segments]
-        return texts, policy.prompt_token_ids([t.prompt for t in tasks]), ids, targets, finished, turns
-
     def rollout(self, policy, prompts: Sequence[Any], generator: torch.Generator) -> tuple[list[dict], dict]:
         """Sample, score and freeze one buffer for the tasks ``prompts``; returns (chunks, env/rl metrics)."""
         cfg = self.config
         tasks = [t for t in prompts for _ in range(cfg.group_size)]
         targets, turns = None, None
-        if self.max_turns > 1:
-            texts, prompt_ids, completion_ids, targets, finished, turns = self._play(policy, tasks, generator)
+        if self.protocol is not None:
+            ep = play(policy, [t.prompt for t in tasks], self.protocol, cfg.max_new_tokens, cfg.temperature,
+                      generator)
+            texts, prompt_ids, completion_ids = ep.texts, ep.prompt_ids, ep.completion_ids
+            targets, finished, turns = ep.targets, ep.finished, ep.turns
         else:
             gen = policy.generate([t.prompt for t in tasks], max_new_tokens=cfg.max_new_tokens,
                                   temperature=cfg.temperature, generator=generator)

@@ -48,6 +48,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from agents.episodes import TurnProtocol, play
 from agents.optim import accumulate_gradients
 from agents.regime import Regime
 from agents.runwriter import (STATUS_COMPLETED, STATUS_DIVERGED, STATUS_FAILED, STATUS_RUNNING, RunWriter,
@@ -221,14 +222,20 @@ def latest_checkpoint(run_dir: Path | str) -> tuple[int, Path] | None:
 
 # ---------------------------------------------------------------------------------------------------- eval
 def greedy_eval(policy, tasks: Sequence[Any], score_fn: Callable[[list[str], list[str]], Sequence[float]],
-                max_new_tokens: int, batch_size: int = 32) -> tuple[float, list[dict]]:
-    """Greedy (temperature 0) completions on ``tasks``; accuracy = mean over tasks of [score == 1]."""
+                max_new_tokens: int, batch_size: int = 32, protocol: TurnProtocol | None = None
+                ) -> tuple[float, list[dict]]:
+    """Greedy (temperature 0) completions on ``tasks``, whole episodes under a multi-turn ``protocol`` (the
+    completion is then the transcript after the prompt); accuracy = mean over tasks of [score == 1]."""
     rows = []
     for i in range(0, len(tasks), batch_size):
         part = tasks[i:i + batch_size]
-        gen = policy.generate([t.prompt for t in part], max_new_tokens=max_new_tokens, temperature=0.0)
-        scores = score_fn(gen.texts, [t.answer for t in part])
-        for t, text, s in zip(part, gen.texts, scores):
+        prompts = [t.prompt for t in part]
+        if protocol is not None:
+            texts = play(policy, prompts, protocol, max_new_tokens, temperature=0.0).texts
+        else:
+            texts = policy.generate(prompts, max_new_tokens=max_new_tokens, temperature=0.0).texts
+        scores = score_fn(texts, [t.answer for t in part])
+        for t, text, s in zip(part, texts, scores):
             rows.append({"prompt": t.prompt, "answer": t.answer, "completion": text, "score": float(s),
                          "correct": bool(float(s) >= 1.0)})
     acc = float(np.mean([r["correct"] for r in rows])) if rows else float("nan")
@@ -245,11 +252,13 @@ class Trainer:
                  eval_tasks: Sequence[Any] = (), score_fn: Callable | None = None,
                  retention_fn: Callable[[Any], dict[str, float]] | None = None,
                  log_fn: Callable[[dict], None] | None = None, grad_clip: float | None = None,
-                 progress: bool = True, lineage: dict | None = None, controller=None) -> None:
+                 progress: bool = True, lineage: dict | None = None, controller=None,
+                 eval_protocol: TurnProtocol | None = None) -> None:
         self.lineage = lineage  # JSON written as FINAL_MODEL/LINEAGE_FILE next to the saved policy
         self.policy, self.regime, self.optimizer, self.scheduler = policy, regime, optimizer, scheduler
         self.config, self.run_dir, self.prober = config, Path(run_dir), prober
         self.eval_tasks, self.score_fn, self.retention_fn = list(eval_tasks), score_fn, retention_fn
+        self.eval_protocol = eval_protocol  # multi-turn envs: evaluation plays whole episodes
         self.grad_clip, self.progress = grad_clip, progress
         self.writer = RunWriter(self.run_dir, log_fn)
         self.last_update: dict[str, torch.Tensor] | None = None
@@ -418,7 +427,8 @@ class Trainer:
         cfg, row = self.config, {}
         if self.eval_tasks and self.score_fn is not None and (
                 final or step == 0 or (cfg.eval_every and step % cfg.eval_every == 0)):
-            acc, rows = greedy_eval(self.policy, self.eval_tasks, self.score_fn, cfg.eval_max_new_tokens)
+            acc, rows = greedy_eval(self.policy, self.eval_tasks, self.score_fn, cfg.eval_max_new_tokens,
+                                    protocol=self.eval_protocol)
             row["eval/accuracy"] = acc
             if step == 0 or final:
                 self._record_samples(step, rows[:cfg.n_samples], final)

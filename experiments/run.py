@@ -35,6 +35,7 @@ import torch
 
 import envs
 from agents.embedded import embedded_model_path
+from agents.episodes import TurnProtocol
 from agents.eos_lr import CONTROLLED, build_controller
 from agents.optim import OptimConfig, build_optimizer, build_scheduler
 from agents.optim import config_errors as optim_errors
@@ -465,8 +466,8 @@ def _assemble(cfg: RunConfig, env, run_dir: Path, log_fn, progress: bool) -> Tra
             curriculum = Curriculum(n_levels=len(levels), start=cfg.ppo.curriculum_start,
                                     window=cfg.ppo.curriculum_window)
         regime = PPORegime(policy, tasks, score_fn, cfg.ppo, micro_batch=cfg.train.micro_batch, seed=cfg.train.seed,
-                           max_length=max_length, levels=levels, curriculum=curriculum, reply_fn=env.reply,
-                           max_turns=env.max_turns, turn_stop=env.turn_stop)
+                           max_length=max_length, levels=levels, curriculum=curriculum,
+                           protocol=TurnProtocol.of(env))
     groups = [{"params": list(policy.trainable_parameters().values())}]
     if regime.extra_parameters():
         groups.append({"params": list(regime.extra_parameters().values())})
@@ -477,7 +478,8 @@ def _assemble(cfg: RunConfig, env, run_dir: Path, log_fn, progress: bool) -> Tra
                    eval_tasks=env.tasks("test", cfg.env.n_eval) if cfg.env.n_eval else [], score_fn=score_fn,
                    retention_fn=_retention_fn(cfg), log_fn=log_fn, grad_clip=cfg.optim.grad_clip,
                    progress=progress, lineage=_lineage(cfg, run_dir),
-                   controller=build_controller(optimizer, cfg.optim.schedule, cfg.optim.control, cfg.train.seed))
+                   controller=build_controller(optimizer, cfg.optim.schedule, cfg.optim.control, cfg.train.seed),
+                   eval_protocol=TurnProtocol.of(env))
 
 
 def _retention_fn(cfg: RunConfig):

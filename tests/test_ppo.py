@@ -4,6 +4,7 @@ import torch
 import envs
 from agents.optim import OptimConfig, accumulate_gradients, build_optimizer
 from agents.policy import LMPolicy, LoRASpec
+from agents.episodes import TurnProtocol, play
 from agents.ppo import PPOConfig, PPORegime, config_errors, gae, group_advantages
 
 
@@ -246,7 +247,8 @@ def test_multi_turn_rollout_masks_env_replies_out_of_the_loss(tiny_model_dir, ta
         return reply if len(turn) % 2 == 0 else None
 
     cfg = PPOConfig(prompts_per_step=2, group_size=4, max_new_tokens=6)
-    regime = PPORegime(policy, tasks, digit_fraction, cfg, micro_batch=3, seed=1, reply_fn=reply_fn, max_turns=3)
+    regime = PPORegime(policy, tasks, digit_fraction, cfg, micro_batch=3, seed=1,
+                       protocol=TurnProtocol(reply_fn, max_turns=3))
     chunks, metrics = regime.next_batch(policy, 0)
     texts = sum((c["texts"] for c in chunks), [])
     assert any(reply in t for t in texts) and 1 < metrics["rl/turns"] <= 3   # some episodes went on after a reply
@@ -272,5 +274,8 @@ def test_multi_turn_rollout_masks_env_replies_out_of_the_loss(tiny_model_dir, ta
     num = sum(((a - g) ** 2).sum() for a, g in zip(ours, grads)).sqrt()
     den = sum((g ** 2).sum() for g in grads).sqrt()
     assert den > 0 and num / den < 1e-4
-    with pytest.raises(ValueError, match="reply_fn"):
-        PPORegime(policy, tasks, digit_fraction, cfg, max_turns=2)
+    # greedy evaluation plays the same episodes (temperature 0): its completions are whole transcripts
+    from agents.trainer import greedy_eval
+    acc, rows = greedy_eval(policy, tasks[:3], digit_fraction, 6, protocol=TurnProtocol(reply_fn, max_turns=3))
+    assert [r["completion"] for r in rows] == play(policy, [t.prompt for t in tasks[:3]],
+                                                   TurnProtocol(reply_fn, max_turns=3), 6, 0.0).texts
