@@ -202,10 +202,11 @@ class PPORegime:
                 return forward_stats(policy.model, chunk, temperature=self.config.temperature)[0]
         return forward_stats(self.reference, chunk, temperature=self.config.temperature)[0]
 
-    def rollout(self, policy, prompts: Sequence[Any], generator: torch.Generator) -> tuple[list[dict], dict]:
-        """Sample, score and freeze one buffer for the tasks ``prompts``; returns (chunks, env/rl metrics)."""
+    def rollout(self, policy, drawn: Sequence[Any], generator: torch.Generator) -> tuple[list[dict], dict]:
+        """Sample (each of the ``drawn`` tasks ``group_size`` times), score and freeze one buffer; returns (chunks,
+        env/rl metrics). Under a multi-turn protocol rl/response_len counts the env's reply tokens too."""
         cfg = self.config
-        tasks = [t for t in prompts for _ in range(cfg.group_size)]
+        tasks = [t for t in drawn for _ in range(cfg.group_size)]
         targets, turns = None, None
         if self.protocol is not None:
             ep = play(policy, [t.prompt for t in tasks], self.protocol, cfg.max_new_tokens, cfg.temperature,
