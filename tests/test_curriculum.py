@@ -135,3 +135,23 @@ def test_curriculum_doctest():
 
     result = doctest.testmod(envs.curriculum)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_small_levels_give_every_problem_they_have():
+    """tasks(n, at_most=True) on a problem space smaller than n: all of its distinct problems, not an error; the
+    curriculum's level lists are the RL pool of each level, disjoint from SFT's."""
+    from envs.config import EnvConfig, curriculum_levels
+    from envs.core import pool_of
+
+    one_digit = envs.make_unwrapped("ArithRLVR-v0", max_digits=1, ops="+")
+    with pytest.raises(ValueError, match="too small"):
+        one_digit.tasks("train", 1000)
+    got = one_digit.tasks("train", 1000, at_most=True)
+    keys = {t.meta["key"] for t in got}
+    assert len(keys) == len(got) and 60 <= len(got) <= 100  # ~90 % of the 100 one-digit sums are train problems
+    env = envs.make_unwrapped("ArithRLVR-v0", dataset_size=500)
+    levels = curriculum_levels(env, EnvConfig(n_train=40))
+    assert len(levels) == len(DIFFICULTY_LEVELS) and all(0 < len(t) <= 40 for t in levels)
+    assert all(pool_of(env.split_key(t)) == "rl" for t in levels[0] + levels[-1])
+    assert all(t.meta["max_digits"] == 1 for t in levels[0]) and levels[2][:5] == [
+        t for t in env.tasks("train") if pool_of(env.split_key(t)) == "rl"][:5]
