@@ -1,7 +1,9 @@
 """RLVR learning-rate sweep: PPO with a group baseline on verifiable instruction tasks (InstructRLVR-v0), SGD
 (momentum 0.9, weight decay 1e-4) as in the SFT sweeps; the probes measure the PPO surrogate on each step's frozen
 rollout buffer. RL starts from a short SFT warm start (as in SFT-then-RL pipelines): the embedded base model
-never emits the answer format, so every group would have zero reward variance, hence zero policy gradient."""
+almost never earns a reward (4 of 1600 samples on ArithRLVR-v0, README), so nearly every group would have zero reward
+variance, hence zero policy gradient. Its warm start is SGD, like the sweep, unlike experiments.run.warm_start_config
+(AdamW), which the RL default was measured from."""
 
 from agents.optim import OptimConfig
 from agents.ppo import PPOConfig
