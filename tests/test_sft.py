@@ -195,3 +195,35 @@ def test_multi_turn_demonstration_trains_on_policy_turns_only(tmp_path):
     a = SFTRegime(plain, micro_batch=2).chunks_for(policy, range(4))
     b = SFTRegime(plain, micro_batch=2, segments=one.demonstration_segments).chunks_for(policy, range(4))
     assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in ("input_ids", "labels"))
+
+
+def test_a_policy_improves_on_the_multi_turn_env(tmp_path):
+    """SFT on a tool-use demonstration (the calculator's reply masked), then greedy evaluation that plays the
+    episode against the env: reward 0 before, 1 after. The policy writes the call and the answer; the result in its
+    transcript is the env's (play appends it after the turn ends at </calc>)."""
+    from agents.episodes import TurnProtocol
+    from agents.optim import OptimConfig, accumulate_gradients, build_optimizer
+    from agents.trainer import greedy_eval
+
+    torch.manual_seed(0)
+    env = envs.make_unwrapped("ArithToolRLVR-v0")
+    task = next(t for t in env.tasks("train", 20) if len(env.demonstration_segments(t)) == 4)
+    policy = LMPolicy.from_pretrained(build_tiny_model(tmp_path, hidden=64, context=512))
+    regime = SFTRegime([task], micro_batch=1, grad_accum=1, segments=env.demonstration_segments, max_length=512)
+    opt = build_optimizer([{"params": list(policy.trainable_parameters().values())}],
+                          OptimConfig(name="adam", lr=1e-2, weight_decay=0.0))
+
+    def score(completions, answers):
+        return envs.score_batch(env, completions, answers)
+
+    protocol = TurnProtocol.of(env)
+    assert protocol is not None and protocol.max_turns == env.max_turns
+    assert greedy_eval(policy, [task], score, 40, protocol=protocol)[0] == 0.0
+    for step in range(60):
+        chunks, _ = regime.next_batch(policy, step)
+        opt.zero_grad()
+        accumulate_gradients(lambda c: regime.loss(policy, c), chunks)
+        opt.step()
+    acc, rows = greedy_eval(policy, [task], score, 40, protocol=protocol)
+    call, reply, answer = (text for text, _ in env.demonstration_segments(task)[1:])
+    assert acc == 1.0 and rows[0]["completion"] == call + reply + answer
