@@ -256,33 +256,35 @@ class PPORegime:
             metrics["rl/turns"] = float(np.mean(turns))
         return chunks, metrics
 
+    def _pool(self) -> tuple[list, int, int]:
+        """(tasks, stream seed, stream position) that the next rollout draws from: the training set, or under a
+        curriculum the current level's tasks, each level streaming its own permutations (seed mixed with the level)."""
+        if self.curriculum is None:
+            return self.tasks, self.seed, self.cursor
+        level = self.curriculum.level
+        return self.levels[level], _mix(self.seed, level), self.level_cursors[level]
+
     def next_batch(self, policy, step: int) -> tuple[list[dict], dict]:
         """A new rollout every ``ppo_epochs`` steps (sampling generator seeded by (seed, step)), else the same
-        buffer."""
-        if self.buffer is None or step % self.config.ppo_epochs == 0:
-            n = self.config.prompts_per_step
-            generator = torch.Generator().manual_seed(_mix(self.seed, step, 7))
-            if self.curriculum is None:
-                idx = stream_indices(len(self.tasks), self.seed, self.cursor, n)
-                self.cursor += len(idx)
-                self.buffer, metrics = self.rollout(policy, [self.tasks[i] for i in idx], generator)
-                return self.buffer, metrics
+        buffer. Under a curriculum its rewards then go to the curriculum, which may move the level."""
+        if self.buffer is not None and step % self.config.ppo_epochs != 0:
+            return self.buffer, {}
+        tasks, stream_seed, start = self._pool()
+        idx = stream_indices(len(tasks), stream_seed, start, self.config.prompts_per_step)
+        self.cursor += len(idx)
+        generator = torch.Generator().manual_seed(_mix(self.seed, step, 7))
+        self.buffer, metrics = self.rollout(policy, [tasks[i] for i in idx], generator)
+        if self.curriculum is not None:
             level = self.curriculum.level
-            tasks = self.levels[level]
-            # each level streams its own permutations (seeded by the run's seed and the level)
-            idx = stream_indices(len(tasks), _mix(self.seed, level), self.level_cursors[level], n)
             self.level_cursors[level] += len(idx)
-            self.cursor += len(idx)
-            self.buffer, metrics = self.rollout(policy, [tasks[i] for i in idx], generator)
             self.curriculum.update(torch.cat([c["rewards"] for c in self.buffer]).tolist())
             metrics.update({"curriculum/level_played": float(level), **self.curriculum.metrics()})
-            return self.buffer, metrics
-        return self.buffer, {}
+        return self.buffer, metrics
 
     def sample_batch(self, policy, generator: torch.Generator) -> list[dict]:
         """A fresh rollout buffer (prompts and samples drawn with ``generator`` only; under a curriculum from the
         current level, which it leaves as it is), for batch sharpness."""
-        tasks = self.tasks if self.curriculum is None else self.levels[self.curriculum.level]
+        tasks = self._pool()[0]
         idx = torch.randint(len(tasks), (self.config.prompts_per_step,), generator=generator).tolist()
         return self.rollout(policy, [tasks[i] for i in idx], generator)[0]
 

@@ -70,7 +70,7 @@ def curriculum_levels(env: TextTaskEnv, e: EnvConfig) -> list[list]:
     levels = []
     for k in range(env.n_levels):
         level = env.at_difficulty(k)
-        tasks = level.tasks("train", level.split_size("train"), at_most=True)
+        tasks = level.tasks("train", at_most=True)
         tasks = [t for t in tasks if pool_of(level.split_key(t)) == "rl"]
         levels.append(tasks[:e.n_train] if e.n_train is not None else tasks)
     return levels

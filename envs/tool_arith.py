@@ -259,7 +259,7 @@ class ArithToolEnv(ArithEnv):
             return "", 0.0, True, False, info
         self._turns += 1
         self._segments.append((action, False))
-        reply = tool_reply(action)
+        reply = self.reply(action)
         info = {"answer": task.answer, "task_id": task.task_id, "turn": self._turns, "tool_call": reply is not None}
         if reply is not None:
             if self._turns >= self.max_turns:  # no reply: the episode is cut before the policy could answer

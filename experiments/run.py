@@ -51,9 +51,9 @@ from agents.sft import SFTRegime
 from agents.trainer import TrainConfig, Trainer, latest_checkpoint
 from agents.trainer import config_errors as train_errors
 from envs.config import EnvConfig, env_kwarg_names, make_env, train_tasks  # noqa: F401 - re-exported
+from envs.config import config_errors as env_errors
 from envs.config import curriculum_levels
 from envs.curriculum import Curriculum
-from envs.config import config_errors as env_errors
 from experiments.errors import ConfigError, RunDirBusy
 from experiments.lineage import lineage_name, retention_source
 from experiments.lineage import replay_texts
