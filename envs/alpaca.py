@@ -120,9 +120,10 @@ class AlpacaEnv(TextTaskEnv):
     def split_size(self, split: str) -> int:
         return len(self._datasets[check_split(split)])
 
-    def tasks(self, split: str = "train", n: int | None = None) -> list[Task]:
+    def tasks(self, split: str = "train", n: int | None = None, at_most: bool = False) -> list[Task]:
+        """The first ``n`` records of ``split`` (all by default); more than it holds is an error unless ``at_most``."""
         tasks = self._datasets[check_split(split)]
-        if n is not None and not 0 <= n <= len(tasks):
+        if n is not None and not 0 <= n <= len(tasks) and not (at_most and n > 0):
             raise ValueError(f"n={n} but the {split} split has {len(tasks)} records")
         return tasks[:n]
 

@@ -50,9 +50,12 @@ def make_env(e: EnvConfig) -> TextTaskEnv:
 
 def train_tasks(env: TextTaskEnv, e: EnvConfig, regime: str) -> list:
     """The run's training set: the first ``e.n_train`` tasks of the train split whose problem falls in the pool
-    (``e.pool``, "auto" = the regime's), in the env's dataset order. ValueError if the pool is too small."""
+    (``e.pool``, "auto" = the regime's), in the env's dataset order. ValueError if the pool is too small.
+
+    The split is read ``at_most`` its dataset size: a narrowed env (e.g. 2-digit sums, 7290 train problems) trains
+    on all of its problems instead of failing to find the 9000 of the default space."""
     pool = regime if e.pool == "auto" else e.pool
-    tasks = env.tasks("train")
+    tasks = env.tasks("train", at_most=True)
     if pool != "all":
         tasks = [t for t in tasks if pool_of(env.split_key(t)) == pool]  # twins (1+3, 3+1) share a pool
     if e.n_train is not None:

@@ -284,6 +284,9 @@ def test_alpaca_split_is_disjoint_and_complete():
     train, test = env.tasks("train"), env.tasks("test")
     assert len(train) + len(test) == 60 and len(test) >= 1
     assert not {t.prompt for t in train} & {t.prompt for t in test}
+    with pytest.raises(ValueError, match="records"):
+        env.tasks("train", len(train) + 1)
+    assert env.tasks("train", len(train) + 1, at_most=True) == train  # the contract of TextTaskEnv.tasks
 
 
 def test_dataset_mode_reset_draws_from_the_dataset():
