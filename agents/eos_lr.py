@@ -24,6 +24,17 @@ Rayleigh quotient of the warm vector), up to ``cold_hvps`` for the first (cold) 
 batch (≈ 1.3 G, G = one forward + backward of the batch). A Ritz value is ≤ λ_max, so λ̂ errs low and the real
 ratio sits slightly above the estimated one while v is not converged.
 
+``"critical"``: critical sharpness λc = 2/ηc along the step the optimizer is about to take (Kalra et al. 2026,
+:mod:`probes.critical`): u = Δθ/η from a dry step (:func:`update_direction`), ηc the smallest step along u that
+raises the batch loss. Its edge is one-step for every optimizer, λc = 2/η ⟺ the step taken would raise the loss
+(momentum and Adam's preconditioning are inside u), so its ratio is η·λc/2 = 1/s_c, the step taken over the
+critical one, and ρ = 0.9 takes 90 % of it. On a quadratic λc = uᵀHu/(−gᵀu): under GD gᵀHg/gᵀg ≤ λ_max (the
+gradient's curvature, not the top eigenvalue); with momentum it can exceed λ_max, and when u points uphill
+(−gᵀu ≤ 0, as in a momentum oscillation) there is no ηc: the estimate is NaN and η is left unchanged. Under
+full-batch GD on the Cohen MLP this puts η above the λ_max edge (η·λ_max/2 ≈ 1.3–1.5 at ρ = 1) where the loss still
+falls (tests/test_eos_lr.py). Cost: a dry optimizer step + forward passes only (6–8 cold, 3 when ηc moved less
+than ``critical_rtol``; ``optim/est_forwards``), no HVP and no graph build.
+
 **CDAT** (``schedule="cdat"``, Roulet et al. 2024, arXiv 2407.06183): with u the base optimizer's update per unit
 η (Δθ = η·u, from a dry step of the optimizer at η = 1 on a copy of its state: no forward pass) and g the batch
 gradient, n = max(−gᵀu, 0), d = |uᵀHu| (1 HVP + 1 graph build), EMAs n̄ ← βn̄ + (1 − β)n and d̄ likewise (started
@@ -38,8 +49,9 @@ follows the controller's η. ξ comes from a private generator seeded by (seed, 
 and a resumed run draws the same ξ. Under Adam the noise is preconditioned like the gradient. Cost: one draw of d.
 
 Logged per step (keys ``optim/...``): ``lr`` (the η of this step), ``sharpness_est`` (λ̂; for CDAT the directional
-curvature uᵀHu/uᵀu), ``ratio_est`` (λ̂/θ(η) at the η of this step), ``est_hvps`` and ``est_grads`` (HVPs and
-first-order passes over the batch spent this step; 0 between updates), ``est_seconds``, ``backoff`` (1 on a spike
+curvature uᵀHu/uᵀu), ``ratio_est`` (λ̂/θ(η) at the η of this step, θ the estimator's threshold), ``est_hvps``,
+``est_grads`` and ``est_forwards`` (HVPs, first-order passes and forward-only passes over the batch spent this
+step; 0 between updates), ``est_seconds``, ``backoff`` (1 on a spike
 back-off), ``noise_norm`` (‖ζ‖, with noise on).
 """
 from __future__ import annotations
@@ -54,14 +66,15 @@ import torch
 
 from probes import ProbeContext
 from probes.context import preserved_state
+from probes.critical import critical_sharpness
 from probes.eigs import top_eigenvalues
 from probes.hvp import HessianOperator
 from probes.sharpness import adam_preconditioner, preconditioned_operator, rayleigh_pair
 from probes.thresholds import stability_thresholds
 
 __all__ = ["ControlConfig", "control_errors", "CONTROLLED", "Estimate", "SharpnessEstimator", "WarmRayleigh",
-           "ESTIMATORS", "EosController", "CdatController", "build_controller", "threshold_constant",
-           "update_direction"]
+           "CriticalEstimate", "ESTIMATORS", "EosController", "CdatController", "build_controller",
+           "controller_tag", "threshold_constant", "update_direction"]
 
 CONTROLLED = ("eos", "cdat")  # the OptimConfig.schedule values that this module implements
 
@@ -77,13 +90,17 @@ class ControlConfig:
     max_change: float = 1.5
     """eos: η changes by at most this factor per update (> 1)."""
     estimator: str = "rayleigh"
-    """eos: sharpness estimate (see agents.eos_lr.ESTIMATORS)."""
+    """eos: sharpness estimate, rayleigh or critical (see agents.eos_lr.ESTIMATORS)."""
     hvps: int = 3
     """eos/rayleigh: HVPs per warm estimate (1 = the Rayleigh quotient of the previous top eigenvector)."""
     cold_hvps: int = 20
     """eos/rayleigh: HVP budget of the first (cold) estimate."""
     tol: float = 1e-3
     """eos/rayleigh: LOBPCG residual tolerance (an estimate may stop before its HVP budget)."""
+    critical_rtol: float = 0.05
+    """eos/critical: relative width of the final bracket of ηc."""
+    critical_max_forwards: int = 20
+    """eos/critical: forward passes at most per estimate (NaN beyond: η is then left unchanged)."""
     spike: float = 2.0
     """eos: back off when the loss exceeds this multiple of its EMA (0 = never). Meant for positive losses (CE, MSE);
     a PPO loss (surrogate + KL) has no fixed sign and hovers near 0, where any ratio fires: use 0 for RLVR."""
@@ -112,7 +129,9 @@ def control_errors(c: ControlConfig, prefix: str = "optim.control") -> list[str]
         errors.append(f"{prefix}.max_change={c.max_change} must be a finite number > 1")
     if c.estimator not in ESTIMATORS:
         errors.append(f"{prefix}.estimator={c.estimator!r} is unknown; choose one of {tuple(ESTIMATORS)}")
-    for name in ("hvps", "cold_hvps"):
+    if not 0 < c.critical_rtol < 1:
+        errors.append(f"{prefix}.critical_rtol={c.critical_rtol} must be in (0, 1)")
+    for name in ("hvps", "cold_hvps", "critical_max_forwards"):
         if not (isinstance(getattr(c, name), int) and getattr(c, name) >= 1):
             errors.append(f"{prefix}.{name}={getattr(c, name)} must be an integer >= 1")
     if not (math.isfinite(c.tol) and c.tol > 0):
@@ -133,6 +152,16 @@ def control_errors(c: ControlConfig, prefix: str = "optim.control") -> list[str]
     return errors
 
 
+def controller_tag(schedule: str, control: ControlConfig) -> str:
+    """The part of a run name that a controller adds: "-eos0.9" (rayleigh), "-eos0.9-critical", "-cdat2"; "" for
+    a schedule this module does not implement (runs at different targets or estimators must not share a name)."""
+    if schedule == "eos":
+        return f"-eos{control.target:g}" + ("" if control.estimator == "rayleigh" else f"-{control.estimator}")
+    if schedule == "cdat":
+        return f"-cdat{control.cdat_scale:g}"
+    return ""
+
+
 # ---- thresholds ----------------------------------------------------------------------------------------------
 def threshold_constant(optimizer: torch.optim.Optimizer) -> float:
     """c with threshold(η) = c/η for ``optimizer``'s first param group: probes.thresholds at η = 1, the Adam
@@ -150,12 +179,15 @@ class Estimate(NamedTuple):
     value: float      # λ̂ (NaN: no estimate, e.g. Adam before its first step)
     hvps: int         # HVPs spent
     grads: int        # first-order passes over the batch (graph builds / gradients)
+    forwards: int = 0  # forward-only passes over the batch
 
 
 class SharpnessEstimator(Protocol):
     """λ̂ of the sharpness that the optimizer's threshold applies to (H for SGD, P^-½HP^-½ for the Adam family).
     Must leave params, ``.grad``, optimizer state, global RNGs and train/eval flags untouched; its state (warm
-    starts) must make a resumed run estimate bit for bit what the uninterrupted one does."""
+    starts) must make a resumed run estimate bit for bit what the uninterrupted one does. An estimator may define
+    ``threshold(optimizer) -> c``, the constant of its own edge c/η; without it the optimizer's stability threshold
+    (:func:`threshold_constant`) applies."""
 
     def __call__(self, ctx: ProbeContext, generator: torch.Generator) -> Estimate: ...
 
@@ -199,9 +231,42 @@ class WarmRayleigh:
         self.warm = state.get("warm")
 
 
-# name -> factory(ControlConfig); critical sharpness (probes/, in progress) joins here as one more entry
+class CriticalEstimate:
+    """λ̂ = λc = 2/ηc along u = Δθ/η of the step about to be taken (module docstring), warm-started from the previous
+    ηc. Its edge is λc = 2/η for every optimizer (``threshold`` = 2). Cost: a dry optimizer step + forward passes."""
+
+    def __init__(self, rtol: float = 0.05, max_forwards: int = 20):
+        self.rtol, self.max_forwards = rtol, max_forwards
+        self.eta: float | None = None   # the previous ηc (warm start of the bracket)
+
+    @staticmethod
+    def threshold(optimizer: torch.optim.Optimizer) -> float:
+        return 2.0
+
+    def __call__(self, ctx: ProbeContext, generator: torch.Generator) -> Estimate:
+        lr = float(ctx.optimizer.param_groups[0]["lr"])
+        u = update_direction(ctx.optimizer, ctx.params)
+        update, i = {}, 0
+        for name, p in ctx.params.items():   # Δθ = η·u, unflattened in the order update_direction concatenated
+            update[name] = (lr * u[i:i + p.numel()]).view(p.shape)
+            i += p.numel()
+        cs = critical_sharpness(ctx.params, ctx.loss_fn, ctx.batches, update, lr, from_previous=False,
+                                rtol=self.rtol, max_forwards=self.max_forwards, eta_guess=self.eta)
+        if math.isfinite(cs.value):   # an unbracketed search keeps the last good warm start
+            self.eta = cs.eta
+        return Estimate(cs.value, 0, 0, cs.forwards)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"eta": self.eta}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.eta = state.get("eta")
+
+
+# name -> factory(ControlConfig)
 ESTIMATORS: dict[str, Callable[[ControlConfig], SharpnessEstimator]] = {
     "rayleigh": lambda c: WarmRayleigh(hvps=c.hvps, cold_hvps=c.cold_hvps, tol=c.tol),
+    "critical": lambda c: CriticalEstimate(rtol=c.critical_rtol, max_forwards=c.critical_max_forwards),
 }
 
 
@@ -274,12 +339,17 @@ class EosController(_Controller):
         self.last_est = math.nan
         self.retry = False  # the last due step had no estimate at all (Adam without state yet): try again next step
 
+    def threshold_constant(self) -> float:
+        """c of the edge c/η that the ratio is taken against: the estimator's own, else the optimizer's."""
+        own = getattr(self.estimator, "threshold", None)
+        return float(own(self.optimizer)) if own is not None else threshold_constant(self.optimizer)
+
     def propose(self, estimate: float) -> float:
         """The η the rule gives for sharpness estimate ``estimate`` at the current η (the current η when the
         estimate is unusable). Pure: changes nothing."""
         if not (math.isfinite(estimate) and estimate > 0):
             return self.lr
-        ratio = estimate * self.lr / threshold_constant(self.optimizer)
+        ratio = estimate * self.lr / self.threshold_constant()
         m = self.cfg.max_change
         new = min(max(self.lr * self.cfg.target / ratio, self.lr / m), self.lr * m)
         return new if _finite_positive(new) else self.lr
@@ -299,18 +369,19 @@ class EosController(_Controller):
 
     def __call__(self, ctx: ProbeContext, loss: float) -> dict[str, float]:
         t0 = time.perf_counter()
-        row = {"optim/est_hvps": 0.0, "optim/est_grads": 0.0}
+        row = {"optim/est_hvps": 0.0, "optim/est_grads": 0.0, "optim/est_forwards": 0.0}
         step = int(ctx.step)
         if self.due(step) or self.retry:
             with preserved_state(ctx.model, eval_mode=True):
                 est = self.estimator(ctx, self._generator(step))
             self._set(self.propose(est.value))
             self.last_est = est.value
-            self.retry = est.hvps == 0 and not math.isfinite(est.value)
-            row.update({"optim/est_hvps": float(est.hvps), "optim/est_grads": float(est.grads)})
+            self.retry = est.hvps == 0 and est.forwards == 0 and not math.isfinite(est.value)
+            row.update({"optim/est_hvps": float(est.hvps), "optim/est_grads": float(est.grads),
+                        "optim/est_forwards": float(est.forwards)})
         row["optim/backoff"] = float(self.observe_loss(loss))
         row.update(self.add_noise(ctx.params, step))
-        c = threshold_constant(self.optimizer)
+        c = self.threshold_constant()
         row.update({"optim/lr": self.lr, "optim/sharpness_est": self.last_est,
                     "optim/ratio_est": self.last_est * self.lr / c, "optim/est_seconds": time.perf_counter() - t0})
         return row
@@ -360,7 +431,7 @@ class CdatController(_Controller):
 
     def __call__(self, ctx: ProbeContext, loss: float) -> dict[str, float]:
         t0 = time.perf_counter()
-        row = {"optim/est_hvps": 0.0, "optim/est_grads": 0.0}
+        row = {"optim/est_hvps": 0.0, "optim/est_grads": 0.0, "optim/est_forwards": 0.0}
         if self.due(int(ctx.step)):
             with preserved_state(ctx.model, eval_mode=True):
                 u = update_direction(self.optimizer, ctx.params)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import tyro
 
-from agents.eos_lr import CONTROLLED, ControlConfig, build_controller, control_errors
+from agents.eos_lr import CONTROLLED, ControlConfig, build_controller, control_errors, controller_tag
 from agents.optim import OptimConfig, lr_multiplier
 from agents.runwriter import DONE, STATUS_COMPLETED, STATUS_DIVERGED, STATUS_RUNNING, RunWriter
 from probes import ProbeConfig, ProbeContext, Prober
@@ -54,8 +54,8 @@ class CohenConfig:
 
     @property
     def run_name(self) -> str:
-        sched = {"constant": "", "eos": f"-eos{self.control.target:g}",
-                 "cdat": f"-cdat{self.control.cdat_scale:g}"}.get(self.schedule, f"-{self.schedule}")
+        sched = controller_tag(self.schedule, self.control) if self.schedule in CONTROLLED else (
+            "" if self.schedule == "constant" else f"-{self.schedule}")
         if self.warmup_steps:
             sched += f"-w{self.warmup_steps}"
         return self.name or f"gd-{self.dataset}{sched}-lr{self.lr:g}-s{self.seed}"

@@ -36,7 +36,7 @@ import torch
 import envs
 from agents.embedded import embedded_model_path
 from agents.episodes import TurnProtocol
-from agents.eos_lr import CONTROLLED, build_controller
+from agents.eos_lr import build_controller, controller_tag
 from agents.optim import OptimConfig, build_optimizer, build_scheduler
 from agents.optim import config_errors as optim_errors
 from agents.policy import LMPolicy, ModelConfig, resolve_device
@@ -159,11 +159,7 @@ def run_name(cfg: RunConfig) -> str:
     else:
         batch = "gd" if cfg.train.full_batch else f"b{cfg.train.micro_batch * cfg.train.grad_accum}"
     # a curvature-driven schedule is part of the name (lr is only its start); fixed schedules keep their old names
-    sched = ""
-    if cfg.optim.schedule == "eos":
-        sched = f"-eos{cfg.optim.control.target:g}"
-    elif cfg.optim.schedule in CONTROLLED:
-        sched = f"-{cfg.optim.schedule}{cfg.optim.control.cdat_scale:g}"
+    sched = controller_tag(cfg.optim.schedule, cfg.optim.control)
     return (f"{cfg.regime}-{cfg.env.env_id}{_kwargs_tag(cfg.env.kwargs)}-{cfg.optim.name}{sched}-lr{cfg.optim.lr:g}"
             f"-{batch}-r{cfg.model.lora_rank}-s{cfg.train.seed}")
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from agents.eos_lr import (CdatController, ControlConfig, Estimate, EosController, WarmRayleigh, build_controller,
-                           control_errors, threshold_constant, update_direction)
+from agents.eos_lr import (CdatController, ControlConfig, CriticalEstimate, Estimate, EosController, WarmRayleigh,
+                           build_controller, control_errors, controller_tag, threshold_constant, update_direction)
 from agents.optim import OptimConfig, build_optimizer, build_scheduler, config_errors
 from probes import ProbeContext
 
@@ -198,6 +198,54 @@ def test_controller_on_a_quadratic_puts_eta_at_rho_over_the_edge():
     assert row["optim/ratio_est"] == pytest.approx(0.8, rel=1e-8) and row["optim/sharpness_est"] == pytest.approx(10)
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_critical_estimate_is_the_curvature_along_the_step_about_to_be_taken(momentum):
+    """On a quadratic, f(s) − f(0) = sη gᵀu + ½s²η² uᵀAu along Δθ = s·η·u, so λc = 2/(s_c η) = uᵀAu/(−gᵀu): for GD
+    (u = −g) the gradient's Rayleigh quotient gᵀAg/gᵀg; with momentum u = −(βm + g). Warm at an unchanged θ it
+    costs 3 forward passes; nothing is changed (θ, .grad, optimizer state)."""
+    a, theta, loss_fn = quadratic()
+    opt = torch.optim.SGD([theta], lr=0.01, momentum=momentum)
+    for _ in range(3):   # a momentum buffer that is not the gradient
+        backward(theta, loss_fn, opt)
+        opt.step()
+    backward(theta, loss_fn, opt)
+    g = theta.grad.detach().clone()
+    u = -(momentum * opt.state[theta]["momentum_buffer"] + g) if momentum else -g
+    truth = float(u @ a @ u) / float(-(g @ u))
+    assert truth > 0 and torch.allclose(u, -g) == (momentum == 0)   # descent; with momentum not along −g
+    before = theta.detach().clone()
+    est = CriticalEstimate(rtol=0.01)
+    cold = est(context(theta, loss_fn, opt), torch.Generator())
+    # s_c = 2/(ηλc) ≈ 23: f(0), f(1), 5 doublings, 6 bisections to rtol 0.01 = 13 passes
+    assert cold.value == pytest.approx(truth, rel=0.01) and cold.hvps == 0 and 4 <= cold.forwards <= 14
+    # GD: ≤ λ_max (up to the bracket's width); with momentum −gᵀu can be small, so λc can exceed λ_max (here ~4×)
+    assert (cold.value <= 10.0 * (1 + 0.01)) == (momentum == 0)
+    warm = est(context(theta, loss_fn, opt), torch.Generator())
+    warm_eta = est.eta
+    assert warm.forwards == 3 and warm.value == pytest.approx(cold.value, rel=0.02)
+    assert torch.equal(theta.detach(), before) and torch.equal(theta.grad, g)
+    assert CriticalEstimate.threshold(opt) == 2.0   # one-step edge for every optimizer
+    # a step that is not a descent direction (the momentum buffer points uphill) has no ηc: NaN, η left alone
+    opt.state[theta]["momentum_buffer"] = -100.0 * g   # u = −(βm + g) = 89 g
+    if momentum:
+        assert math.isnan(est(context(theta, loss_fn, opt), torch.Generator()).value) and est.eta == warm_eta
+
+
+def test_controller_with_critical_sharpness_takes_rho_of_the_critical_step():
+    a, theta, loss_fn = quadratic()
+    opt = torch.optim.SGD([theta], lr=0.15, momentum=0.9)
+    ctl = build_controller(opt, "eos", ControlConfig(target=0.8, estimator="critical", critical_rtol=0.01))
+    assert ctl.threshold_constant() == 2.0 and threshold_constant(opt) == pytest.approx(3.8)
+    loss = backward(theta, loss_fn, opt)
+    g = theta.grad.detach().clone()
+    row = ctl(context(theta, loss_fn, opt), loss)
+    lam_c = float(g @ a @ g) / float(g @ g)   # first step: empty momentum buffer, u = −g
+    assert ctl.lr == pytest.approx(2 * 0.8 / lam_c, rel=0.02)   # 0.8 of the step that would raise the loss
+    assert row["optim/ratio_est"] == pytest.approx(0.8, rel=1e-9) and row["optim/est_forwards"] > 0
+    assert row["optim/est_hvps"] == 0 and row["optim/sharpness_est"] == pytest.approx(lam_c, rel=0.01)
+    assert controller_tag("eos", ctl.cfg) == "-eos0.8-critical" and controller_tag("eos", ControlConfig()) == "-eos0.9"
+
+
 # ---- CDAT ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["sgd", "momentum", "adam", "adamw"])
 def test_update_direction_is_the_step_per_unit_lr_and_restores_everything(name):
@@ -277,6 +325,27 @@ def test_cohen_mlp_never_diverges_for_rho_up_to_one(cohen_runs, rho):
     assert hvps[0] > 0 and np.all(hvps[s % 5 != 0] == 0) and np.all(hvps[(s % 5 == 0) & (s > 0)] <= 3)
 
 
+@pytest.mark.parametrize("rho", [0.5, 1.0])
+def test_cohen_mlp_under_critical_sharpness_control_trains_above_the_lambda_max_edge(tmp_path, rho):
+    """Along the gradient λc = gᵀHg/gᵀg ≤ λ_max, so taking ρ of the critical step puts η above ρ·2/λ_max. Measured
+    (250 steps from η 0.3, every 5): η·λ_max/2 after step 50 read 0.6–2.2 at ρ 0.5 and 1.3–1.5 at ρ 1.0, i.e. GD
+    at and beyond the classical edge, where the loss still fell from 0.52 to 0.02–0.04 without diverging."""
+    from experiments.cohen2021 import CohenConfig, run_cohen
+    from experiments.rundirs import load_run
+
+    run = load_run(run_cohen(CohenConfig(lr=0.3, steps=250, eig_every=10, eig_tol=1e-6, out_dir=str(tmp_path),
+                                         schedule="eos", control=ControlConfig(target=rho, every=5,
+                                                                               estimator="critical"))))
+    assert run.status["status"] == "completed" and run.name.endswith(f"-eos{rho:g}-critical-lr0.3-s0")
+    _, loss = run.series("train/loss")
+    assert np.all(np.isfinite(loss)) and loss[-1] < 0.25 * loss[0]
+    steps, lam = run.series("probe/lambda_max")
+    ratio = (lam / run.series("probe/two_over_eta")[1])[steps >= WARMUP]
+    assert np.median(ratio) > rho   # above ρ of the λ_max edge: the critical step is the longer one
+    s, fw = run.series("optim/est_forwards")
+    assert np.all(fw[s % 5 != 0] == 0) and np.all(fw[s % 5 == 0] >= 3) and not np.any(run.series("optim/est_hvps")[1])
+
+
 # ---- through the trainer: SFT (Adam, eos) and RLVR (momentum SGD, cdat); resume is bitwise ------------------------
 def _trainer(model_dir, run_dir, regime, optim, steps, lora_rank=0):
     import envs
@@ -308,10 +377,13 @@ CASES = [  # every=2: estimates at steps 0, 2, 4, so the resumed run (from step 
     ("sft", 4, OptimConfig(name="sgd", lr=0.05, momentum=0.9, schedule="eos",   # with the SDE noise term on
                            control=ControlConfig(every=2, hvps=2, cold_hvps=4, noise=0.05))),
     ("rl", 0, OptimConfig(name="sgd", lr=0.05, momentum=0.9, schedule="cdat", control=ControlConfig(every=2))),
+    ("sft", 0, OptimConfig(name="sgd", lr=0.05, momentum=0.9, schedule="eos",   # warm from the checkpointed ηc
+                           control=ControlConfig(every=2, estimator="critical"))),
 ]
 
 
-@pytest.mark.parametrize("regime, lora_rank, optim", CASES, ids=["sft-adam-eos", "lora-momentum-eos", "rl-cdat"])
+@pytest.mark.parametrize("regime, lora_rank, optim", CASES,
+                         ids=["sft-adam-eos", "lora-momentum-eos", "rl-cdat", "sft-momentum-critical"])
 def test_trainer_with_controller_logs_lr_and_resumes_bitwise(tiny_model_dir, tmp_path, regime, lora_rank, optim):
     from agents.trainer import checkpoint_dirs, read_metrics
 
@@ -335,7 +407,7 @@ def test_trainer_with_controller_logs_lr_and_resumes_bitwise(tiny_model_dir, tmp
     assert all(math.isfinite(x) and x > 0 for x in lrs)
     # Adam has no preconditioner before its first step: the step-0 estimate is retried at step 1
     expected = [s in ((1, 2, 4) if optim.name == "adam" else (0, 2, 4)) for s in range(6)]
-    assert [r["optim/est_hvps"] > 0 for r in train_rows] == expected
+    assert [r["optim/est_hvps"] + r["optim/est_forwards"] > 0 for r in train_rows] == expected
     assert all(math.isfinite(r["optim/sharpness_est"]) for r in train_rows[1:])
     assert all((r.get("optim/noise_norm", 0) > 0) == (optim.control.noise > 0) for r in train_rows)
 
