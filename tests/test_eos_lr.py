@@ -434,9 +434,9 @@ def test_adaptive_lr_sweep_is_defined_and_valid(tmp_path):
     from experiments.sweeps.adaptive_lr import SEEDS, cohen_configs
 
     sweep = load_sweep("adaptive_lr")   # Sweep() checks that run names are distinct
-    assert len(SEEDS) >= 3 and len(sweep.configs) == 3 * 6 * len(SEEDS)
+    assert len(SEEDS) >= 3 and len(sweep.configs) == 3 * 7 * len(SEEDS)
     for cfg in sweep.configs:
-        if cfg.optim.schedule in ("eos", "cdat") and cfg.train.seed == 0:   # validating all 54 takes minutes
+        if cfg.optim.schedule in ("eos", "cdat") and cfg.train.seed == 0:   # validating all 63 takes minutes
             if cfg.model.name == "warm-start":   # its model exists once the warm start ran (as experiments.sweep does)
                 cfg = replace(cfg, model={"name": "embedded"})
             validate(dataclasses.replace(cfg, out_dir=str(tmp_path)))
@@ -444,8 +444,13 @@ def test_adaptive_lr_sweep_is_defined_and_valid(tmp_path):
     schedules = {(c.regime, c.model.lora_rank, c.optim.schedule) for c in sweep.configs}
     assert {s for _, _, s in schedules} == {"constant", "cosine", "eos", "cdat"}
     assert {(r, k > 0) for r, k, _ in schedules} == {("sft", False), ("sft", True), ("rl", False)}
+    estimators = {(c.regime, c.model.lora_rank, c.optim.control.estimator) for c in sweep.configs
+                  if c.optim.schedule == "eos"}
+    assert {e for *_, e in estimators} == {"rayleigh", "critical"} and len(estimators) == 6
     cohen = cohen_configs(str(tmp_path))
     assert {c.schedule for cfgs in cohen.values() for c in cfgs} == {"constant", "cosine", "eos", "cdat"}
+    assert {c.control.estimator for cfgs in cohen.values() for c in cfgs if c.schedule == "eos"} == {"rayleigh",
+                                                                                                    "critical"}
     assert all(len(cfgs) == len(SEEDS) and not any(cohen_errors(c) for c in cfgs) for cfgs in cohen.values())
     names = [c.run_name for cfgs in cohen.values() for c in cfgs]
     assert len(set(names)) == len(names)

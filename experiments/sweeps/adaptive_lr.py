@@ -35,7 +35,8 @@ SEEDS = (0, 1, 2)
 
 
 def _arms(base: RunConfig, tag: str, lrs: tuple[float, ...], warmup: int) -> list[RunConfig]:
-    """constant at each of ``lrs``; cosine (with ``warmup``), eos (ρ = 0.9) and cdat (σ = 2) from the middle lr.
+    """constant at each of ``lrs``; cosine (with ``warmup``), eos (ρ = 0.9; Rayleigh and critical sharpness) and cdat
+    (σ = 2) from the middle lr.
     RLVR's eos arm has no spike back-off: its PPO loss hovers near 0 with either sign (ControlConfig.spike)."""
     mid = lrs[len(lrs) // 2]
     spike = 0.0 if base.regime == "rl" else ControlConfig().spike
@@ -43,6 +44,9 @@ def _arms(base: RunConfig, tag: str, lrs: tuple[float, ...], warmup: int) -> lis
     arms += [(f"cosine-lr{mid:g}", {"lr": mid, "schedule": "cosine", "warmup_steps": warmup}),
              (f"eos0.9-lr{mid:g}", {"lr": mid, "schedule": "eos", "warmup_steps": 0,
                                     "control": ControlConfig(target=0.9, every=10, spike=spike)}),
+             (f"eos0.9-critical-lr{mid:g}", {"lr": mid, "schedule": "eos", "warmup_steps": 0,
+                                             "control": ControlConfig(target=0.9, every=10, spike=spike,
+                                                                      estimator="critical")}),
              (f"cdat2-lr{mid:g}", {"lr": mid, "schedule": "cdat", "warmup_steps": 0,
                                    "control": ControlConfig(cdat_scale=2.0, every=1)})]
     base = replace(base, probe=ProbeConfig(every=100, batch_sharpness_every=0))
@@ -63,12 +67,15 @@ SWEEP = Sweep("adaptive_lr", tuple(_arms(_SFT, "sft", (3e-4, 1e-3, 3e-3), warmup
 # ---- the Cohen MLP part ------------------------------------------------------------------------------------------
 def cohen_configs(out_dir: str = "runs/adaptive_lr/cohen", steps: int = 500, seeds=SEEDS) -> dict[str, list]:
     """arm -> CohenConfigs over seeds: constant grid, warm-up + cosine, eos at ρ ∈ {0.5, 0.8, 0.9, 1.0, 1.5} (k = 5),
-    cdat σ ∈ {1, 2} (every step)."""
+    eos on critical sharpness at ρ ∈ {0.5, 0.8, 1.0} (k = 5), cdat σ ∈ {1, 2} (every step)."""
     base = CohenConfig(steps=steps, eig_every=50, out_dir=out_dir)
     arms = {f"const-lr{lr:g}": dict(lr=lr) for lr in (0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.3, 1.6)}
     arms.update({f"cosine-lr{lr:g}-w50": dict(lr=lr, schedule="cosine", warmup_steps=50) for lr in (0.6, 1.0, 1.6)})
     arms.update({f"eos{rho:g}": dict(lr=0.3, schedule="eos", control=ControlConfig(target=rho, every=5))
                  for rho in (0.5, 0.8, 0.9, 1.0, 1.5)})  # 1.5: above the edge, exploratory
+    arms.update({f"eos{rho:g}-critical": dict(lr=0.3, schedule="eos",
+                                              control=ControlConfig(target=rho, every=5, estimator="critical"))
+                 for rho in (0.5, 0.8, 1.0)})
     arms.update({f"cdat{s:g}": dict(lr=0.3, schedule="cdat", control=ControlConfig(cdat_scale=s, every=1))
                  for s in (1.0, 2.0)})
     return {arm: [dataclasses.replace(base, seed=seed, **kw) for seed in seeds] for arm, kw in arms.items()}
@@ -85,6 +92,7 @@ def _mean_ci(xs: list[float]) -> tuple[float, float]:
 
 
 GRAPH_COST, HVP_COST = 1.3, 1.6   # in G on the tanh MLP (cached graph; probes/hvp.py)
+FORWARD_COST = 1 / 3              # a forward pass, the usual third of a forward + backward (critical sharpness)
 
 
 def run_cohen_part(out_dir: str = "runs/adaptive_lr/cohen", steps: int = 500, echo=print) -> dict[str, dict]:
@@ -103,7 +111,8 @@ def run_cohen_part(out_dir: str = "runs/adaptive_lr/cohen", steps: int = 500, ec
             if "optim/est_hvps" in r.records[0]:
                 sh, h = r.series("optim/est_hvps")
                 _, gr = r.series("optim/est_grads")
-                extra = {int(t): HVP_COST * a + GRAPH_COST * b for t, a, b in zip(sh, h, gr)}
+                fw = r.series("optim/est_forwards")[1] if r.has("optim/est_forwards") else np.zeros_like(h)
+                extra = {int(t): HVP_COST * a + GRAPH_COST * b + FORWARD_COST * f for t, a, b, f in zip(sh, h, gr, fw)}
                 cost = cost + np.cumsum([0.0] + [extra.get(int(t), 0.0) for t in s[:-1]])
                 hvps.append(float(h.sum()))
             within = loss[cost <= steps]
