@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev]" "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev,ray]" "$(TORCH)"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -29,7 +29,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q
 
 bench: $(STAMP)
-	$(BIN)/pip install -q -e ".[dev,bench]" "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev,ray,bench]" "$(TORCH)"
 	# learnability.py trains every regime at its defaults (hours on a 2-core CPU): run it on its own
 	for f in $(filter-out experiments/bench/learnability.py,$(wildcard experiments/bench/*.py)); do \
 		$(BIN)/python $$f || exit 1; done

@@ -4,11 +4,12 @@
     eoslab lora [--model.lora-rank 8 ...]                                         SFT with LoRA adapters (rank 8)
     eoslab rl   [--ppo.group-size 4 ...]                                          one RLVR (PPO) run
     eoslab sweep NAME [--dry-run] [--workers N]                                   a sweep of experiments/sweeps/
+    eoslab sweep NAME --backend ray [--address auto|HOST:PORT] [--gpus-per-run 0.5]   ... as Ray tasks
     eoslab report RUN_DIRS... [--out DIR]                                         HTML + PNG report from run dirs
     eoslab cohen [--lrs 0.3 0.45]                                                 Cohen et al. 2021 validation runs
     eoslab eoss [--lrs 0.45 --batch 4]                                            Edge of Stochastic Stability runs
     eoslab demo                                                                   the whole study, small, on CPU
-    eoslab study [--scale demo|small|full] [--dry-run]                            does EoS persist? calibrated grid
+    eoslab study [--scale demo|small|full] [--dry-run] [--backend ray ...]        does EoS persist? calibrated grid
 
 Every field of RunConfig is a flag (``eoslab sft --help``). Config errors (and a run dir that another process is
 using) are reported in one line before any model is loaded, with exit status 2 and no traceback; a run that cannot
@@ -28,6 +29,7 @@ import tyro
 from agents.eos_lr import ControlConfig
 from agents.trainer import CheckpointError, ResumeWarning
 from experiments import cohen2021, eoss
+from experiments.backends import ExecutorConfig
 from experiments.demo import DemoConfig, run_demo
 from experiments.eoss import EossCommand
 from experiments.phases import PhaseConfig
@@ -45,9 +47,10 @@ class SweepCommand:
 
     name: tyro.conf.Positional[str]
     dry_run: bool = False  # print the planned runs (todo / done) and exit
-    workers: int = 1  # parallel local worker processes (one core each)
+    workers: int = 1  # parallel runs (local worker processes, or the CPUs of a local Ray)
     root: Path = Path("runs")  # runs go to ROOT/NAME/<run name>/
     report: bool = True  # write ROOT/NAME/report/index.html when the sweep ends
+    executor: Annotated[ExecutorConfig, tyro.conf.OmitArgPrefixes] = field(default_factory=ExecutorConfig)
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,7 @@ def execute(cmd) -> int:
             sweep = load_sweep(cmd.name)
         except KeyError as e:
             raise ConfigError(e.args[0]) from None
-        results = run_sweep(sweep, cmd.root, workers=cmd.workers, dry_run=cmd.dry_run)
+        results = run_sweep(sweep, cmd.root, workers=cmd.workers, dry_run=cmd.dry_run, executor=cmd.executor)
         if cmd.dry_run:
             return 0
         if cmd.report:

@@ -24,7 +24,8 @@ re-running reuses them and runs nothing; a changed config measures again.
 
 Layout: OUT/warm_start/ (RLVR's starting policy, once for every RL sweep), OUT/calibration/, OUT/calibration.json,
 OUT/<regime>-<optimizer>/ (one sweep each), OUT/report/ (index.html, findings.md, PNGs). Every run is idempotent
-and resumable (experiments.sweep): a rerun skips finished runs.
+and resumable (experiments.sweep): a rerun skips finished runs. ``--backend ray`` runs every run (warm start and
+calibrations too) as a Ray task (experiments.backends), retried from its checkpoint when its worker dies.
 
 Scales (runs, steps and the wall-time estimate of ``estimate_seconds``: per-step costs measured on the embedded model
 on this 2-core CPU for the README's learnability table and the sft_gd_lr sweep, not a timing of this study):
@@ -37,7 +38,8 @@ on this 2-core CPU for the README's learnability table and the sft_gd_lr sweep, 
   150 steps leave ≥ 8 probes after it; a run that is still sharpening at its end makes its cell "inconclusive"
   rather than "no" (experiments/findings.py), never a false answer.
 - full: the user's setting: Pythia-160m on the Alpaca JSON (SFT/LoRA; ``alpaca_path``), RLVR on InstructRLVR-v0,
-  5 LRs with r₀ from 0.1 to 3, 3 seeds, 2000 steps (RL 500): for a GPU or a cluster.
+  5 LRs with r₀ from 0.1 to 3, 3 seeds, 2000 steps (RL 500): for a GPU or a cluster (``--backend ray --address auto
+  --gpus-per-run 0.25``).
 """
 
 from __future__ import annotations
@@ -47,17 +49,19 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
+import tyro
 
 from agents.optim import OptimConfig
 from agents.policy import ModelConfig
 from agents.ppo import PPOConfig
 from agents.replay import ReplayConfig
 from agents.trainer import FINAL_MODEL, TrainConfig
+from experiments.backends import ExecutorConfig, executor_errors
 from experiments.report import ReportConfig, write_report
 from experiments.run import ConfigError, EnvConfig, RunConfig, replace, run_name, validate
 from experiments.run import warm_start_config as warm_start_config_of_run
@@ -103,7 +107,8 @@ class StudyConfig:
 
     scale: Literal["demo", "small", "full"] = "demo"  # demo (~9 min CPU), small (all pairs, 3 seeds, ~3 h), full (GPU)
     out: Path = Path("runs/study")  # sweeps go to OUT/<regime>-<optimizer>/, calibration.json and report/ beside them
-    workers: int = 2  # parallel runs (one core each)
+    workers: int = 2  # parallel runs (local worker processes, or the CPUs of a local Ray)
+    executor: Annotated[ExecutorConfig, tyro.conf.OmitArgPrefixes] = field(default_factory=ExecutorConfig)
     dry_run: bool = False  # print the plan (pairs, skips, calibration, LRs when calibrated, time estimate) and exit
     model: str | None = None  # model name or local dir (demo/small: embedded; full: EleutherAI/pythia-160m)
     device: str = "auto"  # model.device of every run (auto, cpu, cuda, cuda:1 ...)
@@ -160,6 +165,7 @@ def config_errors(cfg: StudyConfig) -> list[str]:
             errors.append(f"study.{name}={getattr(cfg, name)} must be >= 1")
     if cfg.gd_n_train % BATCH:
         errors.append(f"study.gd_n_train={cfg.gd_n_train} must be a multiple of {BATCH} (GD's chunks)")
+    errors += [f"study.{e}" for e in executor_errors(cfg.executor)]
     if not errors and not pairs(cfg):
         errors.append("study: no regime × optimizer pair left to run")
     return errors
@@ -304,7 +310,7 @@ def calibrate(cfg: StudyConfig, echo=print) -> dict[str, float]:
     if todo:
         echo(f"calibration: measuring λ₀ for {', '.join(todo)} ({len(cached)} cached)")
         planned = [p for c in todo.values() for p in plan(Sweep("calibration", (c,)), cfg.out)]
-        execute(planned, workers=cfg.workers, echo=echo)
+        execute(planned, workers=cfg.workers, echo=echo, executor=cfg.executor)
         path = calibration_path(cfg)
         saved = json.loads(path.read_text()) if path.exists() else {}
         for key, c in todo.items():
@@ -435,7 +441,8 @@ def run_study(cfg: StudyConfig = StudyConfig(), echo=print) -> StudyResult:
         return StudyResult(None)
     if has_rlvr(cfg):
         say("warm start for RLVR")
-        res = execute(plan(Sweep("warm_start", (warm_start_config(cfg),)), cfg.out), workers=1, echo=say)
+        res = execute(plan(Sweep("warm_start", (warm_start_config(cfg),)), cfg.out), workers=1, echo=say,
+                      executor=cfg.executor)
         if any(r.status not in ("completed", "skipped") for r in res):
             raise RuntimeError(f"the warm start failed: {res}")
     calibration = calibrate(cfg, echo=say)
@@ -444,7 +451,7 @@ def run_study(cfg: StudyConfig = StudyConfig(), echo=print) -> StudyResult:
         say(f"{s.name}: {s.description}")
     planned = [p for s in sweeps for p in plan(s, cfg.out)]
     say(f"{len(planned)} runs ({sum(p.done for p in planned)} done) on {cfg.workers} workers -> {cfg.out}")
-    results = execute(planned, workers=cfg.workers, echo=say)
+    results = execute(planned, workers=cfg.workers, echo=say, executor=cfg.executor)
     # how each LR grid was placed, and what was skipped: read from the calibration and the plan, not written here
     def lrs(s: Sweep) -> str:
         return ", ".join(f"{lr:g}" for lr in sorted({c.optim.lr for c in s.configs}))

@@ -1,13 +1,16 @@
-"""Sweeps declared in Python and run by local worker processes.
+"""Sweeps declared in Python and run by local worker processes or Ray tasks.
 
 A sweep is a name plus a tuple of ``RunConfig``s (``experiments/sweeps/<name>.py`` defines ``SWEEP``). Running it
 puts every run under ``<root>/<sweep name>/<run name>/`` and is idempotent: a run whose directory holds ``DONE`` is
-skipped, an interrupted one resumes from its latest checkpoint (``experiments.run.run``). Workers are spawned
-processes with ``OMP_NUM_THREADS=1`` and one torch thread each, so N workers use N cores without oversubscription;
-a run that raises is reported and the sweep goes on.
+skipped, an interrupted one resumes from its latest checkpoint (``experiments.run.run``). Local workers are spawned
+processes with ``cpus_per_run`` (default 1) torch threads and ``OMP_NUM_THREADS`` each, so N workers use N cores
+without oversubscription; a run that raises is reported and the sweep goes on. ``--backend ray`` runs each run as a
+Ray task instead (``experiments.backends``): same run dirs, same results, and a run whose worker dies is retried
+by Ray and resumes from its checkpoint.
 
     eoslab sweep sft_lr --dry-run
     eoslab sweep sft_lr --workers 2
+    eoslab sweep sft_lr --backend ray [--address auto] [--cpus-per-run 1] [--gpus-per-run 0.5]
 """
 
 from __future__ import annotations
@@ -25,11 +28,10 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Iterable
 
-import torch
-
 import experiments.sweeps
 from agents.embedded import embedded_model_path
 from agents.trainer import FINAL_MODEL
+from experiments.backends import ExecutorConfig, RaySession, check_executor, set_threads
 from experiments.run import RunConfig, replace, run, run_name, validate
 
 
@@ -103,10 +105,6 @@ class RunResult:
     error: str = ""
 
 
-def _init_worker() -> None:
-    torch.set_num_threads(1)
-
-
 def _run_one(cfg: RunConfig) -> RunResult:
     """Run one config in this process; never raises (a failed run must not stop the sweep)."""
     t0 = time.perf_counter()
@@ -122,18 +120,23 @@ def _run_one(cfg: RunConfig) -> RunResult:
 
 
 def run_sweep(sweep: Sweep, root: str | Path = "runs", workers: int = 1, dry_run: bool = False,
-              echo: Callable[[str], None] = print) -> list[RunResult]:
-    """Run the sweep's pending runs on ``workers`` processes (1 = in this process); returns one result per run."""
+              echo: Callable[[str], None] = print, executor: ExecutorConfig = ExecutorConfig()) -> list[RunResult]:
+    """Run the sweep's pending runs on ``workers`` processes (1 = in this process) or as Ray tasks
+    (``executor.backend="ray"``); returns one result per run."""
+    check_executor(executor)
     planned = plan(sweep, root)
     echo(f"sweep {sweep.name}: {len(planned)} runs, {sum(p.done for p in planned)} done -> {Path(root) / sweep.name}")
-    return execute(planned, workers=workers, dry_run=dry_run, echo=echo)
+    return execute(planned, workers=workers, dry_run=dry_run, echo=echo, executor=executor)
 
 
 def execute(planned: list[PlannedRun], workers: int = 1, dry_run: bool = False,
-            echo: Callable[[str], None] = print) -> list[RunResult]:
-    """Run the not-yet-done ``planned`` runs, in order, on ``workers`` processes; skipped runs are reported too."""
+            echo: Callable[[str], None] = print, executor: ExecutorConfig = ExecutorConfig()) -> list[RunResult]:
+    """Run the not-yet-done ``planned`` runs, in order, on ``workers`` processes (``executor.backend="process"``)
+    or as Ray tasks (``"ray"``: ``workers`` sizes a local Ray, a cluster's resources size a joined one); skipped
+    runs are reported too. Warm starts finish before the other runs begin. ConfigError for a bad ``executor``."""
     if workers < 1:
         raise ValueError(f"workers={workers} must be >= 1")
+    check_executor(executor)
     pending = [p for p in planned if not p.done]
     for p in planned:
         c = p.config
@@ -144,10 +147,19 @@ def execute(planned: list[PlannedRun], workers: int = 1, dry_run: bool = False,
         return results
     first = [p for p in pending if p.prerequisite]
     pending = [p for p in pending if not p.prerequisite]
-    if any(p.config.model.name == "embedded" for p in first + pending):
-        embedded_model_path()  # build once here, not in every worker (they would wait on its lock anyway)
-    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned workers
     t0 = time.perf_counter()
+    if executor.backend == "ray":
+        with RaySession(executor, workers) as ray:  # joined or started first: a bad address fails fast
+            _build_embedded(first + pending)
+            for what, batch in (("warm start ", first), ("", pending)):
+                for i, (k, out) in enumerate(ray.map(_run_one, [p.config for p in batch]), 1):
+                    res = out if isinstance(out, RunResult) else RunResult(  # its worker died past the retries
+                        batch[k].run_dir, "error", 0.0, f"{_first_line(out)} ({executor.max_retries} retries)")
+                    results.append(res)
+                    _echo_result(echo, res, i, len(batch), t0, what)
+        return results
+    _build_embedded(first + pending)
+    os.environ["OMP_NUM_THREADS"] = str(executor.cpus_per_run)  # inherited by the spawned workers
     for i, p in enumerate(first, 1):  # warm starts, in this process, before the runs that start from them
         res = _run_one(p.config)
         results.append(res)
@@ -161,13 +173,23 @@ def execute(planned: list[PlannedRun], workers: int = 1, dry_run: bool = False,
             _echo_result(echo, res, i, len(pending), t0)
         return results
     with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=get_context("spawn"),
-                             initializer=_init_worker) as pool:
+                             initializer=set_threads, initargs=(executor.cpus_per_run,)) as pool:
         futures = [pool.submit(_run_one, p.config) for p in pending]
         for i, fut in enumerate(as_completed(futures), 1):
             res = fut.result()
             results.append(res)
             _echo_result(echo, res, i, len(pending), t0)
     return results
+
+
+def _build_embedded(planned: list[PlannedRun]) -> None:
+    if any(p.config.model.name == "embedded" for p in planned):
+        embedded_model_path()  # build once here, not in every worker (they would wait on its lock anyway)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0].strip() if lines else ''}"
 
 
 def _echo_result(echo, res: RunResult, i: int, n: int, t0: float, what: str = "") -> None:
