@@ -1,4 +1,5 @@
-"""``eoslab demo`` (``make demo``): the whole study, small, on CPU, in under 15 minutes on a fresh 2-core machine.
+"""``eoslab demo`` (``make demo``): the whole study, small, on CPU (1785 s on the 2-core machine while 4-8 other jobs
+shared it; not yet timed on an idle one).
 
 1. builds (first time, ~4-5 min) or loads the embedded GPT-NeoX model (agents.embedded);
 2. runs three small learning-rate studies with probes on both cores, on arithmetic with column working

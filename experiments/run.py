@@ -108,11 +108,12 @@ def default_config(command: str) -> RunConfig:
       RunConfig's own optimizer defaults) for 3000 steps (534-581 s of training) reached 0.65 at η 0.01, 0.78 at
       0.03, 0.18 at 0.1 and diverged at 0.3 (one seed each). The EoS studies keep constant LRs of their own;
       this default is for a policy that learns.
-    * lora: the same at 3e-3 (rank 8: 0.76 held-out at retention x1.06 with 8 replay windows; 0.80 at x2.77
-      without replay).
+    * lora: the same at 3e-3 (rank 8, 4 replay windows: 0.748 held-out at retention x1.06 after 358 s of
+      training; 0.76 with 8 windows; 0.80 at x2.77 without replay).
     * rl: PPO from the "rl" pool, AdamW 1e-4 after 10 warm-up steps, gradient norm clipped at 1, rollouts of
       32 prompts x 8 samples at temperature 0.7. From a 150-step SFT warm start (0.208 held-out) this gained +0.210
-      in 300 steps (0.418 [0.38, 0.46], KL 0.04; one seed). Samples per step set the gain (8 x 4: +0.02, 8 x 8:
+      in 300 steps (0.418 [0.38, 0.46], KL 0.04); rerun on later code from its 0.226 warm start: +0.158 (seed 0)
+      and +0.182 (seed 1). Samples per step set the gain (8 x 4: +0.02, 8 x 8:
       +0.06, 16 x 8: +0.11); a higher LR did not help (2e-4 behind 1e-4 at step 150; 3e-4 without warm-up
       collapsed the policy). Without clipping the 32 x 8 run reached +0.156 by step 100 and then collapsed: the k3
       KL term's gradient, exp(log π_ref − log π_θ) − 1 per token, explodes on a sampled token that π_θ has made
