@@ -106,7 +106,8 @@ def test_hvps_not_worse_than_the_reference_solver(stop):
                 for seed in range(3):
                     x0 = torch.randn(a.shape[0], k, generator=torch.Generator().manual_seed(seed), dtype=D)
                     new = top_eigenvalues(op, k=k, tol=1e-3, stop=stop, max_hvps=300, init=x0)
-                    ref = reference_top_eigenvalues(as_main_operator(op), k=k, tol=1e-3, stop=stop, max_hvps=300, init=x0)
+                    ref = reference_top_eigenvalues(as_main_operator(op), k=k, tol=1e-3, stop=stop, max_hvps=300,
+                                                    init=x0)
                     assert new.hvps <= ref.hvps + 1, (name, k, seed, new.hvps, ref.hvps)
                     total, total_ref = total + new.hvps, total_ref + ref.hvps
     assert total <= total_ref
