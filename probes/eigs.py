@@ -63,7 +63,7 @@ from .hvp import operator_error
 __all__ = ["EigResult", "top_eigenvalues", "work_dtype"]
 
 DTYPE = torch.float64   # projected (small) matrices and every reduction over n
-CHUNK = 1 << 16         # entries of n per step of a chunked reduction or update: bounds the fp64 temporaries
+CHUNK = 1 << 18         # entries of n per step of a chunked reduction or update: bounds the fp64 temporaries
 STOPS = ("residual", "eigenvalue")
 TEMPLE_MARGIN = 4.0   # the quadratic bound is trusted where ‖r‖ ≤ δ / TEMPLE_MARGIN
 GRAM_DROP = 1e-10     # Rayleigh–Ritz: directions with relative Gram eigenvalue below this are dependent
@@ -267,6 +267,7 @@ def _start(op, k, init, known_v, known_av, gen, s, a_s):
     if init is not None:
         j = min(k, init.shape[1])
         s[:j].copy_(init[:, :j].T)
+        j = _orthonormalize_(s[:j])   # drops dependent (e.g. zero) columns: topped up below
     # Known pairs stand in for random start vectors when there is no init; their rank is checked below.
     want = k if init is not None else k - known_v.shape[0]
     while j < want:   # random columns (and top-up where init was rank-deficient)
