@@ -91,28 +91,49 @@ def work_dtype(op) -> torch.dtype:
 
 
 # ---- chunked fp64 reductions and in-place updates over rows of n-vectors -------------------------------------
-def _chunk(rows: list[torch.Tensor], lo: int, hi: int) -> torch.Tensor:
-    return torch.cat([r[:, lo:hi].to(DTYPE) for r in rows])
+def _scratch(ws: dict, key: str, rows: int, width: int, device) -> torch.Tensor:
+    """A contiguous (rows, width) fp64 block of the workspace ``ws`` (one flat buffer per key, grown on demand):
+    the chunk temporaries are allocated once per solve, not once per chunk (allocator and page-fault churn)."""
+    t = ws.get(key)
+    if t is None or t.numel() < rows * width:
+        t = ws[key] = torch.empty(rows * max(width, CHUNK), dtype=DTYPE, device=device)
+    return t[:rows * width].view(rows, width)
 
 
-def _gram(a: list[torch.Tensor], b: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """A Bᵀ in fp64 for A, B the row-stacks of the (j, n) tensors in ``a``, ``b`` (any float dtype; b = a by
-    default), accumulated CHUNK columns at a time: fp64 accuracy without an fp64 copy of any n-vector."""
-    n = a[0].shape[1]
-    out = None
-    for lo in range(0, n, CHUNK):
-        ca = _chunk(a, lo, lo + CHUNK)
-        cb = ca if b is None else _chunk(b, lo, lo + CHUNK)
-        out = ca @ cb.T if out is None else out.addmm_(ca, cb.T)
+def _chunk(rows: list[torch.Tensor], lo: int, hi: int, ws: dict, key: str) -> torch.Tensor:
+    out = _scratch(ws, key, sum(r.shape[0] for r in rows), hi - lo, rows[0].device)
+    i = 0
+    for r in rows:
+        out[i:i + r.shape[0]].copy_(r[:, lo:hi])
+        i += r.shape[0]
     return out
 
 
-def _combine(rows: list[torch.Tensor], coef: torch.Tensor, out: torch.Tensor) -> None:
+def _gram(a: list[torch.Tensor], b: list[torch.Tensor] | None = None, ws: dict | None = None) -> torch.Tensor:
+    """A Bᵀ in fp64 for A, B the row-stacks of the (j, n) tensors in ``a``, ``b`` (any float dtype; b = a by
+    default), accumulated CHUNK columns at a time: fp64 accuracy without an fp64 copy of any n-vector."""
+    ws = {} if ws is None else ws
+    n = a[0].shape[1]
+    out = torch.zeros(sum(r.shape[0] for r in a), sum(r.shape[0] for r in (a if b is None else b)), dtype=DTYPE,
+                      device=a[0].device)
+    for lo in range(0, n, CHUNK):
+        hi = min(n, lo + CHUNK)
+        ca = _chunk(a, lo, hi, ws, "a")
+        out.addmm_(ca, (ca if b is None else _chunk(b, lo, hi, ws, "b")).T)
+    return out
+
+
+def _combine(rows: list[torch.Tensor], coef: torch.Tensor, out: torch.Tensor, ws: dict | None = None) -> None:
     """out ← coef · (row-stack of ``rows``), in fp64 CHUNK columns at a time; each chunk is read before it is
     written, so ``out`` may alias the rows (the basis is updated in place, no second buffer)."""
+    ws = {} if ws is None else ws
     coef = coef.to(DTYPE)
-    for lo in range(0, out.shape[1], CHUNK):
-        out[:, lo:lo + CHUNK] = coef @ _chunk(rows, lo, lo + CHUNK)
+    n = out.shape[1]
+    for lo in range(0, n, CHUNK):
+        hi = min(n, lo + CHUNK)
+        res = _scratch(ws, "c", out.shape[0], hi - lo, out.device)
+        torch.mm(coef, _chunk(rows, lo, hi, ws, "a"), out=res)
+        out[:, lo:hi].copy_(res)
 
 
 def _svqb(g: torch.Tensor, drop: float = 1e-8) -> torch.Tensor:
@@ -124,12 +145,12 @@ def _svqb(g: torch.Tensor, drop: float = 1e-8) -> torch.Tensor:
     return ((u[:, good] / lam[good].sqrt()) / d[:, None]).T
 
 
-def _orthonormalize_(s: torch.Tensor) -> int:
+def _orthonormalize_(s: torch.Tensor, ws: dict | None = None) -> int:
     """Orthonormalise the rows of s in place (twice: the second pass restores orthonormality to the dtype's
     precision); returns how many independent rows lead s."""
     for _ in range(2):
-        c = _svqb(_gram([s]))
-        _combine([s], c, s[:c.shape[0]])
+        c = _svqb(_gram([s], ws=ws))
+        _combine([s], c, s[:c.shape[0]], ws)
         s = s[:c.shape[0]]
     return s.shape[0]
 
@@ -260,30 +281,30 @@ def _hvp(op, v: torch.Tensor, dtype) -> torch.Tensor:
     return op.matvec(v).to(dtype)
 
 
-def _start(op, k, init, known_v, known_av, gen, s, a_s):
+def _start(op, k, init, known_v, known_av, gen, s, a_s, ws):
     """Start vectors in the rows of s (capacity 2k) and their images in a_s: init (or random) orthonormalised, then
     the first Rayleigh–Ritz with the known pairs. Returns the basis and image row lists and (θ, Y, θ_RR)."""
     j = 0
     if init is not None:
         j = min(k, init.shape[1])
         s[:j].copy_(init[:, :j].T)
-        j = _orthonormalize_(s[:j])   # drops dependent (e.g. zero) columns: topped up below
+        j = _orthonormalize_(s[:j], ws)   # drops dependent (e.g. zero) columns: topped up below
     # Known pairs stand in for random start vectors when there is no init; their rank is checked below.
     want = k if init is not None else k - known_v.shape[0]
     while j < want:   # random columns (and top-up where init was rank-deficient)
         s[j:want].copy_(torch.randn(want - j, s.shape[1], generator=gen, dtype=s.dtype))
-        j = _orthonormalize_(s[:want])
+        j = _orthonormalize_(s[:want], ws)
     for i in range(j):
         a_s[i].copy_(_hvp(op, s[i], s.dtype))
     basis, images = [s[:j], known_v], [a_s[:j], known_av]
-    theta, y, theta_all = _rayleigh_ritz(_gram(basis), _gram(basis, images), k)
+    theta, y, theta_all = _rayleigh_ritz(_gram(basis, ws=ws), _gram(basis, images, ws), k)
     if theta.shape[0] < k:   # the known vectors were rank-deficient: add random directions and their images
         extra = k - theta.shape[0]
         s[j:j + extra].copy_(torch.randn(extra, s.shape[1], generator=gen, dtype=s.dtype))
         for i in range(j, j + extra):
             a_s[i].copy_(_hvp(op, s[i], s.dtype))
         basis, images = [s[:j + extra], known_v], [a_s[:j + extra], known_av]
-        theta, y, theta_all = _rayleigh_ritz(_gram(basis), _gram(basis, images), k)
+        theta, y, theta_all = _rayleigh_ritz(_gram(basis, ws=ws), _gram(basis, images, ws), k)
     return basis, images, theta, y, theta_all
 
 
@@ -291,15 +312,16 @@ def _solve_one(op, k, tol, init, known_v, known_av, max_hvps, gen, stop, device,
     """k = 1: LOBPCG on span[x, w, p] in 4 rows [x, w, p, A·p] (A·x = θx + ρw implicit, ρ = ‖r‖), plus A·w."""
     n = int(op.dim)
     buf = torch.empty(4, n, dtype=dtype, device=device)
-    basis, images, theta, y, theta_all = _start(op, 1, init, known_v, known_av, gen, buf[0:2], buf[2:4])
+    ws: dict = {}   # chunk scratch (fp64, a few rows × CHUNK), reused by every pass of this solve
+    basis, images, theta, y, theta_all = _start(op, 1, init, known_v, known_av, gen, buf[0:2], buf[2:4], ws)
     # x = Yᵀ S and r = Yᵀ AS − θ x, written over the start rows in place (A·x itself is never stored)
     m = y.shape[0]
     coef = torch.zeros(2, 2 * m, dtype=DTYPE, device=y.device)
     coef[0, :m], coef[1, :m], coef[1, m:] = y[:, 0], -theta[0] * y[:, 0], y[:, 0]
-    _combine(basis + images, coef, buf[0:2])
+    _combine(basis + images, coef, buf[0:2], ws)
     del basis, images
     x, w = buf[0:1], buf[1:2]
-    rho = float(_gram([w]).sqrt())
+    rho = float(_gram([w], ws=ws).sqrt())
     rule = _StopRule(1, tol, stop, theta.device)
     n_p, iterations, converged = 0, 0, False
     while True:
@@ -313,7 +335,7 @@ def _solve_one(op, k, tol, init, known_v, known_av, max_hvps, gen, stop, device,
         w.div_(rho)   # A·w at full relative precision; now A·x = θx + ρw
         aw = _hvp(op, w[0], dtype)[None]
         rows = [buf[:2 + 2 * n_p], aw]              # [x, w, (p, A·p), A·w]
-        d = _gram(rows)
+        d = _gram(rows, ws=ws)
         m, iw = 2 + n_p, 2 + 2 * n_p                # basis size; row of A·w in d
         g = d[:m, :m]
         h = torch.empty(m, m, dtype=DTYPE, device=d.device)
@@ -334,10 +356,10 @@ def _solve_one(op, k, tol, init, known_v, known_av, max_hvps, gen, stop, device,
                              [0.0, 0.0, 0.0, a2, a1]], dtype=DTYPE)
         if not n_p:   # no p, A·p rows yet
             coef = coef[:, [0, 1, 4]]
-        _combine(rows, coef, buf)
+        _combine(rows, coef, buf, ws)
         del aw, rows
         n_p = 1
-        rho = float(_gram([w]).sqrt())
+        rho = float(_gram([w], ws=ws).sqrt())
     vec = x.T.clone()
     del buf, x, w
     return _with_operator_error(EigResult(theta.cpu(), vec, op.hvps - start, converged, iterations, rel.cpu(),
@@ -349,9 +371,10 @@ def _solve_block(op, k, tol, init, known_v, known_av, max_hvps, gen, stop, devic
     n = int(op.dim)
     s = torch.empty(3 * k, n, dtype=dtype, device=device)
     a_s = torch.empty(3 * k, n, dtype=dtype, device=device)
-    basis, images, theta, y, theta_all = _start(op, k, init, known_v, known_av, gen, s[:2 * k], a_s[:2 * k])
-    _combine(basis, y.T, s[:k])
-    _combine(images, y.T, a_s[:k])
+    ws: dict = {}   # chunk scratch (fp64, a few rows × CHUNK), reused by every pass of this solve
+    basis, images, theta, y, theta_all = _start(op, k, init, known_v, known_av, gen, s[:2 * k], a_s[:2 * k], ws)
+    _combine(basis, y.T, s[:k], ws)
+    _combine(images, y.T, a_s[:k], ws)
     del basis, images
     n_p = 0                         # rows of P currently in the basis (none before the first iteration)
     rule = _StopRule(k, tol, stop, theta.device)
@@ -360,8 +383,8 @@ def _solve_block(op, k, tol, init, known_v, known_av, max_hvps, gen, stop, devic
     while True:
         w0 = k + n_p                # W rows start here; r = A x − θ x is written there (3k rows leave room)
         r = s[w0:w0 + k]
-        _combine([s[:k], a_s[:k]], torch.cat([-torch.diag(theta), eye], dim=1), r)
-        rnorm = _gram([r]).diagonal().clamp_min(0).sqrt()
+        _combine([s[:k], a_s[:k]], torch.cat([-torch.diag(theta), eye], dim=1), r, ws)
+        rnorm = _gram([r], ws=ws).diagonal().clamp_min(0).sqrt()
         active, err, rel, scale = rule.check(theta, theta_all, rnorm)
         n_w = int(active.sum())
         if n_w == 0:
@@ -378,14 +401,14 @@ def _solve_block(op, k, tol, init, known_v, known_av, max_hvps, gen, stop, devic
                 s[w0 + j].copy_(s[w0 + i])
             s[w0 + j].div_(float(rnorm[i]))
             a_s[w0 + j].copy_(_hvp(op, s[w0 + j], dtype))
-        d = _gram([s[:m], a_s[:m]])
+        d = _gram([s[:m], a_s[:m]], ws=ws)
         theta, y, theta_all = _rayleigh_ritz(d[:m, :m], d[:m, m:], k)
         # New X = Yᵀ S and P = the part of it outside the old X (Knyazev's implicit conjugate direction), both
         # from one product with [Y, Y with its X rows zeroed], written over the first 2k rows in place.
         y2 = torch.cat([y, y], dim=1)
         y2[:k, k:] = 0
-        _combine([s[:m]], y2.T, s[:2 * k])
-        _combine([a_s[:m]], y2.T, a_s[:2 * k])
+        _combine([s[:m]], y2.T, s[:2 * k], ws)
+        _combine([a_s[:m]], y2.T, a_s[:2 * k], ws)
         n_p = k
     x = s[:k].clone()
     del s, a_s

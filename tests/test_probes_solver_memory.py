@@ -159,7 +159,7 @@ def test_k1_solver_holds_at_most_4_fp32_vectors(monkeypatch, stop):
     """The λ_max solve: 4 fp32 n-vectors held when it calls the operator, 5 with the image just returned, at every
     HVP (a growing basis, or any fp64 n-vector, would exceed it); the caller's init and known pairs are not
     copied. CHUNK is lowered so that the chunked fp64 temporaries are far below an n-vector here, as on a model."""
-    monkeypatch.setattr(probes.eigs, "CHUNK", 4096)
+    monkeypatch.setattr(probes.eigs, "CHUNK", 1024)
     op = CountingOperator()
     op.baseline()
     res = top_eigenvalues(op, k=1, tol=1e-6, stop=stop, max_hvps=80)
@@ -175,7 +175,7 @@ def test_k1_solver_holds_at_most_4_fp32_vectors(monkeypatch, stop):
 
 
 def test_block_solver_holds_6k_vectors_and_the_reference_held_more(monkeypatch):
-    monkeypatch.setattr(probes.eigs, "CHUNK", 4096)
+    monkeypatch.setattr(probes.eigs, "CHUNK", 1024)
     op = CountingOperator(n=100_000)
     op.baseline()
     res = top_eigenvalues(op, k=3, tol=1e-5, max_hvps=200)
