@@ -99,9 +99,11 @@ def block_operator(op, index: torch.Tensor) -> LinearOperator:
     """The operator v_b ↦ (H E_b v_b)_b of the diagonal block H_bb; one HVP of ``op`` per application."""
     index = index.to(op.device)
 
+    dtype = getattr(op, "dtype", REDUCE_DTYPE)   # the solver's vectors stay in the operator's dtype
+
     def matvec(vb: torch.Tensor) -> torch.Tensor:
-        v = torch.zeros(op.dim, dtype=REDUCE_DTYPE, device=op.device)
-        v[index] = vb.to(op.device)
+        v = torch.zeros(op.dim, dtype=dtype, device=op.device)
+        v[index] = vb.to(op.device, dtype)
         return op.matvec(v)[index]
 
-    return LinearOperator(int(index.numel()), matvec, base=op)
+    return LinearOperator(int(index.numel()), matvec, base=op, dtype=dtype)

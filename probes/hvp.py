@@ -35,7 +35,10 @@ Why our own operator rather than hessian-eigenthings/PyHessian: neither keeps th
 bench), weights chunks by their share of the loss, or refuses attention kernels without double backward
 (:func:`check_model`).
 
-Vectors are flat, float64 on the parameter device (reductions in fp64); the HVP itself runs in the parameter dtype.
+Vectors are flat on the parameter device; the HVP itself runs in the parameter dtype. ``matvec`` returns float32
+for a float32 vector (``dtype``, what :func:`probes.eigs.top_eigenvalues` keeps its n-vectors in, is float32 for
+float32, bf16 and fp16 parameters: no fp64 copy of a parameter-sized vector) and float64 otherwise (the other
+probes' vectors, whose reductions are fp64).
 """
 from __future__ import annotations
 
@@ -162,7 +165,8 @@ def operator_error(op: Any) -> float:
 class HessianOperator:
     """v ↦ H v for H = ∇²_θ Σ_c loss_fn(batches[c]) over ``params``; counts HVPs in ``.hvps``.
 
-    ``matvec`` takes a flat vector (n,) or a block (n, k) (k HVPs) and returns float64 of the same shape.
+    ``matvec`` takes a flat vector (n,) or a block (n, k) (k HVPs) and returns the same shape, float32 for a
+    float32 v and float64 otherwise. ``dtype``: float32, or float64 for float64 parameters (the solver's vectors).
     ``gradient()`` returns the flat gradient Σ_c ∇L_c (free in ``cache`` mode, 1 G otherwise).
     ``hvp_error``: running max of the fd error bound per unit vector (0.0 in the exact modes). ``fd_step``: the h
     of ‖tv‖ = h·(1 + RMS(θ)) (default 0.1·eps^(1/5) of the parameter dtype).
@@ -181,6 +185,7 @@ class HessianOperator:
         self.loss_fn, self.batches, self.mode, self.model = loss_fn, list(batches), mode, model
         self.dim = sum(p.numel() for p in self.params)
         self.device = self.params[0].device
+        self.dtype = torch.float64 if self.params[0].dtype == torch.float64 else torch.float32
         self.hvps = 0               # Hessian-vector products taken (columns of every matvec)
         self.gradient_evals = 0     # first-order passes over the probe batch (graph builds, fd, gradient())
         self.fd_step = fd_step
@@ -255,18 +260,19 @@ class HessianOperator:
         return total
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """H v for v of shape (n,) or (n, k); returns float64. Costs k HVPs."""
+        """H v for v of shape (n,) or (n, k); float32 for a float32 v, else float64. Costs k HVPs."""
         if v.dim() == 2:
             return torch.stack([self.matvec(v[:, j]) for j in range(v.shape[1])], dim=1)
         if v.shape != (self.dim,):
             raise ValueError(f"probes: vector has shape {tuple(v.shape)}, operator dimension is {self.dim}")
-        v = v.to(device=self.device, dtype=REDUCE_DTYPE).contiguous()
+        dtype = torch.float32 if v.dtype == torch.float32 else REDUCE_DTYPE
+        v = v.to(device=self.device, dtype=dtype).contiguous()
         self.hvps += 1
-        if self.mode == "fd":
-            return self._fd(v)
+        if self.mode == "fd":   # differences of gradients need fp64 accumulation
+            return self._fd(v.to(REDUCE_DTYPE)).to(dtype)
         parts = self._split(v)
         # Written by the first chunk, accumulated by the others: no zero-fill pass over n (per-HVP overhead).
-        out = torch.empty(self.dim, dtype=REDUCE_DTYPE, device=self.device)
+        out = torch.empty(self.dim, dtype=dtype, device=self.device)
         with hvp_guard():
             if self.mode == "cache":
                 if not self._graph_valid():
@@ -335,15 +341,16 @@ class HessianOperator:
 
 
 class LinearOperator:
-    """A symmetric operator from a function: ``LinearOperator(dim, fn)`` with fn((n,) float64) -> (n,).
+    """A symmetric operator from a function: ``LinearOperator(dim, fn)`` with fn((n,) ``dtype``) -> (n,).
+    ``dtype`` (default float64) is the dtype of the vectors fn gets and of the solver's vectors on it.
 
     Used for operators composed on top of an HVP (preconditioned, block-restricted) and for explicit matrices in
     tests; ``.hvps`` counts the HVPs of the wrapped operator where there is one.
     """
 
     def __init__(self, dim: int, fn: Callable[[torch.Tensor], torch.Tensor], base: Any = None,
-                 device: torch.device | str = "cpu", error_gain: float = 1.0):
-        self.dim, self._fn, self.base = dim, fn, base
+                 device: torch.device | str = "cpu", error_gain: float = 1.0, dtype: torch.dtype = REDUCE_DTYPE):
+        self.dim, self._fn, self.base, self.dtype = dim, fn, base, dtype
         self.error_gain = error_gain   # its error ≤ error_gain · the base's (operator_error)
         self.device = torch.device(getattr(base, "device", device))
         self._own_hvps = 0
@@ -362,6 +369,6 @@ class LinearOperator:
             return torch.stack([self.matvec(v[:, j]) for j in range(v.shape[1])], dim=1)
         if self.base is None:
             self._own_hvps += 1
-        return self._fn(v.to(REDUCE_DTYPE))
+        return self._fn(v.to(self.dtype))
 
     __matmul__ = matvec

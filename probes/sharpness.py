@@ -267,9 +267,10 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Mapping[str, t
 def preconditioned_operator(op, precond: torch.Tensor) -> LinearOperator:
     """v ↦ P^-½ H P^-½ v: symmetric, with the spectrum of P⁻¹H, as in Cohen et al. 2022 (P⁻¹H itself is not
     symmetric, and a symmetric eigen-solver on it is wrong). 1 HVP per application."""
-    inv_sqrt = precond.to(device=op.device, dtype=REDUCE_DTYPE).rsqrt()
+    dtype = getattr(op, "dtype", REDUCE_DTYPE)   # the solver's vectors stay in the operator's dtype
+    inv_sqrt = precond.to(device=op.device, dtype=REDUCE_DTYPE).rsqrt().to(dtype)
     return LinearOperator(op.dim, lambda v: inv_sqrt * op.matvec(inv_sqrt * v), base=op,
-                          error_gain=float(inv_sqrt.max()) ** 2)
+                          error_gain=float(inv_sqrt.max()) ** 2, dtype=dtype)
 
 
 def adam_sharpness(op: HessianOperator, optimizer: torch.optim.Optimizer, lr: float, k: int = 1,
