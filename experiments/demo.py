@@ -7,9 +7,9 @@ shared it; not yet timed on an idle one).
    `eoslab sft` at its defaults, a policy that has learnt part of the task, so rewards vary within groups), each
    with RunConfig's default optimizer (SGD, momentum 0.9, weight decay 1e-4) and effective batch 16 = 4×4 (RL: 4
    prompts × 4 samples); and, to show the policy learning, one RLVR run at ``eoslab rl``'s defaults (100 steps,
-   no probes) beside the warm start's SFT curve;
-   The learning rates reach above the usual 1e-4…1e-2, because on the 1.4M-parameter model only η ≳ 0.1 brings
-   η·λ_max near the momentum edge 2+2β = 3.8 within 80 steps (measured: η·λ ≈ 0.4 at η = 0.01, ≈ 4 at η = 0.1);
+   no probes) beside the warm start's SFT curve. The learning rates reach above the usual 1e-4…1e-2, because on
+   the 1.4M-parameter model only η ≳ 0.1 brings η·λ_max near the momentum edge 2+2β = 3.8 within 80 steps
+   (measured: η·λ ≈ 0.4 at η = 0.01, ≈ 4 at η = 0.1);
 3. runs the Cohen et al. 2021 validation (full-batch GD on a tanh MLP, experiments.cohen2021) on the second core
    while the model builds;
 4. writes the report (HTML + PNGs, EoS phase table, forgetting, base vs fine-tuned samples) and prints its path.
