@@ -454,3 +454,16 @@ def test_adaptive_lr_sweep_is_defined_and_valid(tmp_path):
     assert all(len(cfgs) == len(SEEDS) and not any(cohen_errors(c) for c in cfgs) for cfgs in cohen.values())
     names = [c.run_name for cfgs in cohen.values() for c in cfgs]
     assert len(set(names)) == len(names)
+
+
+def test_paired_ratio_is_the_geometric_mean_with_a_t_interval_on_log_ratios():
+    from experiments.sweeps.adaptive_lr import paired_ratio
+    from probes.sharpness import t_quantile
+
+    logs = np.log([0.5, 1.0, 2.0 * 1.1])   # ratios 0.5, 1, 2.2 over three seeds
+    r, lo, hi = paired_ratio([0.5, 2.0, 2.2], [1.0, 2.0, 1.0])
+    h = t_quantile(0.975, 2) * logs.std(ddof=1) / math.sqrt(3)
+    assert r == pytest.approx(math.exp(logs.mean())) and (lo, hi) == pytest.approx(
+        (math.exp(logs.mean() - h), math.exp(logs.mean() + h)))
+    assert all(math.isnan(x) for x in paired_ratio([math.inf, 1.0], [1.0, 1.0]))   # a diverged seed: no ratio
+    assert paired_ratio([2.0], [1.0])[0] == pytest.approx(2.0) and paired_ratio([2.0], [1.0])[2] == math.inf

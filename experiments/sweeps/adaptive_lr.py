@@ -91,15 +91,26 @@ def _mean_ci(xs: list[float]) -> tuple[float, float]:
     return mean, t_quantile(0.975, n - 1) * sd / math.sqrt(n)
 
 
+def paired_ratio(xs: list[float], base: list[float]) -> tuple[float, float, float]:
+    """(ratio, lo, hi): the geometric mean over seeds of xs[s]/base[s] with its 95 % t-interval (computed on the
+    log ratios, paired by seed). NaN for an empty or non-finite pair list; (r, -inf, inf) bounds for one seed."""
+    logs = [math.log(x / b) for x, b in zip(xs, base) if 0 < x < math.inf and 0 < b < math.inf]
+    if not logs or len(logs) < len(xs):
+        return math.nan, math.nan, math.nan
+    m, h = _mean_ci(logs)
+    return math.exp(m), math.exp(m - h), math.exp(m + h)
+
+
 GRAPH_COST, HVP_COST = 1.3, 1.6   # in G on the tanh MLP (cached graph; probes/hvp.py)
 FORWARD_COST = 1 / 3              # a forward pass, the usual third of a forward + backward (critical sharpness)
 
 
 def run_cohen_part(out_dir: str = "runs/adaptive_lr/cohen", steps: int = 500, echo=print) -> dict[str, dict]:
     """Run (or reuse) every Cohen config; returns arm -> {loss, loss_ci, loss_at_C, loss_at_C_ci, seconds,
-    est_hvps, diverged} and echoes a table. C = ``steps`` G of compute (what a plain GD run spends)."""
+    est_hvps, diverged, x_best, x_best_ci} and echoes a table. C = ``steps`` G of compute (what a plain GD run
+    spends). x_best: the final loss over that of the best constant arm (lowest mean final loss), paired by seed."""
     runs = {arm: [load_run(run_cohen(c)) for c in cfgs] for arm, cfgs in cohen_configs(out_dir, steps).items()}
-    out = {}
+    out, finals = {}, {}
     for arm, rs in runs.items():
         final, at_t, secs, hvps, diverged = [], [], [], [], 0
         for r in rs:
@@ -118,15 +129,24 @@ def run_cohen_part(out_dir: str = "runs/adaptive_lr/cohen", steps: int = 500, ec
             within = loss[cost <= steps]
             at_t.append(float(within[-1]) if len(within) and math.isfinite(final[-1]) else math.inf)
             secs.append(float(sec[-1]))
+        finals[arm] = final
         m, ci = _mean_ci(final)
         mt, cit = _mean_ci(at_t)
         out[arm] = {"loss": m, "loss_ci": ci, "loss_at_C": mt, "loss_at_C_ci": cit, "seconds": sum(secs) / len(secs),
                     "est_hvps": sum(hvps) / len(hvps) if hvps else 0.0, "diverged": diverged, "n": len(rs)}
-    echo(f"Cohen MLP, full-batch GD, {steps} steps, {len(SEEDS)} seeds (mean ± 95% t-CI); C = {steps} G of compute")
-    echo(f"{'arm':<18}{'final loss':>22}{'loss at C':>22}{'s/run':>8}{'HVPs':>8}{'div':>5}")
+    constants = [a for a in out if a.startswith("const-") and math.isfinite(out[a]["loss"])]
+    best = min(constants, key=lambda a: out[a]["loss"]) if constants else None
     for arm, o in out.items():
-        echo(f"{arm:<18}{o['loss']:>12.4f} ± {o['loss_ci']:<7.4f}{o['loss_at_C']:>12.4f} ± {o['loss_at_C_ci']:<7.4f}"
-             f"{o['seconds']:>8.2f}{o['est_hvps']:>8.0f}{o['diverged']:>5}")
+        r, lo, hi = paired_ratio(finals[arm], finals[best]) if best else (math.nan,) * 3
+        o.update({"x_best": r, "x_best_ci": [lo, hi], "best_constant": best})
+    echo(f"Cohen MLP, full-batch GD, {steps} steps, {len(SEEDS)} seeds (mean ± 95% t-CI); C = {steps} G of compute; "
+         f"x best: final loss / {best}'s, paired by seed (geometric mean, 95% t-CI)")
+    echo(f"{'arm':<18}{'final loss':>22}{'x best [95% CI]':>24}{'loss at C':>22}{'s/run':>8}{'HVPs':>8}{'div':>5}")
+    for arm, o in out.items():
+        lo, hi = o["x_best_ci"]
+        echo(f"{arm:<18}{o['loss']:>12.4f} ± {o['loss_ci']:<7.4f}{o['x_best']:>8.2f} [{lo:.2f}, {hi:.2f}]  "
+             f"{o['loss_at_C']:>12.4f} ± {o['loss_at_C_ci']:<7.4f}{o['seconds']:>8.2f}{o['est_hvps']:>8.0f}"
+             f"{o['diverged']:>5}")
     return out
 
 
