@@ -1,7 +1,9 @@
 """The eigen-solver of probes/eigs.py before the lean rewrite (main @ e736314), verbatim but for this docstring and
-the import: the reference that experiments/bench/solver_memory.py and tests/test_probes_solver_memory.py compare
-against. Block LOBPCG with fp64 n-vectors: 4 buffers of 3k rows (12k fp64 n-vectors) plus the start and residual
-temporaries and the fp64 images the operator returns. See probes/eigs.py for the method and the stop rules.
+the imports: the reference that experiments/bench/solver_memory.py and tests/test_probes_solver_memory.py compare
+against. Its stop rule's helpers (Temple bounds, the operator's error bound) were identical to the lean solver's and
+are imported from probes.eigs, so both solvers stop by the same code. Block LOBPCG with fp64 n-vectors: 4 buffers
+of 3k rows (12k fp64 n-vectors) plus the start and residual temporaries and the fp64 images the operator returns.
+See probes/eigs.py for the method and the stop rules.
 """
 from __future__ import annotations
 
@@ -9,13 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
-from probes.hvp import operator_error
+from probes.eigs import _temple_errors, _with_operator_error
 
 __all__ = ["EigResult", "top_eigenvalues"]
 
 DTYPE = torch.float64
 STOPS = ("residual", "eigenvalue")
-TEMPLE_MARGIN = 4.0   # the quadratic bound is trusted where ‖r‖ ≤ δ / TEMPLE_MARGIN
 GRAM_DROP = 1e-10     # Rayleigh–Ritz: directions with relative Gram eigenvalue below this are dependent
 ROW_DROP = 1e-8       # ... and rows shorter than this × the longest carry images that are mostly rounding (√eps)
 NOISE_AMPLIFICATION = 1e4   # ... and directions that would amplify the measured image noise more than this,
@@ -216,19 +217,6 @@ def top_eigenvalues(op, k: int = 1, tol: float = 1e-3, init: torch.Tensor | None
                                           err.cpu()), op, tol, scale)
 
 
-def _with_operator_error(res: EigResult, op, tol: float, scale) -> EigResult:
-    """Add the operator's own error bound (fd HVPs, :func:`probes.hvp.operator_error`) to ``errors``: an eigenvalue
-    of Â is within ‖Â − A‖ of one of A, so a solve is not converged when that bound exceeds tol·scale."""
-    bound = operator_error(op)
-    if bound == 0.0:
-        return res
-    rel = bound / max(float(scale), torch.finfo(DTYPE).tiny)
-    errors = res.errors if res.errors is not None else res.residuals
-    res.errors = torch.clamp(errors, min=rel)
-    res.converged = res.converged and rel <= tol
-    return res
-
-
 def _known_pairs(known, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(V, AV) as ROWS (j, n) in float64, without zero or non-finite vectors (e.g. a zero gradient)."""
     empty = torch.empty(0, n, dtype=DTYPE, device=device)
@@ -240,23 +228,3 @@ def _known_pairs(known, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"probes: known vectors {tuple(v.shape)} and images {tuple(av.shape)} must both be (n={n}, j)")
     ok = (v.norm(dim=0) > 0) & torch.isfinite(v).all(dim=0) & torch.isfinite(av).all(dim=0)
     return v[:, ok].T.contiguous(), av[:, ok].T.contiguous()
-
-
-def _temple_errors(theta, theta_all, rnorm, floor):
-    """Bounds on |λ_i − θ_i| for the top-k Ritz pairs: ‖r_i‖²/δ_i where ‖r_i‖ ≤ δ_i/TEMPLE_MARGIN, else ‖r_i‖.
-
-    δ_i = min(θ_{i−1} − θ_i, θ_i − floor_i); floor_i is the running maximum (over iterations) of the (i+1)-th
-    Ritz value, a lower bound of λ_{i+1} (Cauchy interlacing), so it only tightens. Returns (bounds, new floor).
-    """
-    k = theta.shape[0]
-    ordered = torch.sort(theta_all, descending=True).values
-    below = torch.full((k,), -torch.inf, dtype=DTYPE, device=theta.device)
-    n_below = min(k, ordered.shape[0] - 1)   # Ritz values ranked 2..k+1 that exist in this subspace
-    below[:n_below] = ordered[1:1 + n_below]
-    floor = torch.maximum(floor, below)
-    gap = theta - floor                                      # +inf where no Ritz value below was seen yet
-    if k > 1:
-        gap[1:] = torch.minimum(gap[1:], theta[:-1] - theta[1:])
-    gap = torch.where(torch.isfinite(gap), gap, torch.zeros_like(gap))   # no neighbour seen yet: no gap known
-    temple = rnorm ** 2 / gap.clamp_min(torch.finfo(DTYPE).tiny)
-    return torch.where(rnorm * TEMPLE_MARGIN <= gap, torch.minimum(temple, rnorm), rnorm), floor
