@@ -25,7 +25,7 @@ batch (≈ 1.3 G, G = one forward + backward of the batch). A Ritz value is ≤ 
 ratio sits slightly above the estimated one while v is not converged.
 
 ``"critical"``: critical sharpness λc = 2/ηc along the step the optimizer is about to take (Kalra et al. 2026,
-:mod:`probes.critical`): u = Δθ/η from a dry step (:func:`update_direction`), ηc the smallest step along u that
+:mod:`probes.critical`): u = Δθ/η from a dry step (:func:`update_steps`), ηc the smallest step along u that
 raises the batch loss. Its edge is one-step for every optimizer, λc = 2/η ⟺ the step taken would raise the loss
 (momentum and Adam's preconditioning are inside u), so its ratio is η·λc/2 = 1/s_c, the step taken over the
 critical one, and ρ = 0.9 takes 90 % of it. On a quadratic λc = uᵀHu/(−gᵀu): under GD gᵀHg/gᵀg ≤ λ_max (the
@@ -74,7 +74,7 @@ from probes.thresholds import stability_thresholds
 
 __all__ = ["ControlConfig", "control_errors", "CONTROLLED", "Estimate", "SharpnessEstimator", "WarmRayleigh",
            "CriticalEstimate", "ESTIMATORS", "EosController", "CdatController", "build_controller",
-           "controller_tag", "threshold_constant", "update_direction"]
+           "controller_tag", "threshold_constant", "update_direction", "update_steps"]
 
 CONTROLLED = ("eos", "cdat")  # the OptimConfig.schedule values that this module implements
 
@@ -245,11 +245,7 @@ class CriticalEstimate:
 
     def __call__(self, ctx: ProbeContext, generator: torch.Generator) -> Estimate:
         lr = float(ctx.optimizer.param_groups[0]["lr"])
-        u = update_direction(ctx.optimizer, ctx.params)
-        update, i = {}, 0
-        for name, p in ctx.params.items():   # Δθ = η·u, unflattened in the order update_direction concatenated
-            update[name] = (lr * u[i:i + p.numel()]).view(p.shape)
-            i += p.numel()
+        update = {name: lr * step for name, step in update_steps(ctx.optimizer, ctx.params).items()}   # Δθ = η·u
         cs = critical_sharpness(ctx.params, ctx.loss_fn, ctx.batches, update, lr, from_previous=False,
                                 rtol=self.rtol, max_forwards=self.max_forwards, eta_guess=self.eta)
         if math.isfinite(cs.value):   # an unbracketed search keeps the last good warm start
@@ -397,7 +393,13 @@ class EosController(_Controller):
 
 
 def update_direction(optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor]) -> torch.Tensor:
-    """u = Δθ/η of the optimizer's next step from the current ``.grad``, flat float64 over ``params`` (in order).
+    """u = Δθ/η of the optimizer's next step from the current ``.grad``, flat float64 over ``params`` (in order):
+    :func:`update_steps` concatenated."""
+    return torch.cat([d.reshape(-1) for d in update_steps(optimizer, params).values()])
+
+
+def update_steps(optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Δθ/η of the optimizer's next step from the current ``.grad``, per parameter of ``params``, float64.
 
     A dry step at lr = 1 (per-group ratios kept) on the live tensors, then parameters and optimizer state are
     restored bit for bit. Exact for torch's SGD/Adam/AdamW, whose Δθ is linear in lr. Cost: one optimizer step and
@@ -411,13 +413,13 @@ def update_direction(optimizer: torch.optim.Optimizer, params: dict[str, torch.T
         for g in optimizer.param_groups:
             g["lr"] = float(g["lr"]) / ref
         optimizer.step()
-        u = torch.cat([(p.detach() - before[k]).to(torch.float64).reshape(-1) for k, p in params.items()])
+        steps = {k: (p.detach() - before[k]).to(torch.float64) for k, p in params.items()}
     finally:
         with torch.no_grad():
             for p, s in zip(owned, saved_params):
                 p.copy_(s)
         optimizer.load_state_dict(saved_state)  # also restores each group's lr
-    return u
+    return steps
 
 
 class CdatController(_Controller):
