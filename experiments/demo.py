@@ -35,7 +35,7 @@ from agents.trainer import TrainConfig
 from experiments.cohen2021 import CohenConfig, config_errors, run_cohen
 from experiments.report import ReportConfig, phase_rows, write_report
 from experiments.run import (ConfigError, EnvConfig, ModelConfig, RunConfig, default_config, replace,
-                             warm_start_config)
+                             run_name, warm_start_config)
 from experiments.rundirs import find_runs
 from experiments.sweep import WARM_START, Sweep, execute, grid, plan
 from probes import ProbeConfig
@@ -137,14 +137,17 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> Path:
     index = write_report(dirs, ReportConfig(out=cfg.out / "report",
                                             title="eoslab demo: Edge of Stability in post-training"))
     print(f"{stamp()} EoS phases (r = λ/θ, 1 at the edge):")
-    for row in phase_rows(find_runs(dirs)):
+    runs = find_runs(dirs)
+    for row in phase_rows(runs):
         if "phase" in row:
             print(f"  {row['run']:<44} {row['regime']:<8} lr={row['lr']:<7g} {row['phase']:<11} "
                   f"onset={row.get('onset_step')} max r={row['max_ratio']:.2f} [{row['status']}]")
     print(f"{stamp()} learning (held-out greedy accuracy, first -> last eval):")
-    for run in find_runs([cfg.out / "rl"]):
+    rl = next(s for s in sweeps if s.name == "rl")
+    learners = {run_name(rl.warm_start)} | ({run_name(rl.configs[0])} if cfg.rl_learn_steps > 0 else set())
+    for run in runs:
         steps, acc = run.series("eval/accuracy")
-        if len(acc) and (run.regime == "sft" or run.optimizer != "sgd"):  # the warm start and the default RLVR
+        if run.name in learners and len(acc):  # the warm start and the default RLVR run
             print(f"  {run.name:<44} {run.regime:<4} {run.optimizer} lr={run.lr:<7g} "
                   f"{acc[0]:.3f} -> {acc[-1]:.3f} by step {steps[-1]:g}")
     for r in results:
