@@ -107,17 +107,22 @@ def run_metrics(run: Run, config: PhaseConfig = PhaseConfig()) -> tuple[Phases |
 
 
 def findings_table(runs: list[Run], config: PhaseConfig = PhaseConfig()) -> list[dict]:
-    """One row per regime × optimizer setting × η: seeds, phase counts, catapult share and a Stat per metric."""
+    """One row per regime × optimizer setting × η: seeds, phase counts, catapult share and a Stat per metric.
+    Runs that never logged their sharpness (probes off: a warm start, a learning run) have no phase and make no
+    cell: an answer about the edge from a run that never measured it would be noise (their curves stay in the
+    figures)."""
     cells: dict[tuple, list] = defaultdict(list)
     for r in runs:
-        cells[(r.label, optim_setting(r), r.lr)].append(run_metrics(r, config))
+        p, m = run_metrics(r, config)
+        if p is not None:
+            cells[(r.label, optim_setting(r), r.lr)].append((p, m))
     rows = []
     for (regime, optim, lr), items in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
-        phases = [p.phase if p is not None else "no-probe" for p, _ in items]
+        phases = [p.phase for p, _ in items]
         row = {"regime": regime, "optim": optim, "lr": lr, "seeds": len(items),
                "phases": dict(sorted((ph, phases.count(ph)) for ph in set(phases))),
-               "catapult_share": float(np.mean([p is not None and p.catapult for p, _ in items])),
-               "onset_share": float(np.mean([p is not None and p.onset_step is not None for p, _ in items]))}
+               "catapult_share": float(np.mean([p.catapult for p, _ in items])),
+               "onset_share": float(np.mean([p.onset_step is not None for p, _ in items]))}
         row.update({k: stat([m[k] for _, m in items]) for k in METRICS})
         rows.append(row)
     return rows

@@ -22,18 +22,23 @@ independent of the η being placed. SGD β=0 and β=0.9 share one λ₀ (the sam
 the probed loss). Calibrations are cached in OUT/calibration.json with a fingerprint of the run that measured them:
 re-running reuses them and runs nothing; a changed config measures again.
 
-Layout: OUT/warm_start/ (RLVR's starting policy, once for every RL sweep), OUT/calibration/, OUT/calibration.json,
-OUT/<regime>-<optimizer>/ (one sweep each), OUT/report/ (index.html, findings.md, PNGs). Every run is idempotent
+Layout (OUT = runs/study/<scale> unless ``--out``): OUT/warm_start/ (RLVR's starting policy, once for every RL sweep,
+with its held-out learning curve), OUT/calibration/, OUT/calibration.json, OUT/<regime>-<optimizer>/ (one sweep
+each), OUT/rl-learn/ (the learning run: `eoslab rl` at its defaults from the warm start, where ``learn_steps`` > 0),
+OUT/report/ (index.html, findings.md, PNGs). Runs go seed-major (every pair at seed 0 first), so a study stopped
+part-way has covered every pair at the seeds it reached. Every run is idempotent
 and resumable (experiments.sweep): a rerun skips finished runs. ``--backend ray`` runs every run (warm start and
 calibrations too) as a Ray task (experiments.backends), retried from its checkpoint when its worker dies.
 
 Scales (runs, steps and the wall-time estimate of ``estimate_seconds``: per-step costs measured on the embedded model
 on this 2-core CPU for the README's learnability table and the sft_gd_lr sweep, not a timing of this study):
-- demo: SFT and LoRA r16 with GD and the user's SGD, RLVR with the user's SGD; r₀ ∈ {0.5, 2}; 1 seed; 60 steps
-  (RL 40), λ_max every 6 steps (RL 4). Estimated ≈ 9 min on 2 workers (150 s of it RLVR's warm start) after the
-  embedded model is built (first use, ~4-5 min).
+- demo (what ``make demo`` runs, experiments.demo): SFT and LoRA r16 with GD and the user's SGD, RLVR with the
+  user's SGD; r₀ ∈ {0.5, 2}; 1 seed; 60 steps (RL 40), λ_max every 6 steps (RL 4); no learning run (the warm
+  start's held-out curve shows learning). Estimated ≈ 9 min on 2 workers (150 s of it RLVR's warm start) after
+  the embedded model is built (first use, ~4-5 min).
 - small: every regime × optimizer pair (22), r₀ ∈ {0.1, 0.55, 3}, seeds {0, 1, 2}: 198 runs of 150 steps (RL 60),
-  λ_max every 15 steps (RL 6) on a 24-example probe set, batch sharpness every 75. Estimated ≈ 2.9 h on 2 workers.
+  λ_max every 15 steps (RL 6) on a 24-example probe set, batch sharpness every 75, and the 100-step learning run.
+  Estimated ≈ 2.9 h on 2 workers.
   Full-batch GD on the LM reaches the edge from above within 10-20 steps (experiments/sweeps/sft_gd_lr.py), so
   150 steps leave ≥ 8 probes after it; a run that is still sharpening at its end makes its cell "inconclusive"
   rather than "no" (experiments/findings.py), never a false answer.
@@ -63,7 +68,7 @@ from agents.replay import ReplayConfig
 from agents.trainer import FINAL_MODEL, TrainConfig
 from experiments.backends import ExecutorConfig, executor_errors
 from experiments.report import ReportConfig, write_report
-from experiments.run import ConfigError, EnvConfig, RunConfig, replace, run_name, validate
+from experiments.run import ConfigError, EnvConfig, RunConfig, default_config, replace, run_name, validate
 from experiments.run import warm_start_config as warm_start_config_of_run
 from experiments.rundirs import load_run
 from experiments.sweep import Sweep, execute, grid, plan
@@ -88,16 +93,16 @@ SCALES = {
     "demo": dict(model="embedded", env_id="ArithRLVR-v0", rl_env_id="ArithRLVR-v0",
                  regimes=("sft", "lora_r16", "rl"), optimizers=("gd", "sgd_m0.9"), seeds=(0,), ratios=(0.5, 2.0),
                  steps=60, rl_steps=40, probe_every=6, rl_probe_every=4, probe_set_size=32, gd_n_train=32,
-                 batch_sharpness_every=0, n_eval=32, warm_start_steps=150, checkpoint_every=0),
+                 batch_sharpness_every=0, n_eval=32, warm_start_steps=150, learn_steps=0, checkpoint_every=0),
     "small": dict(model="embedded", env_id="ArithRLVR-v0", rl_env_id="ArithRLVR-v0",
                   regimes=tuple(REGIMES), optimizers=OPTIMIZERS, seeds=(0, 1, 2), ratios=(0.1, 0.55, 3.0),
                   steps=150, rl_steps=60, probe_every=15, rl_probe_every=6, probe_set_size=24, gd_n_train=32,
-                  batch_sharpness_every=75, n_eval=64, warm_start_steps=150, checkpoint_every=0),
+                  batch_sharpness_every=75, n_eval=64, warm_start_steps=150, learn_steps=100, checkpoint_every=0),
     "full": dict(model="EleutherAI/pythia-160m", env_id="AlpacaSFT-v0", rl_env_id="InstructRLVR-v0",
                  regimes=tuple(REGIMES), optimizers=OPTIMIZERS, seeds=(0, 1, 2),
                  ratios=tuple(float(f"{r:.2g}") for r in np.geomspace(0.1, 3.0, 5)),
                  steps=2000, rl_steps=500, probe_every=25, rl_probe_every=10, probe_set_size=64, gd_n_train=256,
-                 batch_sharpness_every=250, n_eval=200, warm_start_steps=500, checkpoint_every=250),
+                 batch_sharpness_every=250, n_eval=200, warm_start_steps=500, learn_steps=0, checkpoint_every=250),
 }
 
 
@@ -106,7 +111,7 @@ class StudyConfig:
     """The study's grid and budgets; fields left at None take the values of ``scale`` (SCALES)."""
 
     scale: Literal["demo", "small", "full"] = "demo"  # demo (~9 min CPU), small (all pairs, 3 seeds, ~3 h), full (GPU)
-    out: Path = Path("runs/study")  # sweeps go to OUT/<regime>-<optimizer>/, calibration.json and report/ beside them
+    out: Path | None = None  # runs/study/<scale>: sweeps in OUT/<regime>-<optimizer>/, calibration.json, report/
     workers: int = 2  # parallel runs (local worker processes, or the CPUs of a local Ray)
     executor: Annotated[ExecutorConfig, tyro.conf.OmitArgPrefixes] = field(default_factory=ExecutorConfig)
     dry_run: bool = False  # print the plan (pairs, skips, calibration, LRs when calibrated, time estimate) and exit
@@ -128,6 +133,7 @@ class StudyConfig:
     batch_sharpness_every: int | None = None  # batch sharpness cadence of minibatch SFT/LoRA runs (0 = off)
     n_eval: int | None = None  # held-out problems scored greedily at the start and end of every run
     warm_start_steps: int | None = None  # SFT steps (AdamW, no probes) of RLVR's starting policy
+    learn_steps: int | None = None  # one RLVR run at `eoslab rl`'s defaults from the warm start (learning; 0 = off)
     checkpoint_every: int | None = None  # checkpoint cadence (0 = at the end only: an interrupted run starts over)
     adam_calibration_steps: int = 20  # Adam steps at η = 1e-6 before λ₀ of the preconditioned Hessian is read
     replay_weight: float = 0.0  # SFT replay α (0: plain SFT, the user's; > 0 off-embedded needs replay_source)
@@ -139,7 +145,7 @@ def resolve(cfg: StudyConfig) -> StudyConfig:
     """``cfg`` with every None field set from its scale's defaults; ConfigError for an unknown scale."""
     if cfg.scale not in SCALES:
         raise ConfigError(f"study.scale={cfg.scale!r} is unknown; choose one of {tuple(SCALES)}")
-    preset = SCALES[cfg.scale]
+    preset = dict(SCALES[cfg.scale], out=Path("runs/study") / cfg.scale)
     return dataclasses.replace(cfg, **{k: v for k, v in preset.items() if getattr(cfg, k) is None})
 
 
@@ -163,6 +169,8 @@ def config_errors(cfg: StudyConfig) -> list[str]:
                  "adam_calibration_steps"):
         if getattr(cfg, name) < 1:
             errors.append(f"study.{name}={getattr(cfg, name)} must be >= 1")
+    if cfg.learn_steps < 0:
+        errors.append(f"study.learn_steps={cfg.learn_steps} must be >= 0")
     if cfg.gd_n_train % BATCH:
         errors.append(f"study.gd_n_train={cfg.gd_n_train} must be a multiple of {BATCH} (GD's chunks)")
     errors += [f"study.{e}" for e in executor_errors(cfg.executor)]
@@ -181,6 +189,11 @@ def has_rlvr(cfg: StudyConfig) -> bool:
     return any(REGIMES[r][0] == "rl" for r, _ in pairs(cfg))
 
 
+def learns(cfg: StudyConfig) -> bool:
+    """Whether the study runs its learning run (RLVR at `eoslab rl`'s defaults from the warm start)."""
+    return cfg.learn_steps > 0 and has_rlvr(cfg)
+
+
 def skipped(cfg: StudyConfig) -> list[tuple[str, str, str]]:
     """(regime, optimizer, why) for every requested pair that does not run."""
     return [(r, o, SKIPPED[(REGIMES[r][0], o)]) for r in cfg.regimes for o in cfg.optimizers
@@ -193,12 +206,28 @@ def warm_start_dir(cfg: StudyConfig) -> Path:
 
 
 def warm_start_config(cfg: StudyConfig) -> RunConfig:
-    """RLVR's starting policy: experiments.run.warm_start_config on the RL env, in the study's out dir."""
+    """RLVR's starting policy: experiments.run.warm_start_config on the RL env, in the study's out dir; held-out
+    accuracy every 50 steps, its SFT learning curve."""
     return replace(warm_start_config_of_run(cfg.warm_start_steps), out_dir=str(warm_start_dir(cfg)),
                    model={"name": cfg.model, "device": cfg.device},
                    env=EnvConfig(env_id=cfg.rl_env_id, n_eval=cfg.n_eval),
-                   train={"eval_every": 0, "retention_every": 0, "retention_tokens": 4096,
+                   train={"eval_every": 50, "retention_every": 0, "retention_tokens": 4096,
                           "checkpoint_every": cfg.checkpoint_every, "n_samples": 4})
+
+
+LEARN = "rl-learn"  # sweep of the learning run
+
+
+def learn_config(cfg: StudyConfig) -> RunConfig:
+    """The learning run: `eoslab rl` at its defaults (AdamW 1e-4, 32 prompts × 8 samples, no probes) for
+    ``learn_steps`` from the warm start, held-out accuracy every 25 steps. The EoS grids run constant, often large
+    LRs for a few dozen steps; this run shows what the same starting policy learns at the lab's RLVR default
+    (+0.16 to +0.21 held-out in 300 steps, experiments.run.default_config)."""
+    return replace(default_config("rl"), model={"name": str(warm_model(cfg)), "device": cfg.device},
+                   env=EnvConfig(env_id=cfg.rl_env_id, n_eval=cfg.n_eval), probe=ProbeConfig(every=0),
+                   train={"steps": cfg.learn_steps, "eval_every": 25, "retention_every": 0,
+                          "retention_tokens": 4096, "checkpoint_every": cfg.checkpoint_every, "n_samples": 4,
+                          "save_model": False})
 
 
 def _optim(optimizer: str, lr: float = 1e-2) -> OptimConfig:
@@ -371,6 +400,7 @@ SEC_PER_EXAMPLE_STEP = 0.0125
 SEC_PER_PROBED_EXAMPLE = 0.1
 SEC_PER_RL_SAMPLE_STEP = 0.06
 SEC_PER_RUN = 6.0  # process start, model load, start/end evals of a few dozen problems
+SEC_PER_LEARN_STEP = 3.7  # `eoslab rl` at its defaults (32 prompts × 8 samples), README learnability table
 
 
 def estimate_seconds(cfg: StudyConfig, sweeps: list[Sweep] | None = None) -> float:
@@ -395,7 +425,8 @@ def estimate_seconds(cfg: StudyConfig, sweeps: list[Sweep] | None = None) -> flo
                       + bs * c.probe.batch_max_samples * n * 2 * SEC_PER_EXAMPLE_STEP)
     calib = len(calibration_configs(cfg)) * (SEC_PER_RUN + 64 * SEC_PER_PROBED_EXAMPLE)
     warm = (cfg.warm_start_steps * (SEC_PER_STEP + 64 * SEC_PER_EXAMPLE_STEP) + SEC_PER_RUN) if has_rlvr(cfg) else 0.0
-    return warm + (calib + total) / cfg.workers
+    learn = (SEC_PER_RUN + cfg.learn_steps * SEC_PER_LEARN_STEP) if learns(cfg) else 0.0
+    return warm + (calib + total + learn) / cfg.workers
 
 
 # ---------------------------------------------------------------------------------------------------- the study
@@ -407,6 +438,8 @@ def check(cfg: StudyConfig) -> None:
     configs = list(calibration_configs(cfg).values()) + [base_config(cfg, r, o) for r, o in pairs(cfg)]
     if has_rlvr(cfg):
         configs.append(warm_start_config(cfg))
+    if learns(cfg):
+        configs.append(learn_config(cfg))
     for c in configs:
         if c.regime == "rl" and not warm_model(cfg).exists():  # the warm start may not exist yet
             c = replace(c, model={"name": cfg.model})
@@ -419,8 +452,9 @@ class StudyResult:
     failed: tuple[Path, ...] = ()  # run dirs whose run raised (diverged runs are results, not failures)
 
 
-def run_study(cfg: StudyConfig = StudyConfig(), echo=print) -> StudyResult:
-    """Calibrate, run every sweep (resumable), write the findings page (report/index.html and findings.md)."""
+def run_study(cfg: StudyConfig = StudyConfig(), echo=print, extra_report_dirs: tuple[Path, ...] = ()) -> StudyResult:
+    """Calibrate, run every sweep (resumable), write the findings page (report/index.html and findings.md) over
+    the sweeps, the warm start and ``extra_report_dirs`` (e.g. the demo's Cohen validation)."""
     cfg = resolve(cfg)
     check(cfg)
     t0 = time.perf_counter()
@@ -449,7 +483,11 @@ def run_study(cfg: StudyConfig = StudyConfig(), echo=print) -> StudyResult:
     sweeps = study_sweeps(cfg, calibration)
     for s in sweeps:
         say(f"{s.name}: {s.description}")
-    planned = [p for s in sweeps for p in plan(s, cfg.out)]
+    if learns(cfg):
+        sweeps.append(Sweep(LEARN, (learn_config(cfg),), f"learning: `eoslab rl` at its defaults for "
+                                                          f"{cfg.learn_steps} steps from the warm start"))
+    # seed-major order: a study stopped part-way has covered every pair at the seeds it reached
+    planned = sorted((p for s in sweeps for p in plan(s, cfg.out)), key=lambda p: p.config.train.seed)
     say(f"{len(planned)} runs ({sum(p.done for p in planned)} done) on {cfg.workers} workers -> {cfg.out}")
     results = execute(planned, workers=cfg.workers, echo=say, executor=cfg.executor)
     # how each LR grid was placed, and what was skipped: read from the calibration and the plan, not written here
@@ -458,7 +496,8 @@ def run_study(cfg: StudyConfig = StudyConfig(), echo=print) -> StudyResult:
 
     notes = tuple(f"{s.name}: {s.description}; η ∈ {{{lrs(s)}}}" for s in sweeps) + \
         tuple(f"skipped {r} × {o}: {why}" for r, o, why in skipped(cfg))
-    index = write_report([Path(cfg.out) / s.name for s in sweeps],
+    index = write_report([Path(cfg.out) / s.name for s in sweeps] + [warm_start_dir(cfg)] * has_rlvr(cfg)
+                         + list(extra_report_dirs),
                          ReportConfig(out=Path(cfg.out) / "report", title=cfg.title, notes=notes))
     found = json.loads((index.parent / "findings.json").read_text())
     for a in found.get("regimes", []):

@@ -42,9 +42,9 @@ def test_config_errors_are_one_line_with_exit_2(capsys):
     assert "available" in capsys.readouterr().err
     assert main(["cohen", "--lrs", "-0.1"]) == 2
     assert main(["report", "/nonexistent/runs"]) == 2
-    assert main(["demo", "--workers", "0", "--rl-lrs"]) == 2
+    assert main(["demo", "--study.workers", "0", "--cohen-lrs", "-1"]) == 2
     err = capsys.readouterr().err
-    assert "demo.workers=0" in err and "demo.rl_lrs is empty" in err
+    assert "study.workers=0" in err and "demo cohen" in err
 
 
 def test_console_error_has_no_traceback():

@@ -75,6 +75,19 @@ def test_one_seed_or_a_short_run_is_inconclusive(tmp_path):
     assert [s["answer"] for s in statements(findings_table(find_runs([tmp_path / "one"]))) if "answer" in s] == ["yes"]
 
 
+def test_runs_without_probes_make_no_cell(study, tmp_path):
+    # a learning run (probes off, AdamW) beside the study's runs: its curves belong in the figures, but a cell
+    # without a sharpness series would answer "inconclusive" for its group and drag its regime's answer with it
+    d = write_run(tmp_path / "learn", "learn", 1e-4, optim="adamw")
+    lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()[:-1]]
+    (d / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in rec.items() if not k.startswith("probe/")})
+                                             + "\n" for rec in lines))
+    runs = study + find_runs([tmp_path / "learn"])
+    assert len(runs) == len(study) + 1
+    table = findings_table(runs)
+    assert {r["optim"] for r in table} == {"sgd", "sgd β=0.9"} and table == findings_table(study)
+
+
 def test_stat():
     s = stat([1.0, 2.0, 3.0, float("nan"), None])
     assert (s.mean, s.n) == (2.0, 3) and s.hi - 2.0 == pytest.approx(4.303 * 1.0 / math.sqrt(3), rel=1e-3)

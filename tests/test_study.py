@@ -3,12 +3,13 @@ calibration (η·λ₀/c spans about 0.1 … 3), the calibration cache, config e
 to end on the tiny model that writes the findings page with per-regime answers."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 import experiments.study as study
 from experiments.cli import parse
-from experiments.run import ConfigError
+from experiments.run import ConfigError, default_config
 from experiments.rundirs import find_runs
 from experiments.study import (EDGE, OPTIMIZERS, REGIMES, StudyConfig, calibrate, calibration_key, check, pairs,
                                resolve, run_study, skipped, study_sweeps)
@@ -118,16 +119,21 @@ def test_calibration_is_cached(tiny_model_dir, tmp_path, monkeypatch):
 def test_tiny_study_end_to_end(tiny_model_dir, tmp_path):
     # 3 pairs (sft × gd, sft × adam, rl × adam; rl × gd skipped), one LR each: ~1 min on a loaded core
     cfg = tiny(tiny_model_dir, tmp_path, regimes=("sft", "rl"), optimizers=("gd", "adam"), ratios=(1.0,), steps=4,
-               rl_steps=2)
+               rl_steps=2, seeds=(0, 1))
     lines = []
     result = run_study(cfg, echo=lines.append)
     index = result.index
     assert not result.failed
     text = "\n".join(lines)
+    # seed-major: every pair at seed 0 before any at seed 1, so a study stopped part-way covers every pair
+    todo = [Path(line.split("[todo]")[1].split()[0]).name for line in lines
+            if "[todo]" in line and "/calibration/" not in line and "warm-start" not in line]
+    assert [t[-2:] for t in todo] == ["s0"] * 3 + ["s1"] * 3 and len({t[:-3] for t in todo}) == 3
     assert "FAILED" not in text and "skip rl × gd" in text
     out = tmp_path / "study"
     assert set(json.loads((out / "calibration.json").read_text())) == {"sft/gd", "sft/adam", "rl/adam"}
-    runs = {r.path.parent.name: r for r in find_runs([out / "sft-gd", out / "sft-adam", out / "rl-adam"])}
+    runs = {r.path.parent.name: r for r in find_runs([out / "sft-gd", out / "sft-adam", out / "rl-adam"])
+            if r.name.endswith("-s0")}
     assert set(runs) == {"sft-gd", "sft-adam", "rl-adam"}
     assert all(r.status["status"] == "completed" for r in runs.values())
     assert runs["rl-adam"].config["model"]["name"].endswith("warm-start-sft/checkpoints/final_model")
@@ -148,6 +154,19 @@ def test_tiny_study_end_to_end(tiny_model_dir, tmp_path):
     lines.clear()
     run_study(cfg, echo=lines.append)
     assert "[todo]" not in "\n".join(lines) and "cached" in "\n".join(lines)
+
+
+def test_learning_run_is_rl_at_its_defaults_from_the_warm_start():
+    cfg = resolve(StudyConfig(scale="small"))
+    learn, rl = study.learn_config(cfg), default_config("rl")
+    assert (learn.optim, learn.ppo, learn.regime) == (rl.optim, rl.ppo, "rl") and learn.probe.every == 0
+    assert learn.model.name == str(study.warm_model(cfg)) and learn.env.env_id == cfg.rl_env_id
+    assert learn.train.steps == cfg.learn_steps == 100 and learn.train.eval_every == 25
+    assert study.learns(cfg) and not study.learns(resolve(StudyConfig(scale="small", regimes=("sft",))))
+    assert not study.learns(resolve(StudyConfig(scale="demo")))  # the demo's 10-minute budget has no room for it
+    assert resolve(StudyConfig(scale="small")).out == Path("runs/study/small")
+    with pytest.raises(ConfigError, match="learn_steps=-1"):
+        check(resolve(StudyConfig(learn_steps=-1)))
 
 
 def test_regime_answers_follow_their_rule():
