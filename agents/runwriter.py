@@ -65,9 +65,10 @@ def metric_rows(path: Path) -> tuple[list[dict], list[int]]:
 
 
 def is_wall_clock(key: str) -> bool:
-    """Whether a metric is a wall-clock time (``time/*``, ``probe/seconds``, ``optim/est_seconds``): the only values
-    that differ between two runs that are otherwise bitwise identical (a resumed run and its uninterrupted twin)."""
-    return key.startswith("time/") or key.endswith("seconds")
+    """Whether a metric measures the machine rather than the run: a wall-clock time (``time/*``, ``*seconds``) or a
+    memory peak (``memory/*``): the only values that differ between two runs that are otherwise bitwise identical
+    (a resumed run and its uninterrupted twin)."""
+    return key.startswith(("time/", "memory/")) or key.endswith("seconds")
 
 
 def read_metrics(run_dir: Path | str, wall_clock: bool = True) -> list[dict]:

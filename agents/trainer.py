@@ -54,6 +54,7 @@ from agents.regime import Regime
 from agents.runwriter import (STATUS_COMPLETED, STATUS_DIVERGED, STATUS_FAILED, STATUS_RUNNING, RunWriter,
                               read_metrics, write_json)  # noqa: F401 - read_metrics: part of this module's API
 from probes import ProbeContext
+from probes.memory import PeakMemory
 
 FINAL_MODEL = "checkpoints/final_model"  # save_pretrained of the final policy: a model.name for a later run
 LINEAGE_FILE = "eoslab_lineage.json"  # in FINAL_MODEL: where the policy came from (see experiments.run)
@@ -494,6 +495,7 @@ class Trainer:
         self.writer.keep_rows_before(start)
         self.writer.write_status(STATUS_RUNNING, start)
         params = self.parameters()
+        device = next(iter(params.values())).device if params else torch.device("cpu")
         bar = None
         if self.progress:
             bar = tqdm(total=cfg.steps, initial=start, desc=self.run_dir.name, disable=None, leave=False)
@@ -511,7 +513,10 @@ class Trainer:
                 chunks, batch_metrics = self.regime.next_batch(self.policy, step)
                 row.update(batch_metrics)
                 if self.prober is not None and self.prober.due(step):
-                    row.update(self._probe(step, chunks))
+                    with PeakMemory(device) as probe_mem:
+                        row.update(self._probe(step, chunks))
+                    row.update({"memory/probe_mb": probe_mem.mb, "memory/probe_peak_mb": probe_mem.peak_mb})
+                step_mem = PeakMemory(device).__enter__()  # closed after the update: gradients, controller, step
                 self.optimizer.zero_grad(set_to_none=True)
                 loss, stats = accumulate_gradients(self._loss_fn, chunks)
                 grads = [p.grad for p in params.values() if p.grad is not None]
@@ -538,6 +543,8 @@ class Trainer:
                     row.update(self.controller(self._context(step, chunks), loss))
                     row["train/lr"] = float(self.optimizer.param_groups[0]["lr"])
                 self.optimizer.step()
+                step_mem.__exit__(None, None, None)
+                row["memory/step_mb"] = step_mem.mb
                 if self.scheduler is not None:
                     self.scheduler.step()
                 self.last_update = None if before is None else {

@@ -4,7 +4,7 @@ At a due step the Prober builds one :class:`~probes.hvp.HessianOperator` on the 
 else ``ctx.batches``) and, when that is not the current batch, one on ``ctx.batches`` (graphs are built lazily, on
 first use), runs every due kind of :data:`probes.registry.PROBES` on them in registry order inside
 :func:`~probes.context.preserved_state` (no side effects), and adds ``probe/hvps`` (over all operators) and
-``probe/seconds``. It keeps the warm-start eigenvectors
+``probe/seconds`` (and ``probe/<kind>_seconds`` per kind). It keeps the warm-start eigenvectors
 between probe steps. Every random draw comes from a private ``torch.Generator`` seeded from (config.seed, step), so
 a resumed run probes as if it had never stopped.
 """
@@ -59,7 +59,9 @@ class Prober:
                 HessianOperator(ctx.params, ctx.loss_fn, ctx.batches, mode=c.mode, model=ctx.model)
             run = ProbeStep(ctx, c, op, gen, self._warm, batch_op=batch_op)
             for kind in due:
+                t_kind = time.perf_counter()
                 run.out.update(kind.measure(run))
+                run.out[f"{kind.name}_seconds"] = time.perf_counter() - t_kind
             hvps = run.other_hvps + op.hvps + (batch_op.hvps if batch_op is not op else 0)
             op.release()
             batch_op.release()

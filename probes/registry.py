@@ -260,8 +260,9 @@ PROBES: tuple[ProbeKind, ...] = (
               "forward passes of the probe set only (≈⅓ G each): 6–8 cold, 3 warm when ηc moved < rtol", _critical),
 )
 
-# Emitted by the Prober itself around the kinds: HVPs over all operators, wall time of the probe step.
-PROBER_KEYS = ("hvps", "seconds")
+# Emitted by the Prober itself around the kinds: HVPs over all operators, wall time of the probe step, and the wall
+# time of each kind that ran ({kind} = its name; a graph built lazily counts to the first kind that used it).
+PROBER_KEYS = ("hvps", "seconds", "{kind}_seconds")
 
 
 def metric_keys() -> tuple[str, ...]:

@@ -14,7 +14,8 @@ CONTRACTS = Path(__file__).resolve().parent.parent / "CONTRACTS.md"
 
 
 def _pattern(key: str) -> re.Pattern:
-    return re.compile(re.escape(key).replace(r"\{i\}", r"\d+").replace(r"\{block\}", r"[A-Za-z_]+") + "$")
+    return re.compile(re.escape(key).replace(r"\{i\}", r"\d+").replace(r"\{block\}", r"[A-Za-z_]+")
+                      .replace(r"\{kind\}", "(" + "|".join(k.name for k in PROBES) + ")") + "$")
 
 
 def test_kinds_have_unique_names_and_real_cadences():

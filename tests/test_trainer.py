@@ -1,5 +1,6 @@
 import json
 import math
+import sys
 import time
 
 import pytest
@@ -192,6 +193,9 @@ def test_samples_and_metrics_files(tiny_model_dir, tmp_path, data):
     # steps 0 and 2 (the end), and its half second never enters the training time
     assert [r["time/measure_s"] >= 0.5 for r in rows] == [True, False, True]
     assert all(0 < r["time/step_s"] < 0.5 for r in rows[:2]) and "time/step_s" not in rows[2]
+    # the step's memory peak above its entry (probes.memory, checked against known allocations there); no probes ran
+    if sys.platform.startswith("linux"):
+        assert all(r["memory/step_mb"] >= 0 for r in rows[:2]) and "memory/probe_mb" not in rows[0]
     assert {"train/loss", "train/lr", "train/grad_norm", "eval/accuracy", "retention/perplexity"} <= set(rows[0])
     assert "train/loss" not in rows[2] and "eval/accuracy" in rows[2]
     assert rows[0]["train/lr"] == pytest.approx(3e-3)
