@@ -143,16 +143,21 @@ def _lambda_max(run: ProbeStep) -> dict[str, float]:
     res = _solve(run, run.op, "H", run.known, run.config.k)
     out = {"lambda_max": float(res.values[0])}
     out.update({f"lambda_{i + 1}": float(res.values[i]) for i in range(1, len(res.values))})
-    out["converged"] = float(res.converged)
+    # converged: this solve and the batch's (solved before it, on its own operator) both converged
+    out["converged"] = float(res.converged and bool(run.out.get("converged", 1.0)))
+    if not run.separate_batch:   # the probe set is the batch: the same Hessian
+        out["lambda_max_batch"] = out["lambda_max"]
     return out
 
 
 def _lambda_max_batch(run: ProbeStep) -> dict[str, float]:
-    if not run.separate_batch:   # the probe set is the batch: the same Hessian, already solved
-        return {"lambda_max_batch": run.out["lambda_max"]}
+    if not run.separate_batch:   # the probe set is the batch: _lambda_max reports it
+        return {}
     res = _solve(run, run.batch_op, "H_batch", run.batch_known, 1)
-    return {"lambda_max_batch": float(res.values[0]),
-            "converged": float(bool(run.out["converged"]) and res.converged)}
+    # nothing after this uses the batch's graph: free it before the probe set's is built, so that the two graphs
+    # (each the activations of a whole batch, with their gradient graphs) are never alive together
+    run.batch_op.release()
+    return {"lambda_max_batch": float(res.values[0]), "converged": float(res.converged)}
 
 
 def _adam_lambda_max(run: ProbeStep) -> dict[str, float]:
@@ -235,12 +240,13 @@ PROBES: tuple[ProbeKind, ...] = (
     ProbeKind("thresholds", "every", ("two_over_eta", "momentum_threshold", "adam_threshold"), "0 HVPs",
               _thresholds),
     ProbeKind("step_sharpness", "every", ("step_sharpness",), "1 HVP", _step_sharpness),
-    ProbeKind("update_sharpness", "every", ("update_sharpness",), "1 HVP", _update_sharpness),
-    ProbeKind("lambda_max", "every", ("lambda_max", "lambda_{i}", "converged"),
-              "k HVPs, then 1 per unconverged vector per iteration (≤ max_hvps); warm ≈ 2–4", _lambda_max),
+    # the current batch's kinds first (step sharpness, then its λ_max), its graph freed before the probe set's is built
     ProbeKind("lambda_max_batch", "every", ("lambda_max_batch", "converged"),
               "as lambda_max (k = 1) on the current batch, plus its graph (≈1.3 G_B); 0 when the probe set is the batch",
               _lambda_max_batch),
+    ProbeKind("update_sharpness", "every", ("update_sharpness",), "1 HVP", _update_sharpness),
+    ProbeKind("lambda_max", "every", ("lambda_max", "lambda_{i}", "converged", "lambda_max_batch"),
+              "k HVPs, then 1 per unconverged vector per iteration (≤ max_hvps); warm ≈ 2–4", _lambda_max),
     ProbeKind("adam_lambda_max", "every", ("adam_lambda_max", "converged"), "as lambda_max, k = 1",
               _adam_lambda_max),
     ProbeKind("batch_sharpness", "batch_sharpness_every",

@@ -81,3 +81,23 @@ def test_without_a_probe_set_the_batch_is_the_probe_set_at_no_extra_cost():
     assert out["probe/lambda_max_batch"] == out["probe/lambda_max"]
     same = Prober(cfg)(ProbeContext(params, loss_fn, batch, lr=0.1, step=0, model=model, probe_set=batch))
     assert same["probe/hvps"] == out["probe/hvps"] and same["probe/lambda_max_batch"] == same["probe/lambda_max"]
+
+
+def test_the_batch_graph_and_the_probe_set_graph_are_never_alive_together(monkeypatch):
+    # peak probe memory is one cached graph, not two: the batch's kinds run first and free its graph
+    model, params, loss_fn, chunks, _ = problem()
+    probe_set, batch = chunks(range(0, 64)), chunks(range(64, 80))
+    live, seen = [], []
+    build = HessianOperator._build_graph
+
+    def tracked(self):
+        seen.append(sum(op._graph is not None for op in live if op is not self))
+        live.append(self)
+        build(self)
+
+    monkeypatch.setattr(HessianOperator, "_build_graph", tracked)
+    out = Prober(ProbeConfig(every=1, rayleigh_every=1, alignment_every=1, critical_every=0))(
+        ProbeContext(params, loss_fn, batch, lr=0.1, step=0, model=model, probe_set=probe_set,
+                     update={n: 1e-3 * torch.ones_like(p) for n, p in params.items()}))
+    assert {"probe/lambda_max", "probe/lambda_max_batch", "probe/update_sharpness", "probe/rayleigh"} <= set(out)
+    assert len(seen) >= 2 and seen == [0] * len(seen), seen
