@@ -58,12 +58,27 @@ def train_tasks(env: TextTaskEnv, e: EnvConfig, regime: str) -> list:
     tasks = env.tasks("train", at_most=True)
     if pool != "all":
         tasks = [t for t in tasks if pool_of(env.split_key(t)) == pool]  # twins (1+3, 3+1) share a pool
+    _POOL_SIZES[_pool_key(e, pool)] = len(tasks)
     if e.n_train is not None:
         if e.n_train > len(tasks):
-            raise ValueError(f"env.n_train={e.n_train} exceeds the {len(tasks)} tasks of {e.env_id}'s train split "
-                             f"in pool {pool!r}")
+            raise ValueError(_too_few(e, len(tasks), pool))
         tasks = tasks[:e.n_train]
     return tasks
+
+
+# Train-pool sizes by (env id, kwargs, pool), filled by train_tasks: a sweep validates hundreds of configs of one env
+# before it runs, and drawing a pool (41k arithmetic problems: ≈ 3.5 s) for each would take minutes. An env's
+# dataset is a pure function of its id and kwargs (a data file is read when the env is built, and rereading it
+# within one process is not a change this check needs to see).
+_POOL_SIZES: dict[tuple, int] = {}
+
+
+def _pool_key(e: EnvConfig, pool: str) -> tuple:
+    return e.env_id, json.dumps(e.kwargs, sort_keys=True, default=str), pool
+
+
+def _too_few(e: EnvConfig, size: int, pool: str) -> str:
+    return f"env.n_train={e.n_train} exceeds the {size} tasks of {e.env_id}'s train split in pool {pool!r}"
 
 
 def curriculum_levels(env: TextTaskEnv, e: EnvConfig) -> list[list]:
@@ -108,10 +123,15 @@ def config_errors(e: EnvConfig, regime: str) -> tuple[list[str], TextTaskEnv | N
             errors.append(f"env.n_eval={e.n_eval} exceeds the {env.split_size('test')} tasks of {e.env_id}'s "
                           "test split")
         if not errors and regime in ("sft", "rl"):
-            try:
-                train_tasks(env, e, regime)
-            except ValueError as exc:
-                errors.append(str(exc))
+            pool = regime if e.pool == "auto" else e.pool
+            size = _POOL_SIZES.get(_pool_key(e, pool))
+            if size is None:
+                try:
+                    train_tasks(env, e, regime)
+                except ValueError as exc:
+                    errors.append(str(exc))
+            elif e.n_train is not None and e.n_train > size:
+                errors.append(_too_few(e, size, pool))
     except Exception as exc:  # an env that cannot even be built (bad knob value, missing data file) is a config error
         return errors + [f"env {e.env_id!r} with kwargs {e.kwargs} cannot be built: {type(exc).__name__}: {exc}"], \
             None

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import shutil
 import time
@@ -246,3 +247,31 @@ def test_rl_trains_on_problems_that_sft_never_saw():
     assert train_tasks(env, EnvConfig(pool="all"), "rl") == env.tasks("train")
     with pytest.raises(ValueError, match="exceeds"):
         train_tasks(env, EnvConfig(n_train=len(rl) + 1), "rl")
+
+
+def test_validating_many_configs_of_one_env_draws_its_pool_once(monkeypatch):
+    """A sweep validates every config before it runs: the pool size is drawn once per (env, kwargs, pool) and the
+    n_train check answers from it, with the same errors."""
+    from envs.config import config_errors
+    from envs.core import TextTaskEnv
+
+    e = EnvConfig(env_id="ArithRLVR-v0", kwargs={"max_digits": 2})
+    assert config_errors(e, "sft")[0] == []
+    size = len(train_tasks_of(e, "sft"))
+
+    def no_draws(self, *a, **k):
+        raise AssertionError("the pool was drawn again")
+
+    monkeypatch.setattr(TextTaskEnv, "tasks", no_draws)
+    assert config_errors(dataclasses.replace(e, n_train=size), "sft")[0] == []
+    errors = config_errors(dataclasses.replace(e, n_train=size + 1), "sft")[0]
+    assert errors == [f"env.n_train={size + 1} exceeds the {size} tasks of ArithRLVR-v0's train split in pool 'sft'"]
+    # another pool is another draw (the env's own errors come back as config errors)
+    assert "drawn again" in " ".join(config_errors(dataclasses.replace(e, pool="rl"), "sft")[0])
+
+
+def train_tasks_of(e, regime):
+    import envs
+    from experiments.run import train_tasks
+
+    return train_tasks(envs.make_unwrapped(e.env_id, **e.kwargs), e, regime)
