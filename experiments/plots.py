@@ -16,6 +16,8 @@ Matplotlib's Agg backend is forced: reports are built headless.
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import matplotlib
@@ -67,14 +69,17 @@ def _colors(n: int):
 
 def run_styles(runs: list[Run]) -> list[tuple]:
     """(colour, line style) per run: colour by η, style by rank among the runs sharing that η."""
-    lrs = sorted({r.lr for r in runs}, key=lambda v: (not np.isfinite(v), v))
-    cmap = dict(zip(lrs, _colors(len(lrs))))
+    def key(r: Run) -> float:  # NaN ≠ NaN, so runs without a known η share the key inf (drawn last)
+        return r.lr if np.isfinite(r.lr) else math.inf
+
+    keys = sorted({key(r) for r in runs})
+    cmap = dict(zip(keys, _colors(len(keys))))
     seen: dict[float, int] = {}
     out = []
     for r in runs:
-        i = seen.get(r.lr, 0)
-        seen[r.lr] = i + 1
-        out.append((cmap[r.lr], STYLES[i % len(STYLES)]))
+        i = seen.get(key(r), 0)
+        seen[key(r)] = i + 1
+        out.append((cmap[key(r)], STYLES[i % len(STYLES)]))
     return out
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+from experiments.lr_findings import comparison_rows, comparisons
 from experiments.findings import (METRICS, Stat, findings_table, group_name, optim_setting,  # noqa: F401
                                   regime_answers, run_phases, statements)
 from experiments.phases import PhaseConfig
@@ -252,11 +253,19 @@ def write_report(paths, config: ReportConfig = ReportConfig()) -> Path:
                                   f"{links(f)}</li>" for f in found) + "</ul>")
     parts.append(html_table([{k: _fmt_stat(v) if isinstance(v, Stat) else (json.dumps(v) if isinstance(v, dict) else v)
                               for k, v in row.items()} for row in table]))
-    (out / "findings.json").write_text(json.dumps({"table": table, "statements": found, "regimes": regimes},
+    lr_found = comparisons(runs)
+    for name, lr in lr_found.items():
+        parts.append(f"<h3>Learning-rate controllers vs the best constant: {html.escape(name)} (rules in "
+                     f"experiments/lr_findings.py)</h3><ul>" + "".join(
+                         f"<li>{html.escape(st['statement'])} <i>(rule: {html.escape(st['rule'])})</i></li>"
+                         for st in lr["statements"]) + "</ul>")
+        parts.append(html_table(comparison_rows(lr)))
+    (out / "findings.json").write_text(json.dumps({"table": table, "statements": found, "regimes": regimes,
+                                                   "lr_comparisons": lr_found},
                                                   indent=1,
                                                   default=lambda o: o.__dict__ if isinstance(o, Stat) else str(o)))
     (out / "findings.md").write_text(findings_markdown(config.title, table, found, regimes, len(runs), config.delta,
-                                                       config.notes))
+                                                       config.notes) + lr_markdown(lr_found))
 
     parts.append("<h2>Figures (one per sweep group, overlaying learning rates)</h2>")
     parts.extend(fig_parts)
@@ -285,6 +294,18 @@ def write_report(paths, config: ReportConfig = ReportConfig()) -> Path:
     index.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(config.title)}</title>"
                      f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
     return index
+
+
+def lr_markdown(lr_found: dict[str, dict]) -> str:
+    """The learning-rate comparisons (experiments.lr_findings) as Markdown sections; empty when there are none."""
+    lines = []
+    for name, lr in lr_found.items():
+        lines += ["", f"## Learning-rate controllers vs the best constant: {name}", ""]
+        lines += [f"- {st['statement']} (rule: {st['rule']})" for st in lr["statements"]] + [""]
+        rows = comparison_rows(lr)
+        lines += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+        lines += ["| " + " | ".join(str(v) for v in row.values()) + " |" for row in rows]
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def findings_markdown(title: str, table: list[dict], found: list[dict], regimes: list[dict], n_runs: int,

@@ -86,7 +86,7 @@ class Run:
 
     @property
     def lr(self) -> float:
-        lr = self._get("optim", "lr")
+        lr = self._get("optim", "lr", default=self._get("lr"))  # Cohen configs keep lr at the top level
         if lr is None:
             _, v = self.series("train/lr")
             return float(v[0]) if len(v) else float("nan")

@@ -457,7 +457,7 @@ def test_adaptive_lr_sweep_is_defined_and_valid(tmp_path):
 
 
 def test_paired_ratio_is_the_geometric_mean_with_a_t_interval_on_log_ratios():
-    from experiments.sweeps.adaptive_lr import paired_ratio
+    from experiments.lr_findings import paired_ratio
     from probes.sharpness import t_quantile
 
     logs = np.log([0.5, 1.0, 2.0 * 1.1])   # ratios 0.5, 1, 2.2 over three seeds

@@ -71,3 +71,13 @@ def test_robust_limits():
     assert robust_limits(np.linspace(-1, 1, 30)) == (-1.0, 1.0)  # no outliers: the full range
     z = np.r_[np.linspace(-5, 5, 30), -5.4e5]
     assert robust_limits(z) == (-5.0, 5.0)
+
+
+def test_runs_without_a_known_lr_share_one_style_key(tmp_path):
+    # NaN ≠ NaN: a colour map keyed by a NaN η could not be looked up (a KeyError drew no figure)
+    from experiments.rundirs import Run
+
+    runs = [Run(tmp_path / f"r{i}", {"regime": "x"}, {}, {}, []) for i in range(2)]
+    assert all(np.isnan(r.lr) for r in runs)
+    (c0, s0), (c1, s1) = run_styles(runs)
+    assert c0 == c1 and s0 != s1

@@ -1,0 +1,81 @@
+"""experiments.lr_findings on synthetic run dirs with known losses and controller costs: arms by run name, the best
+constant, paired ratios by seed, the loss at equal compute, statements by rule, and the report's section."""
+import json
+import math
+
+import pytest
+
+from experiments.lr_findings import HVP_COST, comparisons, lr_comparison
+from experiments.rundirs import find_runs
+
+
+def write(root, arm, seed, losses, schedule="constant", hvps_per_step=0, status="completed"):
+    d = root / f"{arm}-s{seed}"
+    d.mkdir(parents=True)
+    cfg = {"regime": "gd-mse", "experiment": "cohen2021", "lr": 0.3, "schedule": schedule, "warmup_steps": 0,
+           "seed": seed}
+    (d / "config.json").write_text(json.dumps({"config": cfg}))
+    with open(d / "metrics.jsonl", "w") as f:
+        for t, loss in enumerate(losses):
+            row = {"step": t, "train/loss": loss, "train/seconds": 0.1 * t}
+            if hvps_per_step:
+                row.update({"optim/est_hvps": hvps_per_step, "optim/est_grads": 0, "optim/est_forwards": 0})
+            f.write(json.dumps(row) + "\n")
+    (d / "status.json").write_text(json.dumps({"status": status}))
+    (d / "DONE").write_text("{}")
+
+
+@pytest.fixture
+def runs(tmp_path):
+    root = tmp_path / "cohen"
+    for seed, scale in enumerate((1.0, 2.0, 1.5)):
+        curve = [scale * 11 / (t + 1) for t in range(11)]  # final loss = scale (step 10 of 10 steps)
+        write(root, "gd-lr1", seed, curve)
+        write(root, "gd-lr0.3", seed, [3 * x for x in curve])
+        # the controller halves the loss at every step but spends 1 HVP (1.6 G) per step: within 10 G it has taken
+        # steps 0..3 (cost of step t: t·(1 + 1.6) ≤ 10 → t ≤ 3), whose loss is 0.5·scale·11/4
+        write(root, "gd-eos0.8-lr0.3", seed, [0.5 * x for x in curve], schedule="eos", hvps_per_step=1)
+    write(root, "gd-lr3", 0, [1.0] * 5, status="diverged")
+    return find_runs([root])
+
+
+def test_comparison_numbers(runs):
+    found = lr_comparison(runs)
+    assert found["best_constant"] == "gd-lr1" and found["budget"] == 10
+    eos = found["arms"]["gd-eos0.8-lr0.3"]
+    assert eos["loss"] == pytest.approx(0.5 * 1.5) and eos["n"] == 3
+    assert eos["x_best"] == pytest.approx([0.5, 0.5, 0.5])  # the same ratio in every seed: a zero-width interval
+    assert eos["loss_at_C"] == pytest.approx(0.5 * 1.5 * 11 / 4)
+    assert eos["x_best_at_C"] == pytest.approx([1.375] * 3) and eos["est_hvps"] == 11
+    assert found["arms"]["gd-lr0.3"]["x_best"] == pytest.approx([3, 3, 3])
+    assert math.isinf(found["arms"]["gd-lr3"]["loss"]) and found["arms"]["gd-lr3"]["diverged"] == 1
+    said = {(s["arm"], s["at"]): s["verdict"] for s in found["statements"]}
+    assert said == {("gd-eos0.8-lr0.3", "at equal steps"): "beats",
+                    ("gd-eos0.8-lr0.3", "at equal compute (10 G)"): "loses to"}  # constant arms make no statement
+    assert HVP_COST == 1.6
+
+
+def test_unresolved_when_seeds_disagree(tmp_path):
+    root = tmp_path / "x"
+    for seed, (base, ctl) in enumerate(((1.0, 0.5), (1.0, 2.0), (1.0, 1.0))):
+        write(root, "gd-lr1", seed, [2.0, base])
+        write(root, "gd-cdat2-lr0.3", seed, [2.0, ctl], schedule="cdat")
+    found = lr_comparison(find_runs([root]))
+    assert [s["verdict"] for s in found["statements"]] == ["is not resolved from"] * 2
+
+
+def test_only_experiments_with_a_controller_and_a_constant_are_compared(runs, tmp_path):
+    write(tmp_path / "other", "gd-lr1", 0, [1.0, 0.5])  # another experiment with no controller
+    got = comparisons(runs + find_runs([tmp_path / "other"]))
+    assert list(got) == ["cohen · gd-mse"]
+
+
+def test_report_renders_the_comparison(runs, tmp_path):
+    from experiments.report import ReportConfig, write_report
+
+    index = write_report([runs[0].path.parent], ReportConfig(out=tmp_path / "rep"))
+    md = (index.parent / "findings.md").read_text()
+    assert "Learning-rate controllers vs the best constant: cohen · gd-mse" in md
+    assert "gd-eos0.8-lr0.3 beats the best constant (gd-lr1) at equal steps: final loss × 0.50 [0.50, 0.50]" in md
+    assert "× best" in index.read_text()
+    assert json.loads((index.parent / "findings.json").read_text())["lr_comparisons"]["cohen · gd-mse"]
