@@ -118,7 +118,7 @@ def main(args: Args) -> None:
           f" {ProbeConfig().critical_every=}, {ProbeConfig().rayleigh_every=}), {args.steps} steps, 1 thread, "
           f"{args.blocks} blocks of off-on-on-off per regime")
     print(f"{'regime':<7}{'block':>6}{'probes':>7}{'wall s':>9}{'probe_s':>9}{'calls':>7}  "
-          + " ".join(f"{k:>8}" for k in KINDS) + f"{'hvps/call':>11}", flush=True)
+          + " ".join(f"{k:>{max(8, len(k))}}" for k in KINDS) + f"{'hvps/call':>11}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         if "rl" in args.regimes:  # RLVR from a short SFT warm start: the base model gets no reward variance
             from agents.trainer import FINAL_MODEL
@@ -140,7 +140,7 @@ def main(args: Args) -> None:
                                                       name=f"{regime}-{block}-{i}-{kind}"))
                     c = probe_counts(records) if kind == "on" else {}
                     runs.append((kind, wall, c))
-                    cells = (f"{c['seconds']:>9.1f}{c['calls']:>7d}  " + " ".join(f"{c[k]:>8d}" for k in KINDS)
+                    cells = (f"{c['seconds']:>9.1f}{c['calls']:>7d}  " + " ".join(f"{c[k]:>{max(8, len(k))}d}" for k in KINDS)
                              + f"{c['hvps'] / max(1, c['calls']):>11.1f}") if c else ""
                     print(f"{regime:<7}{block:>6d}{kind:>7}{wall:>9.1f}{cells}", flush=True)
             summaries[regime] = summarize(runs, args.steps)
