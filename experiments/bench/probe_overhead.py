@@ -140,7 +140,8 @@ def main(args: Args) -> None:
                                                       name=f"{regime}-{block}-{i}-{kind}"))
                     c = probe_counts(records) if kind == "on" else {}
                     runs.append((kind, wall, c))
-                    cells = (f"{c['seconds']:>9.1f}{c['calls']:>7d}  " + " ".join(f"{c[k]:>{max(8, len(k))}d}" for k in KINDS)
+                    cells = (f"{c['seconds']:>9.1f}{c['calls']:>7d}  "
+                             + " ".join(f"{c[k]:>{max(8, len(k))}d}" for k in KINDS)
                              + f"{c['hvps'] / max(1, c['calls']):>11.1f}") if c else ""
                     print(f"{regime:<7}{block:>6d}{kind:>7}{wall:>9.1f}{cells}", flush=True)
             summaries[regime] = summarize(runs, args.steps)
