@@ -21,9 +21,11 @@ same Krylov space as Lanczos from the same start (identical Ritz values per HVP,
 HVP counts are equal up to the start vector (the gradient saves ~1), and an exact HVP costs ≥ 2 G (the R-forward
 and R-backward passes, 6 matmuls per linear layer). The cold ratio is then at most their per-HVP cost over ours
 (3.1 G recomputed vs 2.0 G cached: ~1.5× vs hessian-eigenthings) or their HVP count over ours (power iteration).
-Warm starts do not give us the 2× either: hessian-eigenthings takes one too (above), and warm it needs about our
-HVP count; along a run our edge is the per-HVP cost of the cached graph and the stop rule (the eigenvalue stop
-is not a guarantee: a point where it misses ``rel_acc`` shows in the rel-err column).
+Warm starts do not give us the 2× either: hessian-eigenthings takes one too (above), and warm, oracle-stopped, it
+needs about our HVP count or fewer (3 points 250 steps apart, 2 rounds, a loaded 2-core machine: 33 vs our 30 on
+a 64x2 tiny model, 1.45× [1.24–1.59] their time over ours; 18 vs our 23 on the embedded model, 0.97× [0.93–1.02]).
+What is left to us along a run is the per-HVP cost of the cached graph against its oracle stop (the eigenvalue
+stop is not a guarantee: a point where it misses ``rel_acc`` shows in the rel-err column).
 Minibatches: the cold tables use the first minibatch of the training stream (tiny: ``tiny_batches`` minibatches
 of random tokens, Adam for ``pretrain_steps`` steps over them in turn; LM: the SFT stream of the env).
 Timed solves run interleaved, round-robin with every other round reversed (A B C, C B A, ...), ``repeats`` rounds;
