@@ -31,7 +31,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/pip install -q -e ".[dev,ray,bench]" "$(TORCH)"
 	# learnability.py trains every regime at its defaults (hours on a 2-core CPU): run it on its own
-	for f in $(filter-out experiments/bench/learnability.py,$(wildcard experiments/bench/*.py)); do \
+	# (spread.py is the benches' summary helper, not a bench)
+	for f in $(filter-out %/learnability.py %/spread.py,$(wildcard experiments/bench/*.py)); do \
 		$(BIN)/python $$f || exit 1; done
 
 clean:

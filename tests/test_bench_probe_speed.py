@@ -3,9 +3,11 @@ claims (a bench whose rows miss it would compare nothing), on both its setups. S
 bench prints ratios (the brief: no timed unit tests); hessian-eigenthings / PyHessian rows are checked when the
 `bench` extra is installed and skipped by the bench itself otherwise."""
 
-from experiments.bench.probe_speed import BenchConfig, main
+import importlib.util
 
-TOY = dict(batch=4, repeats=1, seeds=1, cost_reps=1, track_points=2, track_every=2)
+from experiments.bench.probe_speed import TRACK_HET, BenchConfig, main
+
+TOY = dict(batch=4, repeats=2, seeds=1, cost_reps=1, track_points=2, track_every=2)
 
 
 AS_USERS_RUN_THEM = ("hessian-eigenthings, 20 steps", "pyhessian, own stop rule")   # accuracy as it comes
@@ -19,6 +21,10 @@ def _check(result, rel_acc):
         if name not in AS_USERS_RUN_THEM:
             assert abs(row["value"] - ref) <= rel_acc * abs(ref) and row["hvps"] > 0, (name, row, ref)
     assert result["tracking"], "tracking produced no complete rows"
+    if importlib.util.find_spec("hessian_eigenthings") is not None:   # warm-started along the run, as ours
+        assert TRACK_HET in result["tracking"], result["tracking"].keys()
+    for total in result["tracking"].values():
+        assert len(total["round_seconds"]) == TOY["repeats"] and all(t > 0 for t in total["round_seconds"])
     for name, total in result["tracking"].items():
         assert total["points"] == TOY["track_points"] and total["max_rel_err"] <= rel_acc, (name, total)
     assert set(result["hvp_cost_G"]) == {"cache", "recompute", "fd"}

@@ -1,17 +1,23 @@
-"""Probe overhead at the default cadence: the same run with probes on (ProbeConfig()) and off (every=0), side by side.
+"""Probe overhead at the default cadence: the same run with probes on (ProbeConfig()) and off (every=0), interleaved.
 
 For each regime (SFT, LoRA SFT, RLVR from a 150-step SFT warm start) on the embedded model, one process runs the
-identical config twice and prints
-  wall_off, wall_on: run wall time (model load, eval, retention, checkpoints included), seconds
-  overhead = (wall_on - wall_off) / wall_on          the fraction of the probed run spent on probes (goal <= 10%)
-  probe_share = Σ probe/seconds / wall_on            the same, from the probes' own timers
-  hvps/probe: mean HVPs per probe call
+identical config in ``--blocks`` blocks of off, on, on, off (A B B A, so a drift of the shared machine's speed
+cancels within a block), and prints one row per run
+  wall: run wall time (model load, eval, retention, checkpoints included), seconds
+  probe_s: Σ probe/seconds, the probes' own timers; calls: the probe calls, counted from the run's metrics (rows
+           with probe/seconds), and of those the calls that solved λ_max, estimated batch sharpness, critical
+           sharpness and the Rayleigh quotient (rows with probe/lambda_max, probe/batch_sharpness,
+           probe/critical_sharpness, probe/rayleigh); hvps/call: mean HVPs per probe call
+then, per regime, the median [min–max] over the repeats of
+  overhead = (wall_on - wall_off) / wall_on   for each adjacent off/on pair of a block (2 pairs per block)
+  probe_share = probe_s / wall_on             for each probed run: the fraction of it spent in probes (goal ≤ 10%)
   every@10%: the λ_max cadence that would bring the overhead to 10 %, ⌈9·(probe s per call)/(s per step)⌉ with
-             s per step = wall_off/steps (an upper bound, so this cadence is a lower bound)
-The default 1000 optimizer steps give 6 λ_max solves and 2 batch-sharpness estimates at the default cadence; the
-first, cold eigen-solve weighs more than in a longer run, so the printed overhead is an upper bound.
+             s per step = the median wall_off/steps (an upper bound, so this cadence is a lower bound)
+Which probes run, and how often, follows from ProbeConfig()'s cadences and ``--steps``; the rows print the counts
+(no count is assumed here). The first, cold eigen-solve weighs more than in a longer run, so a short run's
+overhead is an upper bound. Times are wall clock: on a shared machine, read the spread.
 
-    python experiments/bench/probe_overhead.py [--steps 1000] [--regimes sft lora rl]
+    python experiments/bench/probe_overhead.py [--steps 1000] [--regimes sft lora rl] [--blocks 2]
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -30,12 +37,47 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
+from experiments.bench.spread import spread  # noqa: E402
+
 
 @dataclass(frozen=True)
 class Args:
     steps: int = 1000  # optimizer steps per run
     regimes: tuple[str, ...] = ("sft", "lora", "rl")
     model: str = "embedded"
+    blocks: int = 2  # off-on-on-off blocks per regime (4 runs each)
+
+
+KINDS = {"λ_max": "probe/lambda_max", "batch sharpness": "probe/batch_sharpness",
+         "critical": "probe/critical_sharpness", "rayleigh": "probe/rayleigh"}
+
+
+def probe_counts(records: list[dict]) -> dict[str, float]:
+    """From a run's metrics rows: calls (rows with probe/seconds), their seconds and HVPs, and the calls of each
+    kind in KINDS."""
+    calls = [r for r in records if "probe/seconds" in r]
+    out = {"calls": len(calls), "seconds": sum(r["probe/seconds"] for r in calls),
+           "hvps": sum(r.get("probe/hvps", 0.0) for r in calls)}
+    out.update({kind: sum(key in r for r in calls) for kind, key in KINDS.items()})
+    return out
+
+
+def summarize(runs: list[tuple[str, float, dict]], steps: int) -> dict[str, object]:
+    """``runs``: (kind "off"/"on", wall seconds, probe_counts or {}) in run order, in A B B A blocks. Overheads pair
+    each on with the off beside it in its block (off on | on off); probe shares are per probed run."""
+    overheads = []
+    for i in range(0, len(runs) - 1, 2):
+        (k1, w1, _), (k2, w2, _) = runs[i], runs[i + 1]
+        on, off = (w1, w2) if k1 == "on" else (w2, w1)
+        if {k1, k2} != {"on", "off"}:
+            raise ValueError(f"runs {i}, {i + 1} are not an off/on pair: {k1}, {k2}")
+        overheads.append((on - off) / on)
+    probed = [(w, c) for k, w, c in runs if k == "on"]
+    offs = [w for k, w, _ in runs if k == "off"]
+    per_call = [c["seconds"] / max(1, c["calls"]) for _, c in probed]
+    every10 = math.ceil(9 * statistics.median(per_call) / (statistics.median(offs) / steps)) if probed else 0
+    return {"overhead": spread(overheads), "probe_share": spread([c["seconds"] / w for w, c in probed]),
+            "every10": every10}
 
 
 def timed_run(cfg) -> tuple[float, list[dict]]:
@@ -72,10 +114,11 @@ def main(args: Args) -> None:
         "sft": RunConfig(regime="sft", model=ModelConfig(name=args.model), train=train),
         "lora": RunConfig(regime="sft", model=ModelConfig(name=args.model, lora_rank=8), train=train),
     }
-    print(f"probe overhead at the default cadence ({ProbeConfig().every=}, {ProbeConfig().batch_sharpness_every=}),"
-          f" {args.steps} steps, 1 thread")
-    print(f"{'regime':<7}{'wall_off s':>11}{'wall_on s':>11}{'overhead':>10}{'probe_share':>13}{'probes':>8}"
-          f"{'hvps/probe':>12}{'every@10%':>11}")
+    print(f"probe overhead at the default cadence ({ProbeConfig().every=}, {ProbeConfig().batch_sharpness_every=},"
+          f" {ProbeConfig().critical_every=}, {ProbeConfig().rayleigh_every=}), {args.steps} steps, 1 thread, "
+          f"{args.blocks} blocks of off-on-on-off per regime")
+    print(f"{'regime':<7}{'block':>6}{'probes':>7}{'wall s':>9}{'probe_s':>9}{'calls':>7}  "
+          + " ".join(f"{k:>{max(8, len(k))}}" for k in KINDS) + f"{'hvps/call':>11}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         if "rl" in args.regimes:  # RLVR from a short SFT warm start: the base model gets no reward variance
             from agents.trainer import FINAL_MODEL
@@ -86,16 +129,28 @@ def main(args: Args) -> None:
                                  optim=OptimConfig(lr=1e-2), train=TrainConfig(steps=150, checkpoint_every=0),
                                  probe=ProbeConfig(every=0)), progress=False)
             bases["rl"] = RunConfig(regime="rl", model=ModelConfig(name=str(warm / FINAL_MODEL)), env=env, train=train)
+        summaries = {}
         for regime in args.regimes:
             base = bases[regime]
-            off, _ = timed_run(replace(base, probe=ProbeConfig(every=0), out_dir=tmp, name=f"{regime}-off"))
-            on, records = timed_run(replace(base, probe=ProbeConfig(), out_dir=tmp, name=f"{regime}-on"))
-            probe_s = sum(r.get("probe/seconds", 0.0) for r in records)
-            calls = [r for r in records if "probe/seconds" in r]
-            hvps = sum(r.get("probe/hvps", 0.0) for r in calls) / max(1, len(calls))
-            every10 = math.ceil(9 * (probe_s / max(1, len(calls))) / (off / args.steps))
-            print(f"{regime:<7}{off:>11.1f}{on:>11.1f}{(on - off) / on:>10.1%}{probe_s / on:>13.1%}{len(calls):>8}"
-                  f"{hvps:>12.1f}{every10:>11d}", flush=True)
+            runs = []
+            for block in range(args.blocks):
+                for i, kind in enumerate(("off", "on", "on", "off")):
+                    probe = ProbeConfig() if kind == "on" else ProbeConfig(every=0)
+                    wall, records = timed_run(replace(base, probe=probe, out_dir=tmp,
+                                                      name=f"{regime}-{block}-{i}-{kind}"))
+                    c = probe_counts(records) if kind == "on" else {}
+                    runs.append((kind, wall, c))
+                    cells = (f"{c['seconds']:>9.1f}{c['calls']:>7d}  "
+                             + " ".join(f"{c[k]:>{max(8, len(k))}d}" for k in KINDS)
+                             + f"{c['hvps'] / max(1, c['calls']):>11.1f}") if c else ""
+                    print(f"{regime:<7}{block:>6d}{kind:>7}{wall:>9.1f}{cells}", flush=True)
+            summaries[regime] = summarize(runs, args.steps)
+        print(f"\nmedian [min–max] over the repeats ({args.blocks} blocks: {2 * args.blocks} off/on pairs, "
+              f"{2 * args.blocks} probed runs):")
+        print(f"{'regime':<7}  {'overhead (on - off) / on':<36}{'probe_share':<36}{'every@10%':>9}")
+        for regime, sm in summaries.items():
+            print(f"{regime:<7}  {sm['overhead'].fmt('.1%'):<36}{sm['probe_share'].fmt('.1%'):<36}"
+                  f"{sm['every10']:>9d}")
 
 
 if __name__ == "__main__":

@@ -10,21 +10,34 @@ For each solver: HVPs and wall time to reach λ_max within ``rel_acc`` of a tigh
   Lanczos with growing step counts and by watching every power-iteration Rayleigh quotient), which favours them;
   "probes (oracle stop)" applies the same oracle to our solver; the last two rows run the libraries as a user
   would (Lanczos with a fixed 20 steps; PyHessian's own stop rule), accuracy as it comes;
-- "λ_max along a run" is the Prober's use: solves every ``track_every`` training steps, ours warm from its own last
-  eigenvector (neither hessian-eigenthings' ``lanczos`` nor PyHessian take a start vector, so they solve cold with
-  oracle stopping at every point); totals over the points, each solve checked against its point's reference.
+- "λ_max along a run" is the Prober's use (its ``lambda_max_batch``): ``track_points`` solves ``track_every``
+  training steps apart (default: the Prober's cadence, ``probes.ProbeConfig().every``), each on a FRESH minibatch,
+  the current one of the training stream; ours warm from its own previous eigenvector, hessian-eigenthings warm
+  from its own previous top Ritz vector through its public ``lanczos_tridiagonal(op, v0, max_iter)`` (oracle step
+  count, searched from 1), PyHessian cold (its ``eigenvalues`` takes no start vector) with oracle stopping; the
+  first point is cold for all. Totals over the points, each solve checked against its point's reference.
 Why a single cold solve cannot reach 2× against an oracle-stopped Lanczos: for k=1, LOBPCG's iterates span the
 same Krylov space as Lanczos from the same start (identical Ritz values per HVP, checked on this model), so the
 HVP counts are equal up to the start vector (the gradient saves ~1), and an exact HVP costs ≥ 2 G (the R-forward
 and R-backward passes, 6 matmuls per linear layer). The cold ratio is then at most their per-HVP cost over ours
 (3.1 G recomputed vs 2.0 G cached: ~1.5× vs hessian-eigenthings) or their HVP count over ours (power iteration).
-Warm starts are where the 2× comes from, and they are how the probes run.
-Timed solves run round-robin (``repeats`` rounds, minimum kept) because the CPUs are shared.
+Warm starts do not give us the 2× either: hessian-eigenthings takes one too (above), and warm, oracle-stopped, it
+needs about our HVP count or fewer (3 points 250 steps apart, 2 rounds, a loaded 2-core machine: 33 vs our 30 on
+a 64x2 tiny model, 1.45× [1.24–1.59] their time over ours; 18 vs our 23 on the embedded model, 0.97× [0.93–1.02]).
+What is left to us along a run is the per-HVP cost of the cached graph against its oracle stop (the eigenvalue
+stop is not a guarantee: a point where it misses ``rel_acc`` shows in the rel-err column).
+Minibatches: the cold tables use the first minibatch of the training stream (tiny: ``tiny_batches`` minibatches
+of random tokens, Adam for ``pretrain_steps`` steps over them in turn; LM: the SFT stream of the env).
+Timed solves run interleaved, round-robin with every other round reversed (A B C, C B A, ...), ``repeats`` rounds;
+each table prints the median seconds, and every ratio is paired by round (their round-r time over ours) and
+printed as median [min–max] over the rounds, because the CPUs are shared.
 Also prints the cost of one HVP in gradient units (G = one forward + backward on the batch) for each HVP mode.
 
 Run: ``python experiments/bench/probe_speed.py [--hidden 128 --layers 4 --vocab 4096 --device cpu]``, or at the
 research setting: ``--model embedded [--env-id ArithRLVR-v0 --lr 1e-2]`` (the offline pre-trained default, SFT loss
-on the env's demonstrations, SGD with momentum between tracking points).
+on the env's demonstrations, SGD with momentum between tracking points). A quick run: ``--track-every 10
+--track-points 3 --repeats 2`` (tracking points 10 steps apart are closer than the Prober's, so warm starts gain
+more there than they do in a run).
 hessian-eigenthings and PyHessian are optional (``pip install hessian-eigenthings pyhessian``); a missing one is
 reported and skipped.
 """
@@ -40,8 +53,13 @@ from typing import Callable
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from probes import HessianOperator, top_eigenvalues
+from probes import HessianOperator, ProbeConfig, top_eigenvalues
 from probes.testing import neox_batch, neox_loss_fn, tiny_neox
+
+try:
+    from experiments.bench.spread import abba, paired_ratios, spread
+except ImportError:   # run as a script: python experiments/bench/probe_speed.py
+    from spread import abba, paired_ratios, spread
 
 
 @dataclass(frozen=True)
@@ -53,15 +71,16 @@ class BenchConfig:
     batch: int = 16
     seq: int = 64
     chunk: int = 16            # one chunk by default: PyHessian's cached mode takes a single batch
-    pretrain_steps: int = 30   # a few Adam steps on the batch so the spectrum has outliers, as in training
+    pretrain_steps: int = 30   # a few Adam steps on the data so the spectrum has outliers, as in training
+    tiny_batches: int = 8      # tiny: the training set is this many minibatches of random tokens, streamed in order
     rel_acc: float = 1e-3
     device: str = "cpu"
     seed: int = 0
     repeats: int = 3
     seeds: int = 5             # start vectors for the HVP-count table (one draw decides ±2 HVPs at 1e-3)
     cost_reps: int = 7
-    track_points: int = 6      # λ_max along a run: solves this many times ...
-    track_every: int = 10      # ... this many optimizer steps apart (the Prober's steady state; 0 points = skip)
+    track_points: int = 6      # λ_max along a run: solves this many times (0 = skip) ...
+    track_every: int = ProbeConfig().every   # ... this many optimizer steps apart (the Prober's default cadence)
     track_warmup: int = 0      # optimizer steps before the first tracking point (past the start's transient)
     model: str = "tiny"        # "tiny": random GPT-NeoX of the sizes above, Adam-trained on the probe batch;
                                # "embedded" (the offline pre-trained default) or a local model dir: SFT on env_id
@@ -81,24 +100,32 @@ def _sync(device):
 
 
 def setup(cfg: BenchConfig):
-    """(device, model, named params, loss_fn, frozen probe chunks, advance(steps)): ``advance`` trains the model
-    between the tracking points (tiny: Adam on the probe batch; embedded: the research setting, SGD with momentum
-    0.9 and weight decay 1e-4 at ``lr`` on fresh SFT batches of the env)."""
+    """(device, model, named params, loss_fn, probe chunks of the cold tables, next_batch(), advance(steps)):
+    ``next_batch`` draws the next minibatch of the training stream (the tracking points probe it, as the Prober's
+    lambda_max_batch probes the current batch); ``advance`` trains the model between the tracking points on the
+    stream (tiny: Adam on ``tiny_batches`` minibatches of random tokens in turn; embedded: the research setting,
+    SGD with momentum 0.9 and weight decay 1e-4 at ``lr`` on fresh SFT batches of the env)."""
     if cfg.model != "tiny":
         return setup_lm(cfg)
     device = torch.device(cfg.device)
     model = tiny_neox(hidden=cfg.hidden, layers=cfg.layers, vocab=cfg.vocab, heads=cfg.heads, seed=cfg.seed)
     model = model.to(device)
-    chunks = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in c.items()}
-              for c in neox_batch(cfg.batch, cfg.seq, cfg.vocab, cfg.chunk, seed=cfg.seed + 1)]
+    data = [[{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in c.items()}
+             for c in neox_batch(cfg.batch, cfg.seq, cfg.vocab, cfg.chunk, seed=cfg.seed + 1 + i)]
+            for i in range(max(1, cfg.tiny_batches))]
+    cursor = {"i": 0}
+
+    def next_batch():
+        cursor["i"] += 1
+        return data[(cursor["i"] - 1) % len(data)]
     loss_fn = neox_loss_fn(model)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
 
     def advance(steps):
-        _train_steps(model, opt, loss_fn, lambda: chunks, steps)
+        _train_steps(model, opt, loss_fn, next_batch, steps)
     advance(cfg.pretrain_steps)
     model.eval()
-    return device, model, dict(model.named_parameters()), loss_fn, chunks, advance
+    return device, model, dict(model.named_parameters()), loss_fn, data[0], next_batch, advance
 
 
 def setup_lm(cfg: BenchConfig):
@@ -124,9 +151,12 @@ def setup_lm(cfg: BenchConfig):
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.SGD(params.values(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
 
+    def next_batch():
+        return regime.next_batch(policy, 0)[0]
+
     def advance(steps):
-        _train_steps(model, opt, loss_fn, lambda: regime.next_batch(policy, 0)[0], steps)
-    return device, model, params, loss_fn, chunks, advance
+        _train_steps(model, opt, loss_fn, next_batch, steps)
+    return device, model, params, loss_fn, chunks, next_batch, advance
 
 
 def _train_steps(model, opt, loss_fn, next_batch, steps):
@@ -167,9 +197,12 @@ def ours_oracle(params, loss_fn, chunks, model, ref, rel_acc, max_hvps=60) -> So
 
 
 def het_lanczos(model, loss_fn, chunks, ref, rel_acc, max_steps=60, fixed_steps: int | None = None,
-                seed=0) -> Solve | str:
+                seed=0, init: torch.Tensor | None = None) -> Solve | str:
     """Oracle step count, or ``fixed_steps``: its lanczos has no early stop, so a user must fix the step count in
-    advance without knowing the oracle's."""
+    advance without knowing the oracle's. ``init``: a warm start (its previous top Ritz vector), through its public
+    ``lanczos_tridiagonal(op, v0, max_iter)`` (the kernel of its ``lanczos``, which draws v0 at random), the top
+    Ritz pair of the tridiagonal computed as its ``lanczos`` does (``which="LA"``); oracle steps searched from 1.
+    ``solve.vector`` keeps the last solve's top Ritz vector (the next warm start)."""
     try:
         import hessian_eigenthings as het
     except ImportError as err:
@@ -188,15 +221,44 @@ def het_lanczos(model, loss_fn, chunks, ref, rel_acc, max_steps=60, fixed_steps:
     def run(steps):
         counted["n"] = 0
         with sdpa_kernel(SDPBackend.MATH):   # SDPA's fused CPU kernel has no double backward
-            res = het.lanczos(op, k=1, max_iter=steps, which="LA", seed=seed, reorthogonalize=True)
-        return counted["n"], float(res.eigenvalues[0])
+            if init is None:
+                res = het.lanczos(op, k=1, max_iter=steps, which="LA", seed=seed, reorthogonalize=True)
+                value, vector = float(res.eigenvalues[0]), res.eigenvectors[0]
+            else:
+                value, vector = _het_warm(het, op, init, steps)
+        run.vector = vector
+        return counted["n"], value
     if fixed_steps is not None:
-        return lambda: run(fixed_steps)
+        return _keeping_vector(lambda: run(fixed_steps), run)
     # Its lanczos has no early stop: the smallest step count that lands within rel_acc.
-    for steps in range(2, max_steps + 1):
+    for steps in range(1 if init is not None else 2, max_steps + 1):
         if abs(run(steps)[1] - ref) <= rel_acc * abs(ref):
-            return lambda: run(steps)
+            return _keeping_vector(lambda: run(steps), run)
     return f"Lanczos not within {rel_acc:g} in {max_steps} steps"
+
+
+def _keeping_vector(solve, run):
+    def timed():
+        out = solve()
+        timed.vector = run.vector
+        return out
+    return timed
+
+
+def _het_warm(het, op, init, steps):
+    """hessian-eigenthings' Lanczos from ``init``: its public tridiagonal kernel, then the largest Ritz pair."""
+    td = het.lanczos_tridiagonal(op, init.to(device=op.device, dtype=op.dtype).reshape(-1), steps,
+                                 reorthogonalize=True)
+    m = td.alphas.shape[0]
+    tri = torch.diag(td.alphas)
+    if m > 1:
+        tri += torch.diag(td.betas[:m - 1], 1) + torch.diag(td.betas[:m - 1], -1)
+    theta, s = torch.linalg.eigh(tri)
+    top = int(torch.argmax(theta))
+    vector = torch.zeros_like(td.basis[0])
+    for j, b in enumerate(td.basis):
+        vector.add_(b, alpha=float(s[j, top]))
+    return float(theta[top]), vector
 
 
 class _Reached(Exception):
@@ -285,17 +347,20 @@ def hvp_counts(params, loss_fn, chunks, model, device, ref, rel_acc, seeds) -> d
 
 
 def round_robin(solvers: dict[str, Solve], device, repeats) -> dict[str, dict]:
-    best = {name: {"seconds": math.inf} for name in solvers}
-    for _ in range(repeats):
-        for name, solve in solvers.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            hvps, value = solve()
-            _sync(device)
-            t = time.perf_counter() - t0
-            if t < best[name]["seconds"]:
-                best[name] = {"seconds": t, "hvps": hvps, "value": value}
-    return best
+    """``repeats`` interleaved rounds, every other one reversed (A B C, C B A, ...): {name: {"times": seconds per
+    round in round order, "seconds": their median, "hvps", "value"}} (the solves are deterministic: every round
+    gives the same HVPs and value)."""
+    runs: dict[str, dict] = {name: {"times": []} for name in solvers}
+    for name in abba(list(solvers), repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        hvps, value = solvers[name]()
+        _sync(device)
+        runs[name]["times"].append(time.perf_counter() - t0)
+        runs[name].update(hvps=hvps, value=value)
+    for r in runs.values():
+        r["seconds"] = statistics.median(r["times"])
+    return runs
 
 
 def hvp_costs(params, loss_fn, chunks, model, device, reps):
@@ -327,46 +392,62 @@ def hvp_costs(params, loss_fn, chunks, model, device, reps):
 
 TRACK_OURS = "probes warm start, eigenvalue stop"     # the Prober's default: λ to tol, not guaranteed
 TRACK_RESIDUAL = "probes warm start, residual stop"  # ‖r‖ ≤ tol·|θ|: a guaranteed bound on |λ − θ|
+TRACK_HET = "hessian-eigenthings LA warm (oracle)"
+TRACK_PYH = "pyhessian power (oracle)"
 
 
-def tracking(cfg: BenchConfig, device, model, params, loss_fn, chunks, advance) -> dict[str, dict]:
-    """λ_max along a training run, the Prober's use: ``track_points`` solves ``track_every`` training steps apart.
-    Ours starts each solve from its own previous eigenvector (the first from a random vector, as the Prober does),
-    with the Prober's default stop rule and with the residual rule; the libraries, which take no start vector,
-    solve cold with oracle stopping at every point. Totals are summed over the points; every solve is checked
-    against a tight reference at its point."""
+def tracking(cfg: BenchConfig, device, model, params, loss_fn, next_batch, advance) -> dict[str, dict]:
+    """λ_max along a training run, the Prober's use (its lambda_max_batch): ``track_points`` solves ``track_every``
+    training steps apart, each on the next, fresh minibatch of the training stream. Ours and hessian-eigenthings
+    start each solve from their own previous eigenvector (the first from a random vector); ours with the Prober's
+    default stop rule and with the residual rule, hessian-eigenthings with oracle stopping; PyHessian, which takes
+    no start vector, solves cold with oracle stopping at every point. Every solve is checked against a tight
+    reference at its point. Per solver: totals over the points, and the total of each interleaved round
+    (``round_seconds``), so the ratios pair round r with round r."""
     if cfg.track_points <= 0:
         return {}
     advance(cfg.track_warmup)
-    print(f"\nλ_max along a run: {cfg.track_points} solves, {cfg.track_every} training steps apart, from step "
-          f"{cfg.track_warmup} (min of {cfg.repeats} round-robin runs per point):")
+    print(f"\nλ_max along a run: {cfg.track_points} solves, {cfg.track_every} training steps apart "
+          f"(ProbeConfig().every = {ProbeConfig().every}), from step {cfg.track_warmup}, each on a fresh minibatch; "
+          f"median seconds of {cfg.repeats} interleaved rounds per point:")
+    names = (TRACK_OURS, TRACK_RESIDUAL, TRACK_HET, TRACK_PYH)
     print(f"{'point':>5s} {'λ_max':>9s}   " + "   ".join(f"{n:>24s}" for n in
                                                         ("probes (eigenvalue stop)", "probes (residual stop)",
-                                                         "hessian-eigenthings", "pyhessian")))
+                                                         "hessian-eigenthings warm", "pyhessian cold")))
     totals: dict[str, dict] = {}
-    prev = prev_residual = None
+    prev: dict[str, torch.Tensor | None] = dict.fromkeys(names)
     for point in range(cfg.track_points):
         if point:
             advance(cfg.track_every)
+        chunks = next_batch()
         ref, _ = reference(params, loss_fn, chunks, model)
-        prepared = {TRACK_OURS: ours(params, loss_fn, chunks, model, cfg.rel_acc, init=prev, stop="eigenvalue"),
-                    TRACK_RESIDUAL: ours(params, loss_fn, chunks, model, cfg.rel_acc, init=prev_residual),
-                    "hessian-eigenthings LA (oracle)": het_lanczos(model, loss_fn, chunks, ref, cfg.rel_acc),
-                    "pyhessian power (oracle)": pyhessian_power(model, loss_fn, chunks, device, ref, cfg.rel_acc)}
+        prepared = {TRACK_OURS: ours(params, loss_fn, chunks, model, cfg.rel_acc, init=prev[TRACK_OURS],
+                                     stop="eigenvalue"),
+                    TRACK_RESIDUAL: ours(params, loss_fn, chunks, model, cfg.rel_acc, init=prev[TRACK_RESIDUAL]),
+                    TRACK_HET: het_lanczos(model, loss_fn, chunks, ref, cfg.rel_acc, init=prev[TRACK_HET]),
+                    TRACK_PYH: pyhessian_power(model, loss_fn, chunks, device, ref, cfg.rel_acc)}
         timed = round_robin({k: v for k, v in prepared.items() if not isinstance(v, str)}, device, cfg.repeats)
         cells = []
-        for name, r in timed.items():
-            t = totals.setdefault(name, {"seconds": 0.0, "hvps": 0, "max_rel_err": 0.0, "points": 0})
+        for name in names:
+            if name not in timed:
+                cells.append(str(prepared[name])[:24].rjust(24))
+                continue
+            r = timed[name]
+            t = totals.setdefault(name, {"seconds": 0.0, "hvps": 0, "max_rel_err": 0.0, "points": 0,
+                                         "round_seconds": [0.0] * cfg.repeats})
             err = abs(r["value"] - ref) / abs(ref)
             t["seconds"] += r["seconds"]
+            t["round_seconds"] = [a + b for a, b in zip(t["round_seconds"], r["times"])]
             t["hvps"] += r["hvps"]
             t["max_rel_err"] = max(t["max_rel_err"], err)
             t["points"] += 1
             cells.append(f"{r['hvps']:3d} HVP {r['seconds']:5.2f}s {err:7.1e}".rjust(24))
-        print(f"{point:5d} {ref:9.4g}   " + "   ".join(cells))
-        # the next warm starts: each solve's own eigenvector
-        prev = prepared[TRACK_OURS].result.vectors
-        prev_residual = prepared[TRACK_RESIDUAL].result.vectors
+        print(f"{point:5d} {ref:9.4g}   " + "   ".join(cells), flush=True)
+        # the next warm starts: each solve's own top eigenvector (PyHessian cannot take one)
+        prev[TRACK_OURS] = prepared[TRACK_OURS].result.vectors
+        prev[TRACK_RESIDUAL] = prepared[TRACK_RESIDUAL].result.vectors
+        if not isinstance(prepared[TRACK_HET], str):
+            prev[TRACK_HET] = prepared[TRACK_HET].vector
     print(f"{'total':>15s}   " + "   ".join(f"{t['hvps']:3d} HVP {t['seconds']:5.2f}s {t['max_rel_err']:7.1e}".rjust(24)
                                            for t in totals.values()))
     complete = {k: v for k, v in totals.items() if v["points"] == cfg.track_points}
@@ -375,18 +456,19 @@ def tracking(cfg: BenchConfig, device, model, params, loss_fn, chunks, advance) 
 
 def _print_table(title, rows, ref, base):
     print(title)
-    print(f"{'solver':34s} {'HVPs':>5s} {'seconds':>8s} {'rel err':>9s} {'time vs ours':>12s} {'HVPs vs ours':>12s}")
+    print(f"{'solver':34s} {'HVPs':>5s} {'seconds':>8s} {'rel err':>9s} {'HVPs vs ours':>12s}  time vs ours, paired by "
+          "round: median [min–max]")
     for name, r in rows.items():
         if isinstance(r, str):
             print(f"{name:34s} skipped: {r}")
             continue
         print(f"{name:34s} {r['hvps']:5d} {r['seconds']:8.2f} {abs(r['value'] - ref) / abs(ref):9.1e} "
-              f"{r['seconds'] / base['seconds']:11.2f}x {r['hvps'] / base['hvps']:11.2f}x")
+              f"{r['hvps'] / base['hvps']:11.2f}x  {paired_ratios(r['times'], base['times']).fmt('.2f', 'x')}")
 
 
 def main(cfg: BenchConfig = BenchConfig()) -> dict:
     torch.manual_seed(cfg.seed)
-    device, model, params, loss_fn, chunks, advance = setup(cfg)
+    device, model, params, loss_fn, chunks, next_batch, advance = setup(cfg)
     n = sum(p.numel() for p in params.values())
     tokens = sum(int(c["input_ids"].numel()) for c in chunks)
     what = (f"{cfg.model} GPT-NeoX ({model.config.num_hidden_layers}x{model.config.hidden_size}), SFT on {cfg.env_id}, "
@@ -410,8 +492,9 @@ def main(cfg: BenchConfig = BenchConfig()) -> dict:
                                                             own_stop=True)}
     timed = round_robin({k: v for k, v in prepared.items() if not isinstance(v, str)}, device, cfg.repeats)
     rows = {k: (v if isinstance(v, str) else timed[k]) for k, v in prepared.items()}
-    _print_table(f"\nλ_max to {cfg.rel_acc:g} relative accuracy, cold start (min of {cfg.repeats} round-robin runs; "
-                 "oracle = stopped at the first iterate within it; last two rows: the libraries as users run them):",
+    _print_table(f"\nλ_max to {cfg.rel_acc:g} relative accuracy, cold start (median seconds of {cfg.repeats} "
+                 "interleaved rounds; oracle = stopped at the first iterate within it; last two rows: the libraries "
+                 "as users run them):",
                  rows, ref, rows["probes (own stop rule)"])
 
     print(f"\nHVPs to {cfg.rel_acc:g} over {cfg.seeds} random start vectors (seeds 0..{cfg.seeds - 1}; negative = "
@@ -420,23 +503,27 @@ def main(cfg: BenchConfig = BenchConfig()) -> dict:
     for name, c in counts.items():
         print(f"  {name:40s} mean {statistics.mean(abs(x) for x in c):4.1f}  {c}")
 
-    track = tracking(cfg, device, model, params, loss_fn, chunks, advance)
+    track = tracking(cfg, device, model, params, loss_fn, next_batch, advance)
     others = {k: v for k, v in rows.items() if not isinstance(v, str) and k in
               ("hessian-eigenthings LA (oracle)", "pyhessian power (oracle)")}
-    if others:
-        print("\nspeed-up (their seconds / ours; ≥ 2 is the goal) against the oracle-stopped libraries:")
+    theirs = [k for k in (TRACK_HET, TRACK_PYH) if k in track]
+    if others or theirs:
+        print(f"\nspeed-up (their seconds / ours, paired by interleaved round: median [min–max] over {cfg.repeats} "
+              "rounds; ≥ 2 is the goal) and HVPs (theirs / ours) against the oracle-stopped libraries:")
         mine = {"cold, own stop rule (residual)": rows["probes (own stop rule)"],
                 "cold, eigenvalue stop": rows["probes eigenvalue stop"],
                 "cold, eigenvalue stop, lambda_max(init='gradient')": rows["probes eigenvalue stop, g start"]}
-        for name, m in mine.items():
-            print(f"  {name:55s} " + "  ".join(f"vs {k.split(' ')[0]} {v['seconds'] / m['seconds']:4.2f}x"
-                                              for k, v in others.items()))
-        for mine_name, label in ((TRACK_OURS, "eigenvalue stop"), (TRACK_RESIDUAL, "residual stop")):
-            if mine_name in track:
-                ours_total = track[mine_name]["seconds"]
-                print(f"  {f'along a run ({cfg.track_points} solves, {cfg.track_every} steps apart), {label}':55s} "
-                      + "  ".join(f"vs {k.split(' ')[0]} {track[k]['seconds'] / ours_total:4.2f}x"
-                                  for k in others if k in track))
+        for name, m in mine.items() if others else ():
+            print(f"  {name:55s} " + "  ".join(f"vs {k.split(' ')[0]} {paired_ratios(v['times'], m['times']).fmt()}"
+                                              f", HVPs {v['hvps'] / m['hvps']:.2f}x" for k, v in others.items()))
+    for mine_name, label in ((TRACK_OURS, "eigenvalue stop"), (TRACK_RESIDUAL, "residual stop")):
+        if mine_name in track and theirs:
+            m = track[mine_name]
+            where = f"along a run ({cfg.track_points} solves, {cfg.track_every} steps apart), {label}"
+            print(f"  {where:55s} " + "  ".join(
+                f"vs {k.split(' ')[0]}{' warm' if k == TRACK_HET else ' cold'} "
+                f"{paired_ratios(track[k]['round_seconds'], m['round_seconds']).fmt()}, "
+                f"HVPs {track[k]['hvps'] / m['hvps']:.2f}x" for k in theirs))
 
     g, costs = hvp_costs(params, loss_fn, chunks, model, device, cfg.cost_reps)
     print(f"\nHVP cost in gradient units (G = {g * 1e3:.1f} ms, median of {cfg.cost_reps}; cache excludes the one-time"
