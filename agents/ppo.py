@@ -288,7 +288,7 @@ class PPORegime:
         idx = torch.randint(len(tasks), (self.config.prompts_per_step,), generator=generator).tolist()
         return self.rollout(policy, [tasks[i] for i in idx], generator)[0]
 
-    def probe_set(self, policy, size: int, seed: int) -> None:
+    def probe_set(self, policy, size: int, seed: int, chunk: int = 0) -> None:
         """None: RLVR has no fixed training set; its objective is the surrogate on the current rollout buffer,
         which is therefore what probe/lambda_max measures (= probe/lambda_max_batch)."""
         return None

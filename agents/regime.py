@@ -31,9 +31,10 @@ class Regime(Protocol):
     def sample_batch(self, policy, generator: torch.Generator) -> list[Chunk]:
         """A fresh training minibatch drawn with ``generator`` only (batch sharpness); no state changes."""
 
-    def probe_set(self, policy, size: int, seed: int) -> list[Chunk] | None:
-        """The fixed probe set of ``probe/lambda_max`` as chunks whose losses sum to its mean loss: the same
-        ``size`` examples for a given ``seed`` at every call (a pure function, so resumes see the same set).
+    def probe_set(self, policy, size: int, seed: int, chunk: int = 0) -> list[Chunk] | None:
+        """The fixed probe set of ``probe/lambda_max`` as chunks (of ``chunk`` examples; 0 = the training
+        micro-batch) whose losses sum to its mean loss: the same ``size`` examples for a given ``seed`` at every
+        call (a pure function, so resumes see the same set).
         None: the current batch is the probe set (full-batch GD's batch is the training set; PPO has no fixed
         set, its objective is the surrogate on the current rollout buffer)."""
 

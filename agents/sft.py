@@ -116,10 +116,11 @@ class SFTRegime:
         weight = self.replay_weight if part == "replay" else 1 - self.replay_weight
         return loss, {f"train/{part}_loss": float(loss.detach()) / weight}
 
-    def chunks_for(self, policy, indices: Sequence[int]) -> list[Chunk]:
+    def chunks_for(self, policy, indices: Sequence[int], chunk: int = 0) -> list[Chunk]:
+        """Chunks of ``chunk`` examples (0 = the micro-batch) of the tasks at ``indices``."""
         tasks = [self.tasks[i] for i in indices]
         return make_chunks(policy, [t.prompt for t in tasks], [self._completion(t) for t in tasks],
-                           self.micro_batch, self.max_length)
+                           chunk or self.micro_batch, self.max_length)
 
     def _completion(self, task) -> str | list[tuple[str, bool]]:
         """The demonstration, or its segments after the prompt when some of them are env text."""
@@ -132,12 +133,13 @@ class SFTRegime:
         rest = segs[1:]
         return "".join(t for t, _ in rest) if not any(is_env for _, is_env in rest) else rest
 
-    def _mixed(self, policy, chunks: list[Chunk], replay_start: int) -> list[Chunk]:
-        """Task chunks reweighted by (1 − α) plus replay windows [replay_start, + replay_windows) weighted by α."""
+    def _mixed(self, policy, chunks: list[Chunk], replay_start: int, chunk: int = 0) -> list[Chunk]:
+        """Task chunks reweighted by (1 − α) plus replay windows [replay_start, + replay_windows) weighted by α, in
+        chunks of ``chunk`` windows (0 = the micro-batch)."""
         if self.replay is None:
             return chunks
         task = [{**c, "normalizer": c["normalizer"] / (1 - self.replay_weight), "replay": False} for c in chunks]
-        return task + self.replay.chunks(policy, replay_start, self.replay_windows, self.micro_batch,
+        return task + self.replay.chunks(policy, replay_start, self.replay_windows, chunk or self.micro_batch,
                                          self.replay_weight)
 
     def next_batch(self, policy, step: int) -> tuple[list[Chunk], dict[str, float]]:
@@ -163,19 +165,20 @@ class SFTRegime:
         start = int(torch.randint(0, len(self.replay), (1,), generator=generator)) if self.replay is not None else 0
         return self._mixed(policy, self.chunks_for(policy, idx), start)
 
-    def probe_set(self, policy, size: int, seed: int) -> list[Chunk] | None:
+    def probe_set(self, policy, size: int, seed: int, chunk: int = 0) -> list[Chunk] | None:
         """The fixed probe set: ``size`` training examples drawn once without replacement by a generator seeded
-        with ``seed`` (in index order; the whole training set when size ≥ its size), chunked like a training batch
-        and normalised by its own token count, so the chunk losses sum to its token-mean CE; with replay, weighted
-        (1 − α) beside α times the replay stream's first windows, as full-batch GD's objective is, so it is the same
-        objective the optimizer steps on. Encoded once. Full-batch GD and size 0: None (the batch is the probe set)."""
+        with ``seed`` (in index order; the whole training set when size ≥ its size), in chunks of ``chunk`` examples
+        (0 = the micro-batch, like a training batch), normalised by its own token count, so the chunk losses sum to
+        its token-mean CE whatever the chunking; with replay, weighted (1 − α) beside α times the replay stream's
+        first windows, as full-batch GD's objective is, so it is the same objective the optimizer steps on. Encoded
+        once per (size, seed, chunk). Full-batch GD and size 0: None (the batch is the probe set)."""
         if self.full_batch or size <= 0:
             return None
-        if self._probe is None or self._probe[0] != (size, seed):
+        if self._probe is None or self._probe[0] != (size, seed, chunk):
             n = len(self.tasks)
             idx = range(n) if size >= n else \
                 sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].tolist())
-            self._probe = ((size, seed), self._mixed(policy, self.chunks_for(policy, idx), 0))
+            self._probe = ((size, seed, chunk), self._mixed(policy, self.chunks_for(policy, idx, chunk), 0, chunk))
         return self._probe[1]
 
     def extra_parameters(self) -> dict[str, torch.Tensor]:

@@ -475,7 +475,8 @@ class Trainer:
         """The regime's fixed probe set at the prober's ``probe_set_size`` (None: the batch is the probe set)."""
         cfg = getattr(self.prober, "config", None)   # a prober may be any callable with ``due``
         size = getattr(cfg, "probe_set_size", 0)
-        return self.regime.probe_set(self.policy, size, getattr(cfg, "seed", 0)) if size > 0 else None
+        return self.regime.probe_set(self.policy, size, getattr(cfg, "seed", 0), getattr(cfg, "chunk_size", 0)) \
+            if size > 0 else None
 
     def _loss_fn(self, chunk):
         return self.regime.loss_and_stats(self.policy, chunk)

@@ -48,6 +48,11 @@ class ProbeConfig:
     #: tasks with ``seed`` (the whole training set when it is smaller); full-batch GD probes the whole training set
     #: and RLVR the rollout buffer whatever this is; 0 = probe the current minibatch (lambda_max = lambda_max_batch).
     probe_set_size: int = 64
+    #: examples per chunk of the fixed probe set, the unit of every probe-set HVP's graph: with mode="cache" the
+    #: graphs of all chunks stay alive (memory ∝ probe_set_size), with "recompute" one chunk's at a time (memory ∝
+    #: chunk_size); 0 = the training micro-batch. Independent of training, so a probe can fit where a micro-batch
+    #: does (SFT/LoRA; RLVR's probe set is its rollout buffer, chunked as it trains).
+    chunk_size: int = 0
     #: eigenvalues per solve (probe/lambda_max, probe/lambda_2, ...).
     k: int = 1
     #: eigen-solve tolerance relative to max|θ|, on the λ error (stop="eigenvalue") or on the residual
@@ -136,7 +141,7 @@ def config_errors(cfg: ProbeConfig) -> list[str]:
     """Every problem with ``cfg`` (empty when valid); ``ProbeConfig`` raises them at construction."""
     errors = [f"{name} must be >= 0, got {getattr(cfg, name)}"
               for name in ("every", "batch_sharpness_every", "trace_every", "blocks_every", "k", "max_hvps",
-                           "probe_set_size", "rayleigh_every", "alignment_every", "critical_every")
+                           "probe_set_size", "chunk_size", "rayleigh_every", "alignment_every", "critical_every")
               if getattr(cfg, name) < 0]
     if cfg.mode not in MODES:
         errors.append(f"mode must be one of {MODES}, got {cfg.mode!r}")

@@ -147,6 +147,16 @@ def test_probe_set_is_a_fixed_seeded_subset_whose_chunks_sum_to_its_mean_ce(tiny
     assert sum(len(c["input_ids"]) for c in regime.probe_set(policy, 100, seed=3)) == len(tasks)   # whole set
     assert regime.probe_set(policy, 0, seed=3) is None
     assert SFTRegime(tasks, full_batch=True).probe_set(policy, 5, seed=3) is None   # GD: the batch is the set
+    # probe chunks are independent of the training micro-batch: 5 examples in chunks of 1 are the same examples and
+    # the same objective, so the same loss and gradient
+    one = regime.probe_set(policy, 5, seed=3, chunk=1)
+    assert [len(c["input_ids"]) for c in one] == [1] * 5 and [len(c["input_ids"]) for c in a] == [2, 2, 1]
+    params = list(policy.trainable_parameters().values())
+
+    def grad(chunks):
+        g = torch.autograd.grad(sum(regime.loss(policy, c) for c in chunks), params)
+        return torch.cat([x.flatten() for x in g])
+    torch.testing.assert_close(grad(one), grad(a), rtol=1e-5, atol=1e-7)
 
 
 def _manual_multi_turn_ce(model, tokenizer, segments):
