@@ -51,6 +51,7 @@ class CohenConfig:
     schedule: str = "constant"  # constant / linear / cosine (agents.optim), or eos / cdat: a controller from lr on
     warmup_steps: int = 0  # linear warm-up before linear / cosine decay (fixed schedules only)
     control: ControlConfig = field(default_factory=ControlConfig)  # knobs of the eos / cdat controller
+    batch: int = 0  # 0: full-batch GD (Cohen et al.); b > 0: minibatch SGD on b examples drawn afresh every step
 
     @property
     def run_name(self) -> str:
@@ -58,7 +59,8 @@ class CohenConfig:
             "" if self.schedule == "constant" else f"-{self.schedule}")
         if self.warmup_steps:
             sched += f"-w{self.warmup_steps}"
-        return self.name or f"gd-{self.dataset}{sched}-lr{self.lr:g}-s{self.seed}"
+        kind = f"sgd-b{self.batch}" if self.batch else "gd"
+        return self.name or f"{kind}-{self.dataset}{sched}-lr{self.lr:g}-s{self.seed}"
 
 
 def config_errors(cfg: CohenConfig) -> list[str]:
@@ -70,6 +72,8 @@ def config_errors(cfg: CohenConfig) -> list[str]:
     for name in ("steps", "n_train", "width", "eig_every"):
         if getattr(cfg, name) < 1:
             errors.append(f"{name}={getattr(cfg, name)} must be >= 1")
+    if not 0 <= cfg.batch <= cfg.n_train:
+        errors.append(f"batch={cfg.batch} must be in [0, n_train={cfg.n_train}] (0 = full batch)")
     schedules = ("constant", "linear", "cosine", *CONTROLLED)
     if cfg.schedule not in schedules:
         errors.append(f"schedule={cfg.schedule!r} must be one of {schedules}")
@@ -113,7 +117,8 @@ def build_mlp(d_in: int, width: int, seed: int) -> torch.nn.Module:
 
 
 def run_cohen(cfg: CohenConfig = CohenConfig()) -> Path:
-    """Full-batch GD with λ_max probes; writes and returns the run directory (skipped if DONE exists)."""
+    """Full-batch GD (or minibatch SGD with ``batch`` > 0) with full-batch λ_max probes; writes and returns the run
+    directory (skipped if DONE exists)."""
     errors = config_errors(cfg)
     if errors:
         raise ValueError("; ".join(errors))
@@ -130,16 +135,23 @@ def run_cohen(cfg: CohenConfig = CohenConfig()) -> Path:
         return 0.5 * ((net(xb) - yb) ** 2).sum() / n
 
     batches = [(x, y)]
+    order = torch.Generator().manual_seed(cfg.seed + 1_000_003)  # minibatch draws: their own stream, seeded
+
+    def batch_loss_fn(chunk) -> torch.Tensor:  # a minibatch's own mean loss, what SGD steps on
+        xb, yb = chunk
+        return 0.5 * ((net(xb) - yb) ** 2).sum() / len(xb)
+
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.0)  # plain GD; probes read thresholds from it
     controller = build_controller(opt, cfg.schedule, cfg.control, cfg.seed)  # None for the fixed schedules
     factor = lr_multiplier(OptimConfig(lr=cfg.lr, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps), cfg.steps)
     prober = Prober(ProbeConfig(every=cfg.eig_every, update_sharpness=False, batch_sharpness_every=0, tol=cfg.eig_tol,
                                 rayleigh_every=0, alignment_every=0, critical_every=0))   # λ_max only, as validated
-    config = {"regime": "gd-mse", "experiment": "cohen2021", **asdict(cfg),
+    config = {"regime": "sgd-mse" if cfg.batch else "gd-mse", "experiment": "cohen2021", **asdict(cfg),
               "optim": {"name": "sgd", "lr": cfg.lr, "momentum": 0.0, "weight_decay": 0.0,
                         "schedule": cfg.schedule, "warmup_steps": cfg.warmup_steps, "control": asdict(cfg.control)},
               "model": {"name": f"mlp-tanh-{cfg.width}x2", "lora_rank": 0},
-              "train": {"steps": cfg.steps, "full_batch": True, "seed": cfg.seed},
+              "train": {"steps": cfg.steps, "full_batch": not cfg.batch, "micro_batch": cfg.batch or n,
+                        "grad_accum": 1, "seed": cfg.seed},
               "env": {"env_id": cfg.dataset, "n_train": n}}
     writer = RunWriter(run_dir)
     writer.write_config(config)
@@ -148,21 +160,32 @@ def run_cohen(cfg: CohenConfig = CohenConfig()) -> Path:
     t0, probe_seconds = time.perf_counter(), 0.0
     for step in range(cfg.steps + 1):  # metrics at θ_step, before the step's update
         opt.zero_grad(set_to_none=True)
-        out = net(x)
-        loss = 0.5 * ((out - y) ** 2).sum() / n  # = loss_fn((x, y))
-        loss.backward()
+        # train/loss is the full-batch loss L(θ_step) in both modes (what the arms are compared on); SGD steps on
+        # the gradient of a fresh minibatch's loss, and its controller sees that minibatch and its loss
+        with torch.set_grad_enabled(not cfg.batch):
+            out = net(x)
+            loss = 0.5 * ((out - y) ** 2).sum() / n  # = loss_fn((x, y))
+        if cfg.batch:
+            idx = torch.randperm(n, generator=order)[:cfg.batch]
+            step_batches, step_loss_fn = [(x[idx], y[idx])], batch_loss_fn
+            step_loss = batch_loss_fn(step_batches[0])
+        else:
+            step_batches, step_loss_fn, step_loss = batches, loss_fn, loss
+        step_loss.backward()
         acc = (out.detach().argmax(1) == y.argmax(1)).double().mean().item()
         grad_norm = torch.sqrt(sum((p.grad**2).sum() for p in net.parameters())).item()
         control = {}
         if controller is None:
             opt.param_groups[0]["lr"] = cfg.lr * factor(step)
         elif step < cfg.steps and math.isfinite(loss.item()) and loss.item() <= 1e3:
-            control = controller(ProbeContext(params=params, loss_fn=loss_fn, batches=batches,
+            control = controller(ProbeContext(params=params, loss_fn=step_loss_fn, batches=step_batches,
                                               lr=opt.param_groups[0]["lr"], step=step, optimizer=opt, model=net),
-                                 loss.item())
+                                 step_loss.item())
         lr = float(opt.param_groups[0]["lr"])  # η of this step (set by the controller, if any)
         rec = {"step": step, "train/loss": loss.item(), "train/lr": lr, "train/grad_norm": grad_norm,
                "eval/accuracy": acc, **control}
+        if cfg.batch:
+            rec["train/batch_loss"] = step_loss.item()
         # wall-clock of training so far, the controller's estimates included and the diagnostic probes not
         rec["train/seconds"] = time.perf_counter() - t0 - probe_seconds
         if prober.due(step):

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from agents.eos_lr import ControlConfig
 from experiments.cohen2021 import CohenConfig, config_errors, run_cohen
 from experiments.report import ReportConfig, run_phases, write_report
 from experiments.rundirs import load_run
@@ -79,3 +80,21 @@ def test_synthetic_dataset_runs(tmp_path):
     _, loss = run.series("train/loss")
     assert len(loss) == 21 and loss[-1] < loss[0]
     assert run.has("probe/lambda_max")
+
+
+def test_minibatch_sgd_logs_the_full_batch_loss_and_steps_on_fresh_batches(tmp_path):
+    gd = load_run(run_cohen(CohenConfig(lr=0.1, steps=40, eig_every=20, out_dir=str(tmp_path))))
+    sgd = load_run(run_cohen(CohenConfig(lr=0.1, steps=40, eig_every=20, batch=25, out_dir=str(tmp_path))))
+    assert sgd.name == "sgd-b25-digits-lr0.1-s0" and not sgd.full_batch
+    (_, lg), (_, ls), (_, lb) = gd.series("train/loss"), sgd.series("train/loss"), sgd.series("train/batch_loss")
+    assert ls[0] == lg[0]                      # the same θ₀: train/loss is the full-batch loss in both modes
+    assert ls[1] != lg[1] and ls[-1] < ls[0]   # SGD takes other steps, and learns
+    assert len(set(lb[:10].round(12))) == 10   # a fresh minibatch every step
+    assert sgd.has("probe/lambda_max")         # the full-batch λ_max, as for GD
+    # the controller runs on the minibatches (their Hessian and loss) and holds η finite
+    ctl = load_run(run_cohen(CohenConfig(lr=0.1, steps=40, eig_every=20, batch=25, schedule="eos",
+                                         control=ControlConfig(target=0.8, every=5), out_dir=str(tmp_path))))
+    _, lr = ctl.series("train/lr")
+    assert ctl.status["status"] == "completed" and np.isfinite(lr).all() and lr[-1] != lr[0]
+    assert config_errors(CohenConfig(batch=300, n_train=250)) == ["batch=300 must be in [0, n_train=250] (0 = full "
+                                                                  "batch)"]

@@ -454,6 +454,14 @@ def test_adaptive_lr_sweep_is_defined_and_valid(tmp_path):
     assert all(len(cfgs) == len(SEEDS) and not any(cohen_errors(c) for c in cfgs) for cfgs in cohen.values())
     names = [c.run_name for cfgs in cohen.values() for c in cfgs]
     assert len(set(names)) == len(names)
+    sgd = cohen_configs(str(tmp_path), batch=25)   # minibatch SGD: the same kinds of arm on fresh batches of 25
+    assert {c.batch for cfgs in sgd.values() for c in cfgs} == {25}
+    assert {c.schedule for cfgs in sgd.values() for c in cfgs} == {"constant", "cosine", "eos", "cdat"}
+    assert {c.control.estimator for cfgs in sgd.values() for c in cfgs if c.schedule == "eos"} == {"rayleigh",
+                                                                                                  "critical"}
+    assert all(not any(cohen_errors(c) for c in cfgs) for cfgs in sgd.values())
+    sgd_names = [c.run_name for cfgs in sgd.values() for c in cfgs]
+    assert len(set(sgd_names)) == len(sgd_names) and all(n.startswith("sgd-b25-") for n in sgd_names)
 
 
 def test_paired_ratio_is_the_geometric_mean_with_a_t_interval_on_log_ratios():

@@ -64,7 +64,7 @@ def build_model(shape: str, out: Path) -> str:
     return str(out)
 
 
-def probed_run(model: str, gap: int, out_dir: str, mode: str = "cache") -> tuple[int, list[dict]]:
+def probed_run(model: str, gap: int, out_dir: str, mode: str = "cache", chunk: int = 0) -> tuple[int, list[dict]]:
     """One short SFT run at the defaults with the shortened cadences (module docstring); (weights, metric rows)."""
     from probes.memory import pin_mmap_threshold
 
@@ -79,7 +79,8 @@ def probed_run(model: str, gap: int, out_dir: str, mode: str = "cache") -> tuple
                   train={"steps": gap + 1, "eval_every": 0, "retention_every": 0, "checkpoint_every": 0,
                          "n_samples": 0, "save_model": False},
                   probe={"every": gap, "rayleigh_every": gap // 2, "alignment_every": gap // 2,
-                         "critical_every": gap // 2, "batch_sharpness_every": 1000, "mode": mode})
+                         "critical_every": gap // 2, "batch_sharpness_every": 1000, "mode": mode,
+                         "chunk_size": chunk})
     if model != "embedded":
         cfg = replace(cfg, replay={"weight": 0.0})
     run_dir = run(cfg, resume=False, progress=False)
@@ -133,15 +134,15 @@ def report(name: str, n: int, s: dict) -> None:
     print(f"  probe share of wall time at the default cadence: {s['share']:.1%} (goal ≤ 10 %)")
 
 
-def main(models=("embedded", "4x256", "6x512"), gap: int = 10, mode: str = "cache") -> dict:
+def main(models=("embedded", "4x256", "6x512"), gap: int = 10, mode: str = "cache", chunk: int = 0) -> dict:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
             path = build_model(name, Path(tmp) / name) if name != "embedded" else "embedded"
             with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as ex:  # fresh process: clean RSS
-                n, rows = ex.submit(probed_run, path, gap, str(Path(tmp) / f"run-{name}"), mode).result()
+                n, rows = ex.submit(probed_run, path, gap, str(Path(tmp) / f"run-{name}"), mode, chunk).result()
             out[name] = summarise(rows, gap)
-            report(f"{name} (HVP mode {mode})", n, out[name])
+            report(f"{name} (HVP mode {mode}, probe chunks of {chunk or 'a micro-batch'})", n, out[name])
     return out
 
 
@@ -152,9 +153,10 @@ if __name__ == "__main__":
     ap.add_argument("--gap", type=int, default=10, help="steps between the cold and the warm λ_max call (even)")
     ap.add_argument("--mode", default="cache", choices=("cache", "recompute", "fd"),
                     help="probe.mode: cache keeps every chunk's graph (fast), recompute one chunk's (small)")
+    ap.add_argument("--chunk-size", type=int, default=0, help="probe.chunk_size (0 = the training micro-batch)")
     a = ap.parse_args()
     if bad := [m for m in a.models if m != "embedded" and m not in SHAPES]:
         ap.error(f"unknown models {bad}")
     if a.gap < 2 or a.gap % 2:
         ap.error("--gap must be an even number >= 2")
-    main(tuple(a.models), a.gap, a.mode)
+    main(tuple(a.models), a.gap, a.mode, a.chunk_size)

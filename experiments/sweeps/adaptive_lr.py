@@ -6,7 +6,8 @@ Two parts:
   warm start), each from its ``default_config`` (AdamW; the controller aims at ρ × the Adam threshold on the
   preconditioned sharpness; eos and cdat start from the middle LR of the constant grid).
   Probes every 100 steps in every arm (equal overhead); the controller's own cost is in ``optim/est_*``.
-- ``COHEN`` (``python -m experiments.sweeps.adaptive_lr``): the Cohen et al. 2021 tanh MLP under full-batch GD,
+- ``COHEN`` (``python -m experiments.sweeps.adaptive_lr [ROOT [BATCH]]``): the Cohen et al. 2021 tanh MLP under
+  full-batch GD (or minibatch SGD on fresh batches of BATCH examples, the controllers estimating on each batch),
   500 steps; prints experiments.lr_findings.lr_comparison of its runs: final loss at equal steps and at equal
   compute (500 G, G = one full-batch gradient; a step costs 1 G, the controller's graph builds 1.3 G and HVPs
   1.6 G each, the tanh-MLP costs measured in probes/hvp.py), mean ± 95% t-CI over seeds, × the best constant
@@ -63,9 +64,14 @@ SWEEP = Sweep("adaptive_lr", tuple(_arms(_SFT, "sft", (3e-4, 1e-3, 3e-3), warmup
 
 
 # ---- the Cohen MLP part ------------------------------------------------------------------------------------------
-def cohen_configs(out_dir: str = "runs/adaptive_lr/cohen", steps: int = 500, seeds=SEEDS) -> dict[str, list]:
-    """arm -> CohenConfigs over seeds: constant grid, warm-up + cosine, eos at ρ ∈ {0.5, 0.8, 0.9, 1.0, 1.5} (k = 5),
-    eos on critical sharpness at ρ ∈ {0.5, 0.8, 1.0} (k = 5), cdat σ ∈ {1, 2} (every step)."""
+def cohen_configs(out_dir: str = "runs/adaptive_lr/cohen", steps: int = 500, seeds=SEEDS,
+                  batch: int = 0) -> dict[str, list]:
+    """arm -> CohenConfigs over seeds. Full batch (GD): constant grid, warm-up + cosine, eos at ρ ∈ {0.5, 0.8, 0.9,
+    1.0, 1.5} (k = 5), eos on critical sharpness at ρ ∈ {0.5, 0.8, 1.0} (k = 5), cdat σ ∈ {1, 2} (every step).
+    ``batch`` > 0 (minibatch SGD on fresh batches of that size; the controllers estimate on the current batch): a
+    constant grid one step lower, warm-up + cosine, eos at ρ ∈ {0.5, 0.8} on each estimator, cdat σ = 2."""
+    if batch:
+        return _cohen_sgd_configs(out_dir, steps, seeds, batch)
     base = CohenConfig(steps=steps, eig_every=50, out_dir=out_dir)
     arms = {f"const-lr{lr:g}": dict(lr=lr) for lr in (0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.3, 1.6)}
     arms.update({f"cosine-lr{lr:g}-w50": dict(lr=lr, schedule="cosine", warmup_steps=50) for lr in (0.6, 1.0, 1.6)})
@@ -79,13 +85,25 @@ def cohen_configs(out_dir: str = "runs/adaptive_lr/cohen", steps: int = 500, see
     return {arm: [dataclasses.replace(base, seed=seed, **kw) for seed in seeds] for arm, kw in arms.items()}
 
 
-def run_cohen_part(out_dir: str = "runs/adaptive_lr/cohen", steps: int = 500, echo=print) -> dict:
+def _cohen_sgd_configs(out_dir: str, steps: int, seeds, batch: int) -> dict[str, list]:
+    base = CohenConfig(steps=steps, eig_every=50, out_dir=out_dir, batch=batch)
+    arms = {f"const-lr{lr:g}": dict(lr=lr) for lr in (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8)}
+    arms.update({f"cosine-lr{lr:g}-w50": dict(lr=lr, schedule="cosine", warmup_steps=50) for lr in (0.3, 0.6)})
+    for est in ("rayleigh", "critical"):
+        arms.update({f"eos{rho:g}-{est}": dict(lr=0.1, schedule="eos",
+                                               control=ControlConfig(target=rho, every=5, estimator=est))
+                     for rho in (0.5, 0.8)})
+    arms["cdat2"] = dict(lr=0.1, schedule="cdat", control=ControlConfig(cdat_scale=2.0, every=1))
+    return {arm: [dataclasses.replace(base, seed=seed, **kw) for seed in seeds] for arm, kw in arms.items()}
+
+
+def run_cohen_part(out_dir: str = "runs/adaptive_lr/cohen", steps: int = 500, echo=print, batch: int = 0) -> dict:
     """Run (or reuse) every Cohen config; returns experiments.lr_findings.lr_comparison of its runs (per arm: final
     loss, × the best constant paired by seed, loss at C = ``steps`` G of compute, HVPs, divergences; statements by
     rule) and echoes the table. Arms are named by their runs (gd-digits-eos0.8-critical-lr0.3 ...)."""
-    runs = [load_run(run_cohen(c)) for cfgs in cohen_configs(out_dir, steps).values() for c in cfgs]
+    runs = [load_run(run_cohen(c)) for cfgs in cohen_configs(out_dir, steps, batch=batch).values() for c in cfgs]
     found = lr_comparison(runs, steps)
-    echo(f"Cohen MLP, full-batch GD, {steps} steps, {len(SEEDS)} seeds (mean ± 95% t-CI); C = {steps} G of compute; "
+    echo(f"Cohen MLP, {f'minibatch SGD (b = {batch})' if batch else 'full-batch GD'}, {steps} steps, {len(SEEDS)} seeds (mean ± 95% t-CI); C = {steps} G of compute; "
          f"x best: final loss / {found['best_constant']}'s, paired by seed (geometric mean, 95% t-CI)")
     echo(f"{'arm':<34}{'final loss':>22}{'x best [95% CI]':>24}{'loss at C':>22}{'s/run':>8}{'HVPs':>8}{'div':>5}")
     for arm, o in found["arms"].items():
@@ -99,6 +117,7 @@ def run_cohen_part(out_dir: str = "runs/adaptive_lr/cohen", steps: int = 500, ec
 
 
 if __name__ == "__main__":
+    # python -m experiments.sweeps.adaptive_lr [ROOT [BATCH]]: the Cohen part under GD, or minibatch SGD of BATCH
     root = sys.argv[1] if len(sys.argv) > 1 else "runs/adaptive_lr/cohen"
-    summary = run_cohen_part(root)
+    summary = run_cohen_part(root, batch=int(sys.argv[2]) if len(sys.argv) > 2 else 0)
     Path(root, "summary.json").write_text(json.dumps(summary, indent=1))
