@@ -66,7 +66,7 @@ from agents.policy import ModelConfig
 from agents.ppo import PPOConfig
 from agents.replay import ReplayConfig
 from agents.trainer import FINAL_MODEL, TrainConfig
-from experiments.backends import ExecutorConfig, executor_errors
+from experiments.backends import ExecutorConfig, RaySession, executor_errors
 from experiments.report import ReportConfig, write_report
 from experiments.run import ConfigError, EnvConfig, RunConfig, default_config, replace, run_name, validate
 from experiments.run import warm_start_config as warm_start_config_of_run
@@ -454,9 +454,17 @@ class StudyResult:
 
 def run_study(cfg: StudyConfig = StudyConfig(), echo=print, extra_report_dirs: tuple[Path, ...] = ()) -> StudyResult:
     """Calibrate, run every sweep (resumable), write the findings page (report/index.html and findings.md) over
-    the sweeps, the warm start and ``extra_report_dirs`` (e.g. the demo's Cohen validation)."""
+    the sweeps, the warm start and ``extra_report_dirs`` (e.g. the demo's Cohen validation). With ``--backend ray``
+    one Ray session serves the warm start, the calibrations and the sweeps (started or joined once)."""
     cfg = resolve(cfg)
     check(cfg)
+    if cfg.executor.backend == "ray" and not cfg.dry_run:
+        with RaySession(cfg.executor, cfg.workers):  # every execute() below finds Ray running and leaves it be
+            return _run_study(cfg, echo, extra_report_dirs)
+    return _run_study(cfg, echo, extra_report_dirs)
+
+
+def _run_study(cfg: StudyConfig, echo, extra_report_dirs: tuple[Path, ...]) -> StudyResult:
     t0 = time.perf_counter()
 
     def say(s: str) -> None:

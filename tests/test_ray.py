@@ -140,3 +140,18 @@ def test_resources_the_cluster_lacks_are_a_config_error(tiny_model_dir, tmp_path
     with pytest.raises(ConfigError, match="each run asks for 1 GPU but the Ray cluster has 0"):
         execute(planned, executor=ExecutorConfig(backend="ray", gpus_per_run=1))
     assert not planned[0].run_dir.exists() and not ray.is_initialized()
+
+
+def test_a_study_on_ray_starts_ray_once(tiny_model_dir, tmp_path, monkeypatch, no_stray_ray):
+    # the calibrations and the sweeps are two execute() calls: one Ray session serves both
+    from experiments import study
+
+    inits, init = [], ray.init
+    monkeypatch.setattr(ray, "init", lambda *a, **k: inits.append(1) or init(*a, **k))
+    cfg = study.StudyConfig(out=tmp_path / "s", model=str(tiny_model_dir), workers=1, regimes=("sft",),
+                            optimizers=("gd",), seeds=(0,), ratios=(1.0,), steps=2, probe_every=1, probe_set_size=8,
+                            gd_n_train=16, batch_sharpness_every=0, n_eval=2, checkpoint_every=0,
+                            executor=ExecutorConfig(backend="ray"))
+    result = study.run_study(cfg, echo=lambda s: None)
+    assert result.index is not None and not result.failed
+    assert len(inits) == 1 and not ray.is_initialized()

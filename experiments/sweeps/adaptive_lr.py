@@ -69,7 +69,7 @@ def cohen_configs(out_dir: str = "runs/adaptive_lr/cohen", steps: int = 500, see
     """arm -> CohenConfigs over seeds. Full batch (GD): constant grid, warm-up + cosine, eos at ρ ∈ {0.5, 0.8, 0.9,
     1.0, 1.5} (k = 5), eos on critical sharpness at ρ ∈ {0.5, 0.8, 1.0} (k = 5), cdat σ ∈ {1, 2} (every step).
     ``batch`` > 0 (minibatch SGD on fresh batches of that size; the controllers estimate on the current batch): a
-    constant grid one step lower, warm-up + cosine, eos at ρ ∈ {0.5, 0.8} on each estimator, cdat σ = 2."""
+    constant grid from 0.05 to 1.6, warm-up + cosine, eos at ρ ∈ {0.5, 0.8} on each estimator, cdat σ = 2."""
     if batch:
         return _cohen_sgd_configs(out_dir, steps, seeds, batch)
     base = CohenConfig(steps=steps, eig_every=50, out_dir=out_dir)
@@ -87,7 +87,7 @@ def cohen_configs(out_dir: str = "runs/adaptive_lr/cohen", steps: int = 500, see
 
 def _cohen_sgd_configs(out_dir: str, steps: int, seeds, batch: int) -> dict[str, list]:
     base = CohenConfig(steps=steps, eig_every=50, out_dir=out_dir, batch=batch)
-    arms = {f"const-lr{lr:g}": dict(lr=lr) for lr in (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8)}
+    arms = {f"const-lr{lr:g}": dict(lr=lr) for lr in (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.3, 1.6)}
     arms.update({f"cosine-lr{lr:g}-w50": dict(lr=lr, schedule="cosine", warmup_steps=50) for lr in (0.3, 0.6)})
     for est in ("rayleigh", "critical"):
         arms.update({f"eos{rho:g}-{est}": dict(lr=0.1, schedule="eos",
@@ -105,10 +105,10 @@ def run_cohen_part(out_dir: str = "runs/adaptive_lr/cohen", steps: int = 500, ec
     found = lr_comparison(runs, steps)
     echo(f"Cohen MLP, {f'minibatch SGD (b = {batch})' if batch else 'full-batch GD'}, {steps} steps, {len(SEEDS)} seeds (mean ± 95% t-CI); C = {steps} G of compute; "
          f"x best: final loss / {found['best_constant']}'s, paired by seed (geometric mean, 95% t-CI)")
-    echo(f"{'arm':<34}{'final loss':>22}{'x best [95% CI]':>24}{'loss at C':>22}{'s/run':>8}{'HVPs':>8}{'div':>5}")
+    echo(f"{'arm':<40}{'final loss':>22}{'x best [95% CI]':>24}{'loss at C':>22}{'s/run':>8}{'HVPs':>8}{'div':>5}")
     for arm, o in found["arms"].items():
         r, lo, hi = o["x_best"]
-        echo(f"{arm:<34}{o['loss']:>12.4f} ± {o['loss_ci']:<7.4f}{r:>8.2f} [{lo:.2f}, {hi:.2f}]  "
+        echo(f"{arm:<40}{o['loss']:>12.4f} ± {o['loss_ci']:<7.4f}{r:>8.2f} [{lo:.2f}, {hi:.2f}]  "
              f"{o['loss_at_C']:>12.4f} ± {o['loss_at_C_ci']:<7.4f}{o['seconds']:>8.2f}{o['est_hvps']:>8.0f}"
              f"{o['diverged']:>5}")
     for st in found["statements"]:
