@@ -20,8 +20,9 @@ entry and over the training step's (goal ≤ 2×) and its absolute peak (process
 at the default cadence, Σ_kind cost_kind / cadence_kind over 1 + that sum (per training step), warm λ_max and
 critical costs, batch sharpness at its step-0 cost. Goals (issue 15): share ≤ 10 %, warm λ_max ≤ 10 steps, cold ≤ 20.
 
-Run: ``python experiments/bench/scale.py [--models embedded 4x256 6x512] [--gap 10]``; 6×512 takes
-tens of minutes on this 2-core CPU, ``70m`` hours.
+Run: ``python experiments/bench/scale.py [--models embedded 4x256 6x512] [--gap 10] [--mode recompute]
+[--chunk-size 4] [--memory-only]``; 6×512 takes tens of minutes on this 2-core CPU, ``70m`` hours (``--gap 2
+--memory-only``: the memory peaks of every call in much less).
 """
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def build_model(shape: str, out: Path) -> str:
     return str(out)
 
 
-def probed_run(model: str, gap: int, out_dir: str, mode: str = "cache", chunk: int = 0) -> tuple[int, list[dict]]:
+def probed_run(model: str, gap: int, out_dir: str, mode: str = "cache", chunk: int = 0,
+               memory_only: bool = False) -> tuple[int, list[dict]]:
     """One short SFT run at the defaults with the shortened cadences (module docstring); (weights, metric rows)."""
     from probes.memory import pin_mmap_threshold
 
@@ -83,6 +85,8 @@ def probed_run(model: str, gap: int, out_dir: str, mode: str = "cache", chunk: i
                          "chunk_size": chunk})
     if model != "embedded":
         cfg = replace(cfg, replay={"weight": 0.0})
+    if memory_only:  # every kind still runs and builds its graphs, but solves stop after 3 HVPs and 2 draws
+        cfg = replace(cfg, probe={"max_hvps": 3, "batch_min_samples": 2, "batch_max_samples": 2})
     run_dir = run(cfg, resume=False, progress=False)
     from transformers import AutoModelForCausalLM
 
@@ -134,13 +138,15 @@ def report(name: str, n: int, s: dict) -> None:
     print(f"  probe share of wall time at the default cadence: {s['share']:.1%} (goal ≤ 10 %)")
 
 
-def main(models=("embedded", "4x256", "6x512"), gap: int = 10, mode: str = "cache", chunk: int = 0) -> dict:
+def main(models=("embedded", "4x256", "6x512"), gap: int = 10, mode: str = "cache", chunk: int = 0,
+         memory_only: bool = False) -> dict:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
             path = build_model(name, Path(tmp) / name) if name != "embedded" else "embedded"
             with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as ex:  # fresh process: clean RSS
-                n, rows = ex.submit(probed_run, path, gap, str(Path(tmp) / f"run-{name}"), mode, chunk).result()
+                n, rows = ex.submit(probed_run, path, gap, str(Path(tmp) / f"run-{name}"), mode, chunk,
+                                    memory_only).result()
             out[name] = summarise(rows, gap)
             report(f"{name} (HVP mode {mode}, probe chunks of {chunk or 'a micro-batch'})", n, out[name])
     return out
@@ -154,9 +160,11 @@ if __name__ == "__main__":
     ap.add_argument("--mode", default="cache", choices=("cache", "recompute", "fd"),
                     help="probe.mode: cache keeps every chunk's graph (fast), recompute one chunk's (small)")
     ap.add_argument("--chunk-size", type=int, default=0, help="probe.chunk_size (0 = the training micro-batch)")
+    ap.add_argument("--memory-only", action="store_true", help="solves capped at 3 HVPs, 2 batch-sharpness draws: "
+                    "every graph is still built, so the memory peaks hold; the times do not")
     a = ap.parse_args()
     if bad := [m for m in a.models if m != "embedded" and m not in SHAPES]:
         ap.error(f"unknown models {bad}")
     if a.gap < 2 or a.gap % 2:
         ap.error("--gap must be an even number >= 2")
-    main(tuple(a.models), a.gap, a.mode, a.chunk_size)
+    main(tuple(a.models), a.gap, a.mode, a.chunk_size, a.memory_only)
