@@ -4,8 +4,9 @@ init, a byte-level BPE trained on a small text list, as tests/conftest.py build_
 
 Each solve: cold (both from the same random fp32 start vector), k=1, tol 1e-3, stop="eigenvalue" (as the Prober
 runs it), on one cached-graph HessianOperator per model (graph built before any timing: only the solve counts).
-Peak RSS increase = VmHWM − VmRSS before the solve, the high-water mark reset through /proc/self/clear_refs ("5");
-glibc's mmap threshold is pinned to 64 KiB (mallopt) so every freed n-vector goes back to the OS between solves.
+Peak RSS increase = VmHWM − VmRSS before the solve, the high-water mark reset at its start (probes.memory.PeakMemory);
+glibc's mmap threshold is pinned to 64 KiB (pin_mmap_threshold) so every freed n-vector goes back to the OS between
+solves.
 It includes the HVP's own temporaries (autograd's per-parameter H·v and the flat image: ~2 n-vectors of the
 parameter dtype), the same for both solvers; printed also in units of one fp32 n-vector (4n bytes).
 Solves alternate A B B A (``--rounds`` times, after one unreported warm-up solve each) because the CPUs are shared;
@@ -21,7 +22,6 @@ n-vectors), 17.4 (17.0–17.9) → 14.6 (13.8–15.4) s; the same λ_max and HVP
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
 import time
 
@@ -30,28 +30,12 @@ import torch
 from experiments.bench.reference_eigs import top_eigenvalues as reference_top_eigenvalues
 from probes import HessianOperator
 from probes.eigs import top_eigenvalues
+from probes.memory import PeakMemory, pin_mmap_threshold
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Edge of stability: sharpness rises to 2/eta and hovers.",
          "def add(a, b):\n    return a + b\n", "Hessian-vector products cost about two gradients each."] * 8 + \
         [f"{i} + {2 * i} = {3 * i}" for i in range(300)]
 SOLVERS = {"main (fp64)": reference_top_eigenvalues, "lean": top_eigenvalues}
-
-
-def _pin_mmap_threshold() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)   # M_MMAP_THRESHOLD: fixed, so large frees are unmapped
-    except (OSError, AttributeError):
-        print("(mallopt unavailable: freed memory may stay resident between solves)")
-
-
-def _kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def build(layers: int, hidden: int, vocab: int, batch: int, seq: int, seed: int = 0):
@@ -70,21 +54,19 @@ def build(layers: int, hidden: int, vocab: int, batch: int, seq: int, seed: int 
 
 
 def measure(solve, op, x0, tol: float, max_hvps: int = 60) -> dict:
-    rss = _kb("VmRSS")
-    _reset_peak()
-    t0 = time.perf_counter()
-    res = solve(op, k=1, tol=tol, init=x0, stop="eigenvalue", max_hvps=max_hvps)
-    wall = time.perf_counter() - t0
-    peak = _kb("VmHWM")
-    out = {"mb": (peak - rss) / 1024, "s": wall, "hvps": res.hvps, "lam": float(res.values[0]),
-           "converged": res.converged}
+    with PeakMemory("cpu") as mem:
+        t0 = time.perf_counter()
+        res = solve(op, k=1, tol=tol, init=x0, stop="eigenvalue", max_hvps=max_hvps)
+        wall = time.perf_counter() - t0
+    out = {"mb": mem.mb, "s": wall, "hvps": res.hvps, "lam": float(res.values[0]), "converged": res.converged}
     del res
     return out
 
 
 def main(sizes=((2, 128), (4, 256), (6, 512)), rounds: int = 1, vocab: int = 2048, batch: int = 4, seq: int = 64,
          tol: float = 1e-3, max_hvps: int = 60) -> dict:
-    _pin_mmap_threshold()
+    if not pin_mmap_threshold():
+        print("(mallopt unavailable: freed memory may stay resident between solves)")
     torch.set_grad_enabled(True)
     results = {}
     for layers, hidden in sizes:
