@@ -10,11 +10,19 @@ from experiments.rundirs import find_runs
 from tests.test_report import write_run
 
 
-def seeded(root, name, lr, seed, **kw):
+def seeded(root, name, lr, seed, same_as_seed0=False, **kw):
+    """A write_run dir with train.seed = seed; its losses differ from other seeds' by seed·1e-9 (real seeds never
+    give bitwise-equal runs), unless ``same_as_seed0`` (a seed that changed nothing)."""
     d = write_run(root, name, lr, **kw)
     cfg = json.loads((d / "config.json").read_text())
     cfg["config"]["train"]["seed"] = seed
     (d / "config.json").write_text(json.dumps(cfg))
+    if not same_as_seed0:
+        lines = (d / "metrics.jsonl").read_text().split("\n")
+        rows = [json.loads(x) for x in lines[:-1]]
+        for r in rows:
+            r["train/loss"] += seed * 1e-9
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + lines[-1])
 
 
 @pytest.fixture
@@ -86,6 +94,18 @@ def test_runs_without_probes_make_no_cell(study, tmp_path):
     assert len(runs) == len(study) + 1
     table = findings_table(runs)
     assert {r["optim"] for r in table} == {"sgd", "sgd β=0.9"} and table == findings_table(study)
+
+
+def test_identical_seeds_count_once(tmp_path):
+    # full-batch GD from one model on one set is deterministic: three "seeds" that are one run are one run
+    for seed in range(3):
+        seeded(tmp_path / "gd", f"edge-s{seed}", 1e-2, seed, same_as_seed0=True, edge_at=0)
+    rows = findings_table(find_runs([tmp_path / "gd"]))
+    assert [(r["seeds"], r["identical_seeds"]) for r in rows] == [(1, 2)]
+    assert [s["answer"] for s in statements(rows) if "answer" in s] == ["inconclusive"]
+    seeded(tmp_path / "gd", "edge-s3", 1e-2, 3, edge_at=0)  # a run that differs is a second seed
+    rows = findings_table(find_runs([tmp_path / "gd"]))
+    assert [(r["seeds"], r["identical_seeds"]) for r in rows] == [(2, 2)]
 
 
 def test_stat():
