@@ -67,6 +67,11 @@ RESUMABLE_CHANGES = ("optim.lr", "train.steps", "train.micro_batch", "train.grad
                      "train.n_samples", "train.save_model", "probe.", "wandb")
 # Fields that never change what a run dir holds: they locate it or say how to treat an existing one.
 NOT_COMPARED = ("out_dir", "name", "overwrite")
+# Fields added after run dirs were written, each with the value that reproduces what those runs did: a config.json
+# without the field reads as that value, so adding a field does not turn every finished run into "a different
+# config". Only fields whose old behaviour is exactly this value belong here (probe.probe_set_size does not: before
+# it, λ_max was the batch's, which is probe_set_size=0, not its default 64).
+ADDED_FIELDS = {"probe.chunk_size": 0}
 LOCK_FILE = ".lock"  # in the run dir: flock-ed by the process that runs it
 
 
@@ -279,8 +284,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def config_changes(old: dict, new: dict) -> dict[str, list]:
-    """{"section.field": [old, new]} for every differing field of two asdict(RunConfig) dicts."""
+    """{"section.field": [old, new]} for every differing field of two asdict(RunConfig) dicts; a field of
+    ADDED_FIELDS missing from ``old`` (a run dir written before it existed) reads as its listed value."""
     a, b = _flatten(json.loads(json.dumps(old))), _flatten(json.loads(json.dumps(new)))
+    a = {**{k: v for k, v in ADDED_FIELDS.items() if k.split(".")[0] in old}, **a}
     return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 

@@ -174,6 +174,11 @@ def test_config_changes_flattens_sections():
     from dataclasses import asdict
 
     assert config_changes(asdict(a), asdict(b)) == {"optim.lr": [0.01, 0.5], "probe.every": [250, 3]}
+    # a run dir written before probe.chunk_size existed did what chunk_size=0 does: no change; another value is one
+    old = asdict(a)
+    del old["probe"]["chunk_size"]
+    assert config_changes(old, asdict(a)) == {}
+    assert config_changes(old, asdict(replace(a, probe={"chunk_size": 4}))) == {"probe.chunk_size": [0, 4]}
 
 
 def test_warm_started_runs_are_scored_on_the_base_models_retention_texts(tiny_model_dir, tmp_path):
