@@ -26,6 +26,9 @@ class EnvConfig:
     """Registered env id (envs.ENV_IDS)."""
     n_train: int | None = None
     """Training set: the first n_train tasks of the pool (None = all of it); full-batch GD uses all n_train."""
+    offset: int = 0
+    """Tasks of the pool skipped before the training set, which is then tasks [offset, offset + n_train): disjoint
+    blocks of one pool, e.g. one per seed of full-batch GD, which is deterministic given its data."""
     pool: str = "auto"
     """Part of the train split to train on: auto = the regime's own (sft or rl), sft, rl, or all (both)."""
     n_eval: int = 500
@@ -59,11 +62,10 @@ def train_tasks(env: TextTaskEnv, e: EnvConfig, regime: str) -> list:
     if pool != "all":
         tasks = [t for t in tasks if pool_of(env.split_key(t)) == pool]  # twins (1+3, 3+1) share a pool
     _POOL_SIZES[_pool_key(e, pool)] = len(tasks)
-    if e.n_train is not None:
-        if e.n_train > len(tasks):
-            raise ValueError(_too_few(e, len(tasks), pool))
-        tasks = tasks[:e.n_train]
-    return tasks
+    if e.n_train is not None and e.offset + e.n_train > len(tasks):
+        raise ValueError(_too_few(e, len(tasks), pool))
+    tasks = tasks[e.offset:]
+    return tasks if e.n_train is None else tasks[:e.n_train]
 
 
 # Train-pool sizes by (env id, kwargs, pool), filled by train_tasks: a sweep validates hundreds of configs of one env
@@ -78,7 +80,9 @@ def _pool_key(e: EnvConfig, pool: str) -> tuple:
 
 
 def _too_few(e: EnvConfig, size: int, pool: str) -> str:
-    return f"env.n_train={e.n_train} exceeds the {size} tasks of {e.env_id}'s train split in pool {pool!r}"
+    past = f" after env.offset={e.offset}" if e.offset else ""
+    return (f"env.n_train={e.n_train} exceeds the {size - e.offset} tasks of {e.env_id}'s train split in pool "
+            f"{pool!r}{past}")
 
 
 def curriculum_levels(env: TextTaskEnv, e: EnvConfig) -> list[list]:
@@ -107,6 +111,8 @@ def config_errors(e: EnvConfig, regime: str) -> tuple[list[str], TextTaskEnv | N
         errors.append(f"env.pool={e.pool!r} is unknown; choose one of {POOLS}")
     if e.n_eval < 0:
         errors.append(f"env.n_eval={e.n_eval} must be >= 0")
+    if e.offset < 0:
+        errors.append(f"env.offset={e.offset} must be >= 0")
     if not isinstance(e.kwargs, dict) or not all(isinstance(k, str) for k in e.kwargs):
         return errors + [f"env.kwargs={e.kwargs!r} must be a dict with str keys"], None
     accepted = env_kwarg_names(e.env_id)
@@ -130,7 +136,7 @@ def config_errors(e: EnvConfig, regime: str) -> tuple[list[str], TextTaskEnv | N
                     train_tasks(env, e, regime)
                 except ValueError as exc:
                     errors.append(str(exc))
-            elif e.n_train is not None and e.n_train > size:
+            elif e.n_train is not None and e.offset + e.n_train > size:
                 errors.append(_too_few(e, size, pool))
     except Exception as exc:  # an env that cannot even be built (bad knob value, missing data file) is a config error
         return errors + [f"env {e.env_id!r} with kwargs {e.kwargs} cannot be built: {type(exc).__name__}: {exc}"], \

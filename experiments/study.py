@@ -3,6 +3,10 @@
 The grid: regimes {SFT full, LoRA r ∈ {4, 16, 64}, RLVR full, RLVR LoRA} × optimizers {full-batch GD, SGD β=0,
 SGD β=0.9 wd 1e-4 batch 16 (the user's setup), Adam} × an LR grid × seeds.
 
+Seeds: minibatch runs draw their batches with the seed, LoRA its adapter init, RLVR its rollouts; full-parameter
+GD has nothing random (one model, one training set), so its seed s trains on the pool's block [s·n, (s+1)·n) of
+``gd_n_train`` tasks (seed 0 on the first, the block its calibration measured λ₀ on).
+
 Full-batch GD for RLVR is skipped: RL's data are on-policy rollouts drawn afresh from the current policy at every
 step, so there is no fixed dataset whose full gradient GD could descend (the PPO surrogate is defined on one
 rollout buffer, which the next step replaces). Every other pair runs.
@@ -384,8 +388,12 @@ def study_sweeps(cfg: StudyConfig, calibration: dict[str, float]) -> list[Sweep]
         metric = "λ₁(P^-½HP^-½)" if optimizer == "adam" else "λ_max"
         desc = (f"{regime} × {optimizer}: λ₀ = {calibration[key]:.4g} ({metric}), edge θ = {EDGE[optimizer]:g}/η, "
                 f"r₀ = η·λ₀/{EDGE[optimizer]:g} ∈ {{{', '.join(f'{r:g}' for r in cfg.ratios)}}}")
-        sweeps.append(Sweep(sweep_name(regime, optimizer), grid(base_config(cfg, regime, optimizer), lrs=lrs,
-                                                                seeds=cfg.seeds), desc))
+        configs = grid(base_config(cfg, regime, optimizer), lrs=lrs, seeds=cfg.seeds)
+        if optimizer == "gd" and REGIMES[regime][1] == 0:
+            # full-parameter GD from one model on one set is deterministic: its seed would change nothing, so each
+            # seed trains on its own block of the pool (seed 0 on the first, as the calibration measured)
+            configs = [replace(c, env={"offset": c.train.seed * cfg.gd_n_train}) for c in configs]
+        sweeps.append(Sweep(sweep_name(regime, optimizer), configs, desc))
     return sweeps
 
 

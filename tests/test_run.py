@@ -252,6 +252,11 @@ def test_rl_trains_on_problems_that_sft_never_saw():
     assert train_tasks(env, EnvConfig(pool="all"), "rl") == env.tasks("train")
     with pytest.raises(ValueError, match="exceeds"):
         train_tasks(env, EnvConfig(n_train=len(rl) + 1), "rl")
+    # offset: disjoint blocks of the pool (a deterministic full-batch run's seeds train on different data)
+    assert train_tasks(env, EnvConfig(n_train=100, offset=100), "rl") == rl[100:200]
+    assert train_tasks(env, EnvConfig(offset=len(rl) - 3), "rl") == rl[-3:]
+    with pytest.raises(ValueError, match="after env.offset=10"):
+        train_tasks(env, EnvConfig(n_train=len(rl) - 9, offset=10), "rl")
 
 
 def test_validating_many_configs_of_one_env_draws_its_pool_once(monkeypatch):

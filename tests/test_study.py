@@ -46,6 +46,10 @@ def test_plan_at_each_scale(scale):
         assert {(r, o) for r, o, _ in skipped(cfg)} == {("rl", "gd"), ("rl_lora_r16", "gd")}
         assert len(cfg.ratios) >= 3 and min(cfg.ratios) < 1 < max(cfg.ratios) and len(cfg.seeds) >= 3
     assert min(cfg.ratios) >= 0.1 and max(cfg.ratios) <= 3.0
+    # full-parameter GD is deterministic: its seeds train on disjoint blocks of the pool (seed 0 on the first)
+    gd = [c for s in sweeps if s.name == "sft-gd" for c in s.configs]
+    assert gd and all(c.env.offset == c.train.seed * cfg.gd_n_train for c in gd)
+    assert all(c.env.offset == 0 for s in sweeps if s.name != "sft-gd" for c in s.configs)
     user = [c for s in sweeps if s.name.endswith("sgd_m0.9") for c in s.configs if c.regime == "sft"]
     assert user and all((c.optim.momentum, c.optim.weight_decay, c.train.micro_batch * c.train.grad_accum)
                         == (0.9, 1e-4, 16) for c in user)
