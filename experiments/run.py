@@ -313,7 +313,7 @@ def _describe(changes: dict[str, list]) -> str:
     return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
 
 
-def _check_existing(cfg: RunConfig, run_dir: Path) -> bool:
+def check_run_dir(cfg: RunConfig, run_dir: Path) -> bool:
     """Before anything loads: may ``cfg`` continue in ``run_dir``? True = finished with this very config (skip).
 
     Raises ConfigError when the dir holds a finished run with another config, a checkpointed run with a change
@@ -345,7 +345,7 @@ def _check_existing(cfg: RunConfig, run_dir: Path) -> bool:
 
 
 def _record_config(cfg: RunConfig, writer: RunWriter) -> None:
-    """Write config.json; on a resume append the changes (checked by ``_check_existing``) to "resumed"."""
+    """Write config.json; on a resume append the changes (checked by ``check_run_dir``) to "resumed"."""
     new = asdict(cfg)
     resumed = []
     ckpt = latest_checkpoint(writer.run_dir)
@@ -410,7 +410,7 @@ def run(cfg: RunConfig, resume: bool = True, progress: bool = True) -> Path:
         try:
             if cfg.overwrite or not resume:
                 _clear(run_dir)
-            elif _check_existing(cfg, run_dir):
+            elif check_run_dir(cfg, run_dir):
                 return run_dir
             wandb_run, log_fn = _wandb_logger(cfg, run_dir, name) if cfg.wandb else (None, None)
             trainer = _assemble(cfg, env, run_dir, log_fn, progress)

@@ -32,7 +32,7 @@ import experiments.sweeps
 from agents.embedded import embedded_model_path
 from agents.trainer import FINAL_MODEL
 from experiments.backends import ExecutorConfig, RaySession, check_executor, set_threads
-from experiments.run import RunConfig, replace, run, run_name, validate
+from experiments.run import RunConfig, check_run_dir, replace, run, run_name, validate
 
 
 # model.name placeholder: "the final model of this sweep's warm_start run" (e.g. RLVR from an SFT'd model)
@@ -81,7 +81,8 @@ def plan(sweep: Sweep, root: str | Path = "runs") -> list[PlannedRun]:
         validate(cfg)
         run_dir = Path(out_dir) / run_name(cfg)
         warm_model = run_dir / FINAL_MODEL
-        planned.append(PlannedRun(cfg, run_dir, (run_dir / "DONE").exists(), prerequisite=True))
+        planned.append(PlannedRun(cfg, run_dir, (run_dir / "DONE").exists() and check_run_dir(cfg, run_dir),
+                                  prerequisite=True))
     for cfg in sweep.configs:
         cfg = dataclasses.replace(cfg, out_dir=out_dir)
         if cfg.model.name == WARM_START:
@@ -93,7 +94,9 @@ def plan(sweep: Sweep, root: str | Path = "runs") -> list[PlannedRun]:
         else:
             validate(cfg)
         run_dir = Path(out_dir) / run_name(cfg)
-        planned.append(PlannedRun(cfg, run_dir, (run_dir / "DONE").exists()))
+        # a finished run counts as done only if it ran this very config: a sweep whose configs changed raises a
+        # ConfigError here, before any training, rather than reporting old runs under new settings
+        planned.append(PlannedRun(cfg, run_dir, (run_dir / "DONE").exists() and check_run_dir(cfg, run_dir)))
     return planned
 
 

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from experiments.run import EnvConfig, ModelConfig, RunConfig, replace
+from experiments.run import ConfigError, EnvConfig, ModelConfig, RunConfig, replace
 from experiments.sweep import Sweep, available_sweeps, execute, grid, load_sweep, plan, run_sweep
 from agents.optim import OptimConfig
 from agents.trainer import TrainConfig
@@ -56,6 +56,10 @@ def test_dry_run_then_run_then_idempotent(tiny_model_dir, tmp_path):
     again = run_sweep(sweep, tmp_path, workers=2, echo=lambda s: None)
     assert [r.status for r in again] == ["skipped", "skipped"]
     assert mtimes == {d: (d / "metrics.jsonl").stat().st_mtime_ns for d in mtimes}
+    # the same run names with another config: the finished runs are not passed off as its results
+    changed = Sweep("tiny", grid(replace(tiny_base(tiny_model_dir), probe={"every": 2}), lrs=(1e-3, 1e-2)))
+    with pytest.raises(ConfigError, match="finished run .* different config: probe.every 1 -> 2"):
+        plan(changed, tmp_path)
 
 
 def test_a_failing_run_is_reported_and_the_others_complete(tiny_model_dir, tmp_path):
