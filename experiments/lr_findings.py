@@ -142,7 +142,8 @@ def comparison_rows(found: dict) -> list[dict]:
     def ratio(x):
         return "–" if not math.isfinite(x[0]) else f"{x[0]:.2f} [{x[1]:.2f}, {x[2]:.2f}]"
 
-    return [{"arm": arm, "schedule": r["schedule"], "seeds": r["n"], "final loss": f"{r['loss']:.4g} ± {r['loss_ci']:.2g}",
+    return [{"arm": arm, "schedule": r["schedule"], "seeds": r["n"],
+             "final loss": f"{r['loss']:.4g} ± {r['loss_ci']:.2g}",
              "× best": ratio(r["x_best"]), f"loss at {found['budget']:g} G": f"{r['loss_at_C']:.4g} ± "
              f"{r['loss_at_C_ci']:.2g}", "× best at C": ratio(r["x_best_at_C"]), "HVPs": f"{r['est_hvps']:.0f}",
              "diverged": r["diverged"]} for arm, r in found["arms"].items()]

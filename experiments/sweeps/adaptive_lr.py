@@ -103,7 +103,8 @@ def run_cohen_part(out_dir: str = "runs/adaptive_lr/cohen", steps: int = 500, ec
     rule) and echoes the table. Arms are named by their runs (gd-digits-eos0.8-critical-lr0.3 ...)."""
     runs = [load_run(run_cohen(c)) for cfgs in cohen_configs(out_dir, steps, batch=batch).values() for c in cfgs]
     found = lr_comparison(runs, steps)
-    echo(f"Cohen MLP, {f'minibatch SGD (b = {batch})' if batch else 'full-batch GD'}, {steps} steps, {len(SEEDS)} seeds (mean ± 95% t-CI); C = {steps} G of compute; "
+    mode = f"minibatch SGD (b = {batch})" if batch else "full-batch GD"
+    echo(f"Cohen MLP, {mode}, {steps} steps, {len(SEEDS)} seeds (mean ± 95% t-CI); C = {steps} G of compute; "
          f"x best: final loss / {found['best_constant']}'s, paired by seed (geometric mean, 95% t-CI)")
     echo(f"{'arm':<40}{'final loss':>22}{'x best [95% CI]':>24}{'loss at C':>22}{'s/run':>8}{'HVPs':>8}{'div':>5}")
     for arm, o in found["arms"].items():
