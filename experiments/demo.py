@@ -62,8 +62,8 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> Path:
               flush=True)
         cohen = side.submit(_cohen_runs, tuple(cfg.cohen_lrs), cfg.cohen_steps, str(cohen_dir))
         result = run_study(replace(study, title="eoslab demo: does the Edge of Stability persist in post-training?"),
-                           echo=lambda s: print(f"{stamp()} {s}", flush=True), extra_report_dirs=(cohen_dir,))
-        cohen.result()
+                           echo=lambda s: print(f"{stamp()} {s}", flush=True), extra_report_dirs=(cohen_dir,),
+                           before_report=cohen.result)  # the report holds the finished Cohen runs
     runs = find_runs([Path(study.out)])
     print(f"{stamp()} EoS phases (r = λ/θ, 1 at the edge):")
     for row in phase_rows(runs):

@@ -460,19 +460,21 @@ class StudyResult:
     failed: tuple[Path, ...] = ()  # run dirs whose run raised (diverged runs are results, not failures)
 
 
-def run_study(cfg: StudyConfig = StudyConfig(), echo=print, extra_report_dirs: tuple[Path, ...] = ()) -> StudyResult:
+def run_study(cfg: StudyConfig = StudyConfig(), echo=print, extra_report_dirs: tuple[Path, ...] = (),
+              before_report=None) -> StudyResult:
     """Calibrate, run every sweep (resumable), write the findings page (report/index.html and findings.md) over
-    the sweeps, the warm start and ``extra_report_dirs`` (e.g. the demo's Cohen validation). With ``--backend ray``
-    one Ray session serves the warm start, the calibrations and the sweeps (started or joined once)."""
+    the sweeps, the warm start and ``extra_report_dirs`` (e.g. the demo's Cohen validation); ``before_report()``,
+    if given, runs just before the report is written (the demo waits there for the runs it started beside the
+    study). With ``--backend ray`` one Ray session serves the warm start, the calibrations and the sweeps."""
     cfg = resolve(cfg)
     check(cfg)
     if cfg.executor.backend == "ray" and not cfg.dry_run:
         with RaySession(cfg.executor, cfg.workers):  # every execute() below finds Ray running and leaves it be
-            return _run_study(cfg, echo, extra_report_dirs)
-    return _run_study(cfg, echo, extra_report_dirs)
+            return _run_study(cfg, echo, extra_report_dirs, before_report)
+    return _run_study(cfg, echo, extra_report_dirs, before_report)
 
 
-def _run_study(cfg: StudyConfig, echo, extra_report_dirs: tuple[Path, ...]) -> StudyResult:
+def _run_study(cfg: StudyConfig, echo, extra_report_dirs: tuple[Path, ...], before_report) -> StudyResult:
     t0 = time.perf_counter()
 
     def say(s: str) -> None:
@@ -512,6 +514,8 @@ def _run_study(cfg: StudyConfig, echo, extra_report_dirs: tuple[Path, ...]) -> S
 
     notes = tuple(f"{s.name}: {s.description}; η ∈ {{{lrs(s)}}}" for s in sweeps) + \
         tuple(f"skipped {r} × {o}: {why}" for r, o, why in skipped(cfg))
+    if before_report is not None:
+        before_report()
     index = write_report([Path(cfg.out) / s.name for s in sweeps] + [warm_start_dir(cfg)] * has_rlvr(cfg)
                          + list(extra_report_dirs),
                          ReportConfig(out=Path(cfg.out) / "report", title=cfg.title, notes=notes))

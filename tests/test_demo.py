@@ -37,6 +37,8 @@ def test_tiny_demo_end_to_end(tiny_model_dir, tmp_path, capsys):
     learning = out.split("learning (held-out")[1]
     assert "warm-start-sft" in learning and learner.name in learning
     assert "EoS phases" in out and "sft-ArithRLVR-v0-sgd" in out.split("EoS phases")[1]
+    # the report was written after the Cohen runs finished (run_study's before_report waits for them)
+    assert cohen[0].name in {row["run"] for row in json.loads((index.parent / "phases.json").read_text())}
     found = json.loads((index.parent / "findings.json").read_text())
     # the Cohen runs are in the report, but the probe-less warm start and learning run make no findings cell
     assert {a["regime"] for a in found["regimes"]} >= {"sft", "rl"}
