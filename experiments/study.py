@@ -72,7 +72,8 @@ from agents.replay import ReplayConfig
 from agents.trainer import FINAL_MODEL, TrainConfig
 from experiments.backends import ExecutorConfig, RaySession, executor_errors
 from experiments.report import ReportConfig, write_report
-from experiments.run import ConfigError, EnvConfig, RunConfig, default_config, replace, run_name, validate
+from experiments.run import (ConfigError, EnvConfig, RunConfig, check_run_dir, default_config, replace, run_name,
+                            validate)
 from experiments.run import warm_start_config as warm_start_config_of_run
 from experiments.rundirs import load_run
 from experiments.sweep import Sweep, execute, grid, plan
@@ -340,6 +341,13 @@ def calibrate(cfg: StudyConfig, echo=print) -> dict[str, float]:
     configs = calibration_configs(cfg)
     cached = cached_calibration(cfg)
     todo = {k: c for k, c in configs.items() if k not in cached}
+    for key, c in todo.items():  # a finished calibration of another config is stale: measured again in its place
+        run_dir = Path(c.out_dir) / run_name(c)
+        if (run_dir / "DONE").exists():
+            try:
+                check_run_dir(c, run_dir)
+            except ConfigError:
+                todo[key] = replace(c, overwrite=True)
     if todo:
         echo(f"calibration: measuring λ₀ for {', '.join(todo)} ({len(cached)} cached)")
         planned = [p for c in todo.values() for p in plan(Sweep("calibration", (c,)), cfg.out)]

@@ -94,9 +94,11 @@ def plan(sweep: Sweep, root: str | Path = "runs") -> list[PlannedRun]:
         else:
             validate(cfg)
         run_dir = Path(out_dir) / run_name(cfg)
-        # a finished run counts as done only if it ran this very config: a sweep whose configs changed raises a
-        # ConfigError here, before any training, rather than reporting old runs under new settings
-        planned.append(PlannedRun(cfg, run_dir, (run_dir / "DONE").exists() and check_run_dir(cfg, run_dir)))
+        # a finished run counts as done only if it ran this very config (and is not to be overwritten): a sweep
+        # whose configs changed raises a ConfigError here, before any training, rather than reporting old runs
+        # under new settings
+        done = not cfg.overwrite and (run_dir / "DONE").exists() and check_run_dir(cfg, run_dir)
+        planned.append(PlannedRun(cfg, run_dir, done))
     return planned
 
 

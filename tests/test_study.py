@@ -118,6 +118,11 @@ def test_calibration_is_cached(tiny_model_dir, tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="ran again"):
         calibrate(tiny(tiny_model_dir, tmp_path, regimes=("sft",), optimizers=("sgd",), probe_set_size=12),
                   echo=lambda s: None)
+    # ... and measures it again in place of the stale run, which is not passed off as the new measurement
+    monkeypatch.undo()
+    again = calibrate(tiny(tiny_model_dir, tmp_path, regimes=("sft",), optimizers=("sgd",), probe_set_size=12),
+                      echo=lambda s: None)
+    assert again["sft/sgd"] > 0 and again["sft/sgd"] != first["sft/sgd"]
 
 
 def test_tiny_study_end_to_end(tiny_model_dir, tmp_path):
