@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from experiments.lr_findings import comparison_rows, comparisons
 from experiments.findings import (METRICS, Stat, findings_table, group_name, optim_setting,  # noqa: F401
                                   regime_answers, run_phases, statements)
+from experiments.lr_findings import comparison_rows, comparisons
 from experiments.phases import PhaseConfig
 from experiments.rundirs import Run, find_runs
 
