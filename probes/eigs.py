@@ -245,16 +245,7 @@ def top_eigenvalues(op, k: int = 1, tol: float = 1e-3, init: torch.Tensor | None
     beside a random start; the Prober passes them only beside a warm start (whose θ is near λ_max already).
     Memory: 4 n-vectors (5 at the peak) for k = 1, 6k for k > 1, in the operator's dtype (module doc).
     """
-    n = int(op.dim)
-    if not 1 <= k <= n:
-        raise ValueError(f"probes: k must be in [1, {n}], got {k}")
-    if tol <= 0:
-        raise ValueError(f"probes: tol must be positive, got {tol}")
-    if stop not in STOPS:
-        raise ValueError(f"probes: stop must be one of {STOPS}, got {stop!r}")
-    max_hvps = 60 * k if max_hvps is None else int(max_hvps)
-    if max_hvps < k:
-        raise ValueError(f"probes: max_hvps={max_hvps} is below k={k} (one HVP per vector is the minimum)")
+    n, max_hvps = _checked_arguments(op, k, tol, stop, max_hvps)
     device = getattr(op, "device", torch.device("cpu"))
     dtype = work_dtype(op)
     start = op.hvps
@@ -275,6 +266,21 @@ def top_eigenvalues(op, k: int = 1, tol: float = 1e-3, init: torch.Tensor | None
     known_v, known_av = _known_pairs(known, n, device)
     solve = _solve_one if k == 1 else _solve_block
     return solve(op, k, tol, init, known_v, known_av, max_hvps, gen, stop, device, dtype, start)
+
+
+def _checked_arguments(op, k: int, tol: float, stop: str, max_hvps: int | None) -> tuple[int, int]:
+    """(n, max_hvps) of a solve, max_hvps defaulting to 60·k; ValueError for an impossible k, tol, stop or cap."""
+    n = int(op.dim)
+    if not 1 <= k <= n:
+        raise ValueError(f"probes: k must be in [1, {n}], got {k}")
+    if tol <= 0:
+        raise ValueError(f"probes: tol must be positive, got {tol}")
+    if stop not in STOPS:
+        raise ValueError(f"probes: stop must be one of {STOPS}, got {stop!r}")
+    max_hvps = 60 * k if max_hvps is None else int(max_hvps)
+    if max_hvps < k:
+        raise ValueError(f"probes: max_hvps={max_hvps} is below k={k} (one HVP per vector is the minimum)")
+    return n, max_hvps
 
 
 def _hvp(op, v: torch.Tensor, dtype) -> torch.Tensor:
