@@ -105,15 +105,15 @@ def summarise(rows: list[dict], gap: int) -> dict:
     step_mb = max(r["memory/step_mb"] for r in steps)
     at = {r["step"]: r for r in rows if "probe/seconds" in r}
     cold, mid, warm = at.get(0, {}), at.get(gap // 2, {}), at.get(gap, {})
-    kinds = {}
+    defaults, kinds = ProbeConfig(), {}
     for kind, cadence in CADENCE.items():
         key = f"probe/{kind}_seconds"
         later = warm.get(key, mid.get(key)) if kind not in ("rayleigh", "alignment") else mid.get(key)
         kinds[kind] = {"cold": cold.get(key, math.nan), "warm": later if later is not None else cold.get(key, math.nan),
-                       "cadence": getattr(ProbeConfig(), cadence) if getattr(ProbeConfig(), cadence) else 0}
+                       "cadence": getattr(defaults, cadence)}
     per_step = sum((k["cold"] if kind == "batch_sharpness" else k["warm"]) / k["cadence"]
                    for kind, k in kinds.items() if k["cadence"] and math.isfinite(k["warm"]))
-    share = per_step / step_s / (1 + per_step / step_s)
+    share = per_step / (step_s + per_step)  # probe seconds per step over all seconds per step
     calls = [(s, r["memory/probe_mb"], r["memory/probe_peak_mb"]) for s, r in sorted(at.items())]
     return {"step_s": step_s, "step_mb": step_mb, "kinds": kinds, "share": share, "calls": calls,
             "cold_hvps": cold.get("probe/hvps", math.nan), "warm_hvps": warm.get("probe/hvps", math.nan)}
