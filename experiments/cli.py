@@ -50,6 +50,7 @@ class SweepCommand:
     workers: int = 1  # parallel runs (local worker processes, or the CPUs of a local Ray)
     root: Path = Path("runs")  # runs go to ROOT/NAME/<run name>/
     report: bool = True  # write ROOT/NAME/report/index.html when the sweep ends
+    only: tuple[str, ...] = ()  # run only the runs whose names match one of these shell patterns ('sft-*')
     executor: Annotated[ExecutorConfig, tyro.conf.OmitArgPrefixes] = field(default_factory=ExecutorConfig)
 
 
@@ -96,9 +97,11 @@ def execute(cmd) -> int:
         print(f"run dir: {run_dir}")
     elif isinstance(cmd, SweepCommand):
         try:
-            sweep = load_sweep(cmd.name)
+            sweep = load_sweep(cmd.name).only(cmd.only)
         except KeyError as e:
             raise ConfigError(e.args[0]) from None
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         results = run_sweep(sweep, cmd.root, workers=cmd.workers, dry_run=cmd.dry_run, executor=cmd.executor)
         if cmd.dry_run:
             return 0

@@ -10,12 +10,14 @@ by Ray and resumes from its checkpoint.
 
     eoslab sweep sft_lr --dry-run
     eoslab sweep sft_lr --workers 2
+    eoslab sweep adaptive_lr --only 'sft-*'    # part of a sweep: the runs whose names match
     eoslab sweep sft_lr --backend ray [--address auto] [--cpus-per-run 1] [--gpus-per-run 0.5]
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import importlib
 import json
 import os
@@ -52,6 +54,20 @@ class Sweep:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"sweep {self.name!r}: several configs share the run name(s) {dup}; set distinct names")
+
+    def only(self, patterns: Iterable[str]) -> "Sweep":
+        """The same sweep (same name, so the same run dirs) holding only the runs whose name matches one of the
+        shell-style ``patterns`` (``sft-*``), and its warm start only when a kept run starts from it; ValueError
+        when a pattern matches no run (a typo would otherwise run nothing, silently)."""
+        patterns = tuple(patterns)
+        if not patterns:
+            return self
+        names = [run_name(c) for c in self.configs]
+        if unmatched := [p for p in patterns if not fnmatch.filter(names, p)]:
+            raise ValueError(f"sweep {self.name!r}: no run name matches {unmatched} (names look like {names[0]!r})")
+        kept = tuple(c for c, n in zip(self.configs, names) if any(fnmatch.fnmatchcase(n, p) for p in patterns))
+        warm = self.warm_start if any(c.model.name == WARM_START for c in kept) else None
+        return dataclasses.replace(self, configs=kept, warm_start=warm)
 
 
 def grid(base: RunConfig, lrs: Iterable[float] = (), ranks: Iterable[int] = (), seeds: Iterable[int] = ()) -> tuple:

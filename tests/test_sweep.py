@@ -92,3 +92,20 @@ def test_declared_sweeps_are_valid(tmp_path):
     assert {p.config.model.name for p in rl[1:]} == {str(rl[0].run_dir / "checkpoints" / "final_model")}
     with pytest.raises(KeyError, match="available"):
         load_sweep("nope")
+
+
+def test_only_keeps_the_matching_runs_and_the_warm_start_they_need(tmp_path):
+    sweep = load_sweep("adaptive_lr")
+    sft = sweep.only(["sft-*"])
+    assert sft.name == sweep.name and sft.warm_start is None   # no SFT run starts from the RLVR warm start
+    assert len(sft.configs) == 21 and {c.regime for c in sft.configs} == {"sft"}
+    both = sweep.only(["sft-const-*", "rl-eos0.9-lr*-s0"])
+    assert {c.name for c in both.configs} == {f"sft-const-lr{lr:g}-s{s}" for lr in (3e-4, 1e-3, 3e-3)
+                                              for s in (0, 1, 2)} | {"rl-eos0.9-lr0.0001-s0"}
+    assert both.warm_start is sweep.warm_start                  # the RLVR run needs it
+    # the same run dirs as the whole sweep's
+    whole = {p.config.name: p.run_dir for p in plan(sweep, tmp_path)}
+    assert all(whole[p.config.name] == p.run_dir for p in plan(both, tmp_path) if not p.prerequisite)
+    assert sweep.only([]) is sweep
+    with pytest.raises(ValueError, match=r"no run name matches \['sft-cosnie-\*'\]"):
+        sweep.only(["sft-*", "sft-cosnie-*"])
