@@ -71,7 +71,7 @@ NOT_COMPARED = ("out_dir", "name", "overwrite")
 # without the field reads as that value, so adding a field does not turn every finished run into "a different
 # config". Only fields whose old behaviour is exactly this value belong here (probe.probe_set_size does not: before
 # it, λ_max was the batch's, which is probe_set_size=0, not its default 64).
-ADDED_FIELDS = {"probe.chunk_size": 0, "env.offset": 0}
+ADDED_FIELDS = {"probe.chunk_size": 0, "env.offset": 0, "probe.critical_chunks": 0}
 LOCK_FILE = ".lock"  # in the run dir: flock-ed by the process that runs it
 
 

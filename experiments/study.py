@@ -253,6 +253,7 @@ def base_config(cfg: StudyConfig, regime: str, optimizer: str) -> RunConfig:
     # are off: their cost on a 2-core CPU buys no decision of the study
     probe = ProbeConfig(every=cfg.rl_probe_every if kind == "rl" else cfg.probe_every, tol=1e-2,
                         probe_set_size=cfg.probe_set_size, rayleigh_every=0, alignment_every=0, critical_every=0,
+                        critical_chunks=0,
                         batch_min_samples=4, batch_max_samples=8,
                         # batch sharpness is the EoSS quantity of minibatch SGD; under GD the batch is the set, and
                         # for RLVR each draw is a fresh rollout (generation): both off

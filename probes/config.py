@@ -119,6 +119,10 @@ class ProbeConfig:
     alignment_every: int = 50
     #: critical sharpness 2/ηc along the last update (forward passes only, ≈7) every this many steps; 0 = off.
     critical_every: int = 10
+    #: chunks of the probe set (its first ones, ``chunk_size`` examples each: 16 at the defaults) whose loss the
+    #: critical-sharpness line search evaluates, so a point every few steps stays cheap; 0 = the whole probe set.
+    #: ηc is then the critical step of that subset's loss along the update, an estimate of the probe set's.
+    critical_chunks: int = 1
     #: relative width of the final ηc bracket of the critical-sharpness line search.
     critical_rtol: float = 0.05
     #: most forward passes per critical-sharpness line search (NaN when it has not bracketed ηc by then).
@@ -145,7 +149,8 @@ def config_errors(cfg: ProbeConfig) -> list[str]:
     """Every problem with ``cfg`` (empty when valid); ``ProbeConfig`` raises them at construction."""
     errors = [f"{name} must be >= 0, got {getattr(cfg, name)}"
               for name in ("every", "batch_sharpness_every", "trace_every", "blocks_every", "k", "max_hvps",
-                           "probe_set_size", "chunk_size", "rayleigh_every", "alignment_every", "critical_every")
+                           "probe_set_size", "chunk_size", "rayleigh_every", "alignment_every", "critical_every",
+                           "critical_chunks")
               if getattr(cfg, name) < 0]
     if cfg.mode not in MODES:
         errors.append(f"mode must be one of {MODES}, got {cfg.mode!r}")

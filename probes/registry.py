@@ -227,7 +227,8 @@ def _critical(run: ProbeStep) -> dict[str, float]:
     # ηc = s_c·ctx.lr takes the current η for the step's (they differ only under a schedule, by its per-step change)
     # warm start from the last ηc (a 1-element "warm.critical" in the Prober's checkpointed state)
     prev = run.warm.get("critical")
-    cs = critical_sharpness(ctx.params, ctx.loss_fn, run.op.batches, ctx.update, ctx.lr, from_previous=True,
+    batches = run.op.batches[:c.critical_chunks] if c.critical_chunks else run.op.batches
+    cs = critical_sharpness(ctx.params, ctx.loss_fn, batches, ctx.update, ctx.lr, from_previous=True,
                             rtol=c.critical_rtol, max_forwards=c.critical_max_forwards,
                             eta_guess=float(prev[0]) if prev is not None and c.warm_start else None)
     if math.isfinite(cs.eta):
@@ -263,7 +264,8 @@ PROBES: tuple[ProbeKind, ...] = (
     ProbeKind("alignment", "alignment_every", ("alignment",),
               "0 HVPs: the probe-set gradient (free with the graph, ≈1.3 G, shared)", _alignment),
     ProbeKind("critical_sharpness", "critical_every", ("critical_sharpness", "critical_forwards"),
-              "forward passes of the probe set only (≈⅓ G each): 6–8 cold, 3 warm when ηc moved < rtol", _critical),
+              "forward passes of critical_chunks chunks of the probe set only (≈⅓ G each): 6–8 cold, 3 warm when ηc "
+              "moved < rtol", _critical),
 )
 
 # Emitted by the Prober itself around the kinds: HVPs over all operators, wall time of the probe step, and the wall

@@ -59,6 +59,11 @@ def test_sweep_dry_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("[todo]") == 5 and "lr=0.0001" in out and "lr=0.01" in out
     assert not (tmp_path / "sft_lr").exists()
+    assert main(["sweep", "sft_lr", "--dry-run", "--root", str(tmp_path), "--only", "*lr0.001*", "*lr0.01*"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[todo]") == 2 and "lr=0.0001" not in out
+    assert main(["sweep", "sft_lr", "--dry-run", "--only", "typo*"]) == 2
+    assert "no run name matches ['typo*']" in capsys.readouterr().err
 
 
 def test_one_run_and_report_through_the_cli(tiny_model_dir, tmp_path, capsys):
