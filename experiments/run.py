@@ -71,7 +71,7 @@ NOT_COMPARED = ("out_dir", "name", "overwrite")
 # without the field reads as that value, so adding a field does not turn every finished run into "a different
 # config". Only fields whose old behaviour is exactly this value belong here (probe.probe_set_size does not: before
 # it, λ_max was the batch's, which is probe_set_size=0, not its default 64).
-ADDED_FIELDS = {"probe.chunk_size": 0, "env.offset": 0, "probe.critical_chunks": 0}
+ADDED_FIELDS = {"probe.chunk_size": 0, "env.offset": 0, "probe.critical_chunks": 0, "probe.batch_lambda_max": True}
 LOCK_FILE = ".lock"  # in the run dir: flock-ed by the process that runs it
 
 
@@ -283,11 +283,28 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _flat_config(config: dict) -> dict:
+    """{"section.field": JSON value} of a run config (``asdict`` or config.json's), with every ADDED_FIELDS entry
+    it lacks (a run dir written before the field existed) at its listed value."""
+    flat = _flatten(json.loads(json.dumps(config)))
+    return {**{k: v for k, v in ADDED_FIELDS.items() if k.split(".")[0] in config}, **flat}
+
+
+def comparable_config(config: dict) -> dict:
+    """The flat config that says what a run does: ``_flat_config``, and with probes off (``probe.every`` 0) no
+    other probe field, since none of them changes such a run."""
+    flat = _flat_config(config)
+    if flat.get("probe.every") == 0:
+        flat = {k: v for k, v in flat.items() if k == "probe.every" or not k.startswith("probe.")}
+    return flat
+
+
 def config_changes(old: dict, new: dict) -> dict[str, list]:
-    """{"section.field": [old, new]} for every differing field of two asdict(RunConfig) dicts; a field of
-    ADDED_FIELDS missing from ``old`` (a run dir written before it existed) reads as its listed value."""
-    a, b = _flatten(json.loads(json.dumps(old))), _flatten(json.loads(json.dumps(new)))
-    a = {**{k: v for k, v in ADDED_FIELDS.items() if k.split(".")[0] in old}, **a}
+    """{"section.field": [old, new]} for every differing field of two run configs; the probe fields beside
+    probe.every count only where probes run (``comparable_config``)."""
+    a, b = _flat_config(old), _flat_config(new)
+    if a.get("probe.every") == 0 and b.get("probe.every") == 0:
+        a, b = comparable_config(old), comparable_config(new)
     return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 

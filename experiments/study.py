@@ -72,8 +72,8 @@ from agents.replay import ReplayConfig
 from agents.trainer import FINAL_MODEL, TrainConfig
 from experiments.backends import ExecutorConfig, RaySession, executor_errors
 from experiments.report import ReportConfig, write_report
-from experiments.run import (ConfigError, EnvConfig, RunConfig, check_run_dir, default_config, replace, run_name,
-                            validate)
+from experiments.run import (NOT_COMPARED, ConfigError, EnvConfig, RunConfig, check_run_dir, comparable_config,
+                            default_config, replace, run_name, validate)
 from experiments.run import warm_start_config as warm_start_config_of_run
 from experiments.rundirs import load_run
 from experiments.sweep import Sweep, execute, grid, plan
@@ -253,7 +253,7 @@ def base_config(cfg: StudyConfig, regime: str, optimizer: str) -> RunConfig:
     # are off: their cost on a 2-core CPU buys no decision of the study
     probe = ProbeConfig(every=cfg.rl_probe_every if kind == "rl" else cfg.probe_every, tol=1e-2,
                         probe_set_size=cfg.probe_set_size, rayleigh_every=0, alignment_every=0, critical_every=0,
-                        critical_chunks=0,
+                        critical_chunks=0, batch_lambda_max=True, step_sharpness=True,
                         batch_min_samples=4, batch_max_samples=8,
                         # batch sharpness is the EoSS quantity of minibatch SGD; under GD the batch is the set, and
                         # for RLVR each draw is a fresh rollout (generation): both off
@@ -312,10 +312,13 @@ def _calibration_step_and_key(c: RunConfig) -> tuple[int, str]:
 
 def fingerprint(c: RunConfig, warm: RunConfig | None = None) -> str:
     """Hash of what determines a calibration's value: the run config, less where it is stored, and for RLVR the
-    warm start's config (its model path stays the same when the warm start changes)."""
-    def strip(x: RunConfig) -> dict:
-        return {k: v for k, v in asdict(x).items() if k not in ("out_dir", "name", "overwrite")}
-    d = {"run": strip(c), "warm_start": strip(warm) if c.regime == "rl" and warm is not None else None}
+    warm start's config (its model path stays the same when the warm start changes). A field added to the configs
+    later (experiments.run.ADDED_FIELDS) reads as the value that reproduces the older runs, and the probe settings
+    of a probe-less warm start do not count (experiments.run.comparable_config), so neither a new field nor a new
+    probe default discards a calibration."""
+    def what(x: RunConfig) -> dict:
+        return {k: v for k, v in comparable_config(asdict(x)).items() if k not in NOT_COMPARED}
+    d = {"run": what(c), "warm_start": what(warm) if c.regime == "rl" and warm is not None else None}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

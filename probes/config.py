@@ -46,11 +46,15 @@ class ProbeConfig:
 
     #: λ_max (of the fixed probe set and of the current batch), the stability thresholds, step/update sharpness
     #: and the Adam-preconditioned λ_max every this many steps; 0 turns every probe off.
-    every: int = 250
+    every: int = 500
     #: examples in the fixed probe set of probe/lambda_max under minibatch training, drawn once from the training
     #: tasks with ``seed`` (the whole training set when it is smaller); full-batch GD probes the whole training set
     #: and RLVR the rollout buffer whatever this is; 0 = probe the current minibatch (lambda_max = lambda_max_batch).
     probe_set_size: int = 64
+    #: also λ_max of the current batch (probe/lambda_max_batch) when the probe set is not the batch: one more solve,
+    #: on the batch's graph (≈ 9 training steps warm on the embedded model); when the probe set is the batch,
+    #: lambda_max_batch = lambda_max at no cost whatever this is.
+    batch_lambda_max: bool = False
     #: examples per chunk of the fixed probe set, the unit of every probe-set HVP's graph: with mode="cache" the
     #: graphs of all chunks stay alive (memory ∝ probe_set_size), with "recompute" one chunk's at a time (memory ∝
     #: chunk_size); 0 = the training micro-batch. Independent of training, so a probe can fit where a micro-batch
@@ -70,7 +74,7 @@ class ProbeConfig:
     #: start each solve from the eigenvectors of the previous probe (checkpointed with the run).
     warm_start: bool = True
     #: gᵀHg/gᵀg for the probe-batch gradient g (1 HVP).
-    step_sharpness: bool = True
+    step_sharpness: bool = False
     #: ΔθᵀHΔθ/ΔθᵀΔθ for the last optimizer update Δθ (1 HVP; needs ProbeContext.update).
     update_sharpness: bool = True
     #: λ_max of the Adam-preconditioned Hessian P^-½HP^-½ when the optimizer is Adam-family (one more solve).
@@ -79,7 +83,7 @@ class ProbeConfig:
     # ---- batch sharpness and GNI over fresh minibatches (cadence ``batch_sharpness_every``) ----
 
     #: batch sharpness every this many steps (needs ProbeContext.sample_batch); 0 = off.
-    batch_sharpness_every: int = 1000
+    batch_sharpness_every: int = 0
     #: minibatches drawn before the stop rule may end the estimate.
     batch_min_samples: int = 8
     #: most minibatches drawn per estimate.
@@ -114,9 +118,9 @@ class ProbeConfig:
     # ---- cheap traces between solves, on the probe set (each its own cadence) ----
 
     #: vᵀHv/vᵀv on the stored top eigenvector v of the last λ_max solve (1 HVP) every this many steps; 0 = off.
-    rayleigh_every: int = 50
+    rayleigh_every: int = 250
     #: |cos| between that stored top eigenvector and the probe-set gradient (0 HVPs) every this many steps; 0 = off.
-    alignment_every: int = 50
+    alignment_every: int = 250
     #: critical sharpness 2/ηc along the last update (forward passes only, ≈7) every this many steps; 0 = off.
     critical_every: int = 10
     #: chunks of the probe set (its first ones, ``chunk_size`` examples each: 16 at the defaults) whose loss the

@@ -153,11 +153,15 @@ def _lambda_max(run: ProbeStep) -> dict[str, float]:
 def _lambda_max_batch(run: ProbeStep) -> dict[str, float]:
     if not run.separate_batch:   # the probe set is the batch: _lambda_max reports it
         return {}
-    res = _solve(run, run.batch_op, "H_batch", run.batch_known, 1)
-    # nothing after this uses the batch's graph: free it before the probe set's is built, so that the two graphs
-    # (each the activations of a whole batch, with their gradient graphs) are never alive together
+    out = {}
+    if run.config.batch_lambda_max:
+        res = _solve(run, run.batch_op, "H_batch", run.batch_known, 1)
+        out = {"lambda_max_batch": float(res.values[0]), "converged": float(res.converged)}
+    # nothing after this uses the batch's graph (step sharpness built it): free it before the probe set's is built,
+    # so that the two graphs (each the activations of a whole batch, with their gradient graphs) are never alive
+    # together
     run.batch_op.release()
-    return {"lambda_max_batch": float(res.values[0]), "converged": float(res.converged)}
+    return out
 
 
 def _adam_lambda_max(run: ProbeStep) -> dict[str, float]:
@@ -243,7 +247,8 @@ PROBES: tuple[ProbeKind, ...] = (
     ProbeKind("step_sharpness", "every", ("step_sharpness",), "1 HVP", _step_sharpness),
     # the current batch's kinds first (step sharpness, then its λ_max), its graph freed before the probe set's is built
     ProbeKind("lambda_max_batch", "every", ("lambda_max_batch", "converged"),
-              "as lambda_max (k = 1) on the current batch, plus its graph (≈1.3 G_B); 0 when the probe set is the batch",
+              "with batch_lambda_max: as lambda_max (k = 1) on the current batch, plus its graph (≈1.3 G_B); 0 when "
+              "the probe set is the batch",
               _lambda_max_batch),
     ProbeKind("update_sharpness", "every", ("update_sharpness",), "1 HVP", _update_sharpness),
     ProbeKind("lambda_max", "every", ("lambda_max", "lambda_{i}", "converged", "lambda_max_batch"),

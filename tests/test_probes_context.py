@@ -70,7 +70,8 @@ def test_no_side_effects_on_lora_gpt_neox_with_adam(mode):
         return [pool[i]]
 
     cfg = ProbeConfig(every=1, mode=mode, batch_sharpness_every=1, gni=True, batch_min_samples=2,
-                      batch_max_samples=3, trace_every=1, trace_max_probes=2, blocks_every=1, max_hvps=10)
+                      batch_max_samples=3, trace_every=1, trace_max_probes=2, blocks_every=1, max_hvps=10,
+                      step_sharpness=True)
     ctx = ProbeContext(params, lf, chunks, lr=1e-3, step=4, optimizer=opt, model=model, sample_batch=sample,
                        update={n: torch.ones_like(p) for n, p in params.items()})
     before = _snapshot(model, opt)
@@ -161,7 +162,7 @@ def test_step_and_update_sharpness_hvps_seed_warm_solves_but_never_trap_cold_one
                        update={"theta": torch.randn(40, generator=torch.Generator().manual_seed(2), dtype=D)})
     # Warm, from a stale vector x₂ (an exact eigenvector: Krylov from it alone never leaves it) with g = x_top:
     # the known pair (g, Hg) puts the answer into the first Rayleigh–Ritz, so the solve costs its one start HVP.
-    pr = Prober(ProbeConfig(every=1, tol=1e-8))
+    pr = Prober(ProbeConfig(every=1, tol=1e-8, step_sharpness=True))
     pr._warm["H"] = q[:, 1:2].clone()
     out = pr(ctx)
     assert math.isclose(out["probe/lambda_max"], 7.0, rel_tol=1e-10)
@@ -171,7 +172,7 @@ def test_step_and_update_sharpness_hvps_seed_warm_solves_but_never_trap_cold_one
     # Rayleigh–Ritz (θ = 5) and trap the solve, so a cold solve starts from the random vector alone.
     with torch.no_grad():
         theta.copy_(0.5 * q[:, 1])
-    out = Prober(ProbeConfig(every=1, tol=1e-8, update_sharpness=False))(ctx)
+    out = Prober(ProbeConfig(every=1, tol=1e-8, update_sharpness=False, step_sharpness=True))(ctx)
     assert math.isclose(out["probe/step_sharpness"], 5.0, rel_tol=1e-10)
     assert math.isclose(out["probe/lambda_max"], 7.0, rel_tol=1e-8)
     assert out["probe/converged"] == 1.0

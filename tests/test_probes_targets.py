@@ -49,7 +49,7 @@ def test_lambda_max_is_the_probe_set_hessian_and_the_batch_has_its_own_key():
     torch.testing.assert_close(HessianOperator(params, loss_fn, probe_set).dense(), h_set, rtol=1e-10, atol=1e-12)
     truth = float(torch.linalg.eigvalsh(h_set)[-1])
     pr = Prober(ProbeConfig(every=1, stop="residual", tol=1e-6, update_sharpness=False, rayleigh_every=0,
-                            alignment_every=0, critical_every=0))
+                            alignment_every=0, critical_every=0, batch_lambda_max=True, step_sharpness=True))
     out = pr(ProbeContext(params, loss_fn, batch, lr=0.1, step=0, model=model, probe_set=probe_set))
     assert math.isclose(out["probe/lambda_max"], truth, rel_tol=1e-6)
     batch_truth = float(torch.linalg.eigvalsh(mean_loss_hessian(model, params, x[64:80], y[64:80]))[-1])
@@ -60,13 +60,21 @@ def test_lambda_max_is_the_probe_set_hessian_and_the_batch_has_its_own_key():
     g = op_b.gradient()
     assert math.isclose(out["probe/step_sharpness"], float(g @ op_b.matvec(g)) / float(g @ g), rel_tol=1e-9)
     assert out["probe/converged"] == 1.0
+    # off by default: no batch solve, the same probe-set numbers, the HVPs of the batch's solve saved
+    default = Prober(ProbeConfig(every=1, stop="residual", tol=1e-6, update_sharpness=False, rayleigh_every=0,
+                                 alignment_every=0, critical_every=0, step_sharpness=True))(
+        ProbeContext(params, loss_fn, batch, lr=0.1, step=0, model=model, probe_set=probe_set))
+    assert "probe/lambda_max_batch" not in default and default["probe/hvps"] < out["probe/hvps"]
+    # (the same to rounding: the batch solve's random start no longer draws from the step's generator)
+    assert math.isclose(default["probe/lambda_max"], out["probe/lambda_max"], rel_tol=1e-9)
+    assert default["probe/step_sharpness"] == out["probe/step_sharpness"]
 
 
 def test_the_probe_set_is_the_same_across_steps_while_batches_change():
     model, params, loss_fn, chunks, _ = problem()
     probe_set = chunks(range(0, 64))
     pr = Prober(ProbeConfig(every=1, stop="residual", tol=1e-6, rayleigh_every=0, alignment_every=0,
-                            critical_every=0))
+                            critical_every=0, batch_lambda_max=True))
     a = pr(ProbeContext(params, loss_fn, chunks(range(64, 80)), lr=0.1, step=0, model=model, probe_set=probe_set))
     b = pr(ProbeContext(params, loss_fn, chunks(range(80, 96)), lr=0.1, step=1, model=model, probe_set=probe_set))
     assert math.isclose(a["probe/lambda_max"], b["probe/lambda_max"], rel_tol=1e-6)   # same θ, same set
@@ -96,7 +104,7 @@ def test_the_batch_graph_and_the_probe_set_graph_are_never_alive_together(monkey
         build(self)
 
     monkeypatch.setattr(HessianOperator, "_build_graph", tracked)
-    out = Prober(ProbeConfig(every=1, rayleigh_every=1, alignment_every=1, critical_every=0))(
+    out = Prober(ProbeConfig(every=1, rayleigh_every=1, alignment_every=1, critical_every=0, batch_lambda_max=True))(
         ProbeContext(params, loss_fn, batch, lr=0.1, step=0, model=model, probe_set=probe_set,
                      update={n: 1e-3 * torch.ones_like(p) for n, p in params.items()}))
     assert {"probe/lambda_max", "probe/lambda_max_batch", "probe/update_sharpness", "probe/rayleigh"} <= set(out)

@@ -173,12 +173,22 @@ def test_config_changes_flattens_sections():
     a, b = RunConfig(), replace(RunConfig(), optim={"lr": 0.5}, probe=ProbeConfig(every=3))
     from dataclasses import asdict
 
-    assert config_changes(asdict(a), asdict(b)) == {"optim.lr": [0.01, 0.5], "probe.every": [250, 3]}
+    assert config_changes(asdict(a), asdict(b)) == {"optim.lr": [0.01, 0.5], "probe.every": [500, 3]}
     # a run dir written before probe.chunk_size existed did what chunk_size=0 does: no change; another value is one
     old = asdict(a)
     del old["probe"]["chunk_size"]
     assert config_changes(old, asdict(a)) == {}
     assert config_changes(old, asdict(replace(a, probe={"chunk_size": 4}))) == {"probe.chunk_size": [0, 4]}
+    # before critical_chunks and batch_lambda_max, critical sharpness read the whole probe set and every probe step
+    # solved the batch too: a new run at the new defaults (1 chunk, no batch solve) is another config
+    del old["probe"]["critical_chunks"], old["probe"]["batch_lambda_max"]
+    assert config_changes(old, asdict(replace(a, probe={"critical_chunks": 0, "batch_lambda_max": True}))) == {}
+    assert config_changes(old, asdict(a)) == {"probe.critical_chunks": [0, 1], "probe.batch_lambda_max": [True, False]}
+    # with probes off in both, no other probe field changes what the run does; with probes on in one, they do
+    off = replace(a, probe={"every": 0})
+    assert config_changes(asdict(off), asdict(replace(off, probe={"rayleigh_every": 7, "tol": 0.5}))) == {}
+    assert config_changes(asdict(off), asdict(replace(a, probe={"every": 3, "tol": 0.5}))) == {
+        "probe.every": [0, 3], "probe.tol": [0.001, 0.5]}
 
 
 def test_warm_started_runs_are_scored_on_the_base_models_retention_texts(tiny_model_dir, tmp_path):

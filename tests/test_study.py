@@ -101,6 +101,31 @@ def tiny(tiny_model_dir, tmp_path, **kw):
     return resolve(StudyConfig(**base))
 
 
+def test_fingerprints_survive_added_fields_and_probe_defaults_of_probe_less_runs():
+    # a config.json written before a field existed (experiments.run.ADDED_FIELDS) lacks it; the same config written
+    # after holds it at its listed value: both are one calibration. Another value is another calibration.
+    from dataclasses import asdict
+
+    from experiments.run import ADDED_FIELDS, comparable_config, replace
+    cfg = study.resolve(StudyConfig(scale="small"))
+    for c in study.calibration_configs(cfg).values():
+        new = json.loads(json.dumps(asdict(c)))    # as config.json holds it
+        old = json.loads(json.dumps(new))
+        for dotted, value in ADDED_FIELDS.items():
+            section, name = dotted.split(".")
+            assert new[section][name] == value, dotted   # the study keeps every added field at its old value
+            del old[section][name]
+        assert comparable_config(old) == comparable_config(new)
+    c = study.calibration_configs(cfg)["rl/sgd"]
+    warm = study.warm_start_config(cfg)
+    assert warm.probe.every == 0
+    assert study.fingerprint(replace(c, probe={"critical_chunks": 1}), warm) != study.fingerprint(c, warm)
+    assert study.fingerprint(replace(c, out_dir="elsewhere", name="x"), warm) == study.fingerprint(c, warm)
+    # the probe-less warm start's probe settings do what probes off does, whatever they are
+    assert study.fingerprint(c, replace(warm, probe={"rayleigh_every": 7})) == study.fingerprint(c, warm)
+    assert study.fingerprint(c, replace(warm, train={"steps": 151})) != study.fingerprint(c, warm)
+
+
 def test_calibration_is_cached(tiny_model_dir, tmp_path, monkeypatch):
     cfg = tiny(tiny_model_dir, tmp_path, regimes=("sft",), optimizers=("sgd", "sgd_m0.9", "adam"))
     first = calibrate(cfg, echo=lambda s: None)

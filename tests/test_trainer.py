@@ -103,7 +103,7 @@ def test_probes_on_and_off_train_bitwise_identically(tiny_model_dir, tmp_path, d
     off = make_trainer(tiny_model_dir, tmp_path / "off", data, steps=4, checkpoint_every=0, regime=regime)
     off.train()
     prober = Prober(ProbeConfig(every=1, batch_sharpness_every=2, batch_min_samples=2, batch_max_samples=2,
-                                max_hvps=6))
+                                max_hvps=6, batch_lambda_max=True))
     on = make_trainer(tiny_model_dir, tmp_path / "on", data, steps=4, checkpoint_every=0, prober=prober,
                       regime=regime)
     on.train()

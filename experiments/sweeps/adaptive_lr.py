@@ -5,7 +5,8 @@ Two parts:
 - ``SWEEP`` (``eoslab sweep adaptive_lr``): the embedded LM in SFT, LoRA (rank 8) and RLVR (from a 150-step SFT
   warm start), each from its ``default_config`` (AdamW; the controller aims at ρ × the Adam threshold on the
   preconditioned sharpness; eos and cdat start from the middle LR of the constant grid).
-  Probes every 100 steps in every arm (equal overhead); the controller's own cost is in ``optim/est_*``.
+  Probes in every arm alike (λ_max and the Adam λ_max every 250 steps, critical sharpness on 16 probe examples
+  every 10); the controller's own cost is in ``optim/est_*``.
 - ``COHEN`` (``python -m experiments.sweeps.adaptive_lr [ROOT [BATCH]]``): the Cohen et al. 2021 tanh MLP under
   full-batch GD (or minibatch SGD on fresh batches of BATCH examples, the controllers estimating on each batch),
   500 steps; prints experiments.lr_findings.lr_comparison of its runs: final loss at equal steps and at equal
@@ -48,7 +49,11 @@ def _arms(base: RunConfig, tag: str, lrs: tuple[float, ...], warmup: int) -> lis
                                                                       estimator="critical")}),
              (f"cdat2-lr{mid:g}", {"lr": mid, "schedule": "cdat", "warmup_steps": 0,
                                    "control": ControlConfig(cdat_scale=2.0, every=1)})]
-    base = replace(base, probe=ProbeConfig(every=100, batch_sharpness_every=0))
+    # diagnostics only (the controller has its own estimate, ControlConfig.every), the same in every arm; every
+    # cadence explicit, so that the runs do not change with ProbeConfig's defaults
+    base = replace(base, probe=ProbeConfig(every=250, tol=1e-3, step_sharpness=False, batch_lambda_max=False,
+                                           batch_sharpness_every=0, rayleigh_every=0, alignment_every=0,
+                                           critical_every=10, critical_chunks=1))
     return [replace(base, optim=optim, train={"seed": seed}, name=f"{tag}-{arm}-s{seed}")
             for arm, optim in arms for seed in SEEDS]
 

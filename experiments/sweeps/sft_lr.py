@@ -14,7 +14,7 @@ BASE = RunConfig(
     optim=OptimConfig(name="sgd", momentum=0.9, weight_decay=1e-4),
     train=TrainConfig(steps=1000, micro_batch=4, grad_accum=4, eval_every=100, retention_every=100,
                       checkpoint_every=250),
-    # denser than ProbeConfig's default (every 250): the study is the λ trajectory itself
+    # denser than ProbeConfig's default (every 500): the study is the λ trajectory itself
     probe=ProbeConfig(every=20, batch_sharpness_every=100),
 )
 SWEEP = Sweep("sft_lr", grid(BASE, lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2)), __doc__)
