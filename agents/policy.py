@@ -77,6 +77,11 @@ class ModelConfig:
     """torch floating dtype of the weights, e.g. float32, bfloat16."""
     device: str = "auto"
     """"auto" = cuda when available, else cpu; or any torch device string (cpu, cuda:1, mps)."""
+    head_chunk: int = 0
+    """> 0: SFT log-probs through agents.fused_head, the LM head's logits built this many tokens at a time and none
+    kept in the autograd graph (a cached-graph HVP then holds no vocabulary-sized tensor: for Pythia's 50k vocabulary
+    most of a probe's memory), at one more head matmul per backward; 0: the model's own forward. Needs a bias-free
+    linear head (GPT-NeoX, GPT-2, Llama; not a LoRA-adapted head). PPO keeps the full softmax (its entropy)."""
 
     @property
     def lora(self) -> LoRASpec:
@@ -99,6 +104,8 @@ def resolve_device(device: str) -> str:
 def config_errors(m: ModelConfig) -> list[str]:
     """Problems with ``m`` that show without loading weights (safetensors headers only); [] = valid."""
     errors = lora_errors(m.lora, prefix="model.lora_")
+    if m.head_chunk < 0:
+        errors.append(f"model.head_chunk={m.head_chunk} must be >= 0 (0 = the model's own head)")
     if not isinstance(getattr(torch, m.dtype, None), torch.dtype) or not getattr(torch, m.dtype).is_floating_point:
         errors.append(f"model.dtype={m.dtype!r} is not a torch floating dtype (e.g. 'float32', 'bfloat16')")
     if m.device != "auto":
@@ -182,9 +189,12 @@ def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 class LMPolicy:
     """Causal LM policy. ``model`` is a PreTrainedModel, or a peft PeftModel when LoRA is on."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer, head_chunk: int = 0) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        # > 0: token_logprobs builds the head's logits this many tokens at a time and keeps none in the autograd
+        # graph (agents.fused_head), for large vocabularies; 0: the model's own forward
+        self.head_chunk = head_chunk
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos_token; LMPolicy needs one to end completions")
         if tokenizer.pad_token_id is None:
@@ -203,6 +213,7 @@ class LMPolicy:
         dtype: torch.dtype | str = torch.float32,
         attn_implementation: str = "eager",
         device: str | torch.device | None = None,
+        head_chunk: int = 0,
     ) -> "LMPolicy":
         """Load with AutoModelForCausalLM / AutoTokenizer (local files only when HF_HUB_OFFLINE is set).
 
@@ -233,7 +244,7 @@ class LMPolicy:
                 model = apply_lora(model, lora)
         if device is not None:
             model.to(device)
-        return cls(model, tokenizer)
+        return cls(model, tokenizer, head_chunk=head_chunk)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -336,7 +347,7 @@ class LMPolicy:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-probs of ``labels`` under this policy; see :func:`token_logprobs`."""
-        return token_logprobs(self.model, input_ids, attention_mask, labels)
+        return token_logprobs(self.model, input_ids, attention_mask, labels, head_chunk=self.head_chunk)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -464,11 +475,12 @@ def apply_lora(model: torch.nn.Module, spec: LoRASpec) -> torch.nn.Module:
 
 
 def token_logprobs(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+    head_chunk: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logp[b, t] = log p_θ(labels[b, t+1] | input_ids[b, :t+1]); mask[b, t] = labels[b, t+1] != -100.
 
     Shapes [B, T-1]; logp is 0 where mask is False. Differentiable: the SFT loss is -Σ logp·mask / Σ mask. Cost:
     one forward pass (``agents.tokens.token_stats``)."""
-    stats = token_stats(model, input_ids, attention_mask, labels)
+    stats = token_stats(model, input_ids, attention_mask, labels, head_chunk=head_chunk)
     return stats.logp, stats.mask

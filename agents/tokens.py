@@ -33,11 +33,17 @@ class TokenStats:
 
 def token_stats(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor, entropy: bool = False, hidden: bool = False,
-                temperature: float = 1.0) -> TokenStats:
+                temperature: float = 1.0, head_chunk: int = 0) -> TokenStats:
     """One forward pass of ``model`` -> TokenStats of the policy softmax(logits / temperature). Differentiable (no
-    no_grad here); logits in float32."""
+    no_grad here); logits in float32 (float64 for a float64 model). ``head_chunk`` > 0: logp through agents.fused_head (the head's logits built
+    that many tokens at a time, none kept in the graph: the same numbers to rounding, far less memory on a large
+    vocabulary); needs a plain linear head without bias and no entropy."""
+    if head_chunk:
+        return _fused_token_stats(model, input_ids, attention_mask, labels, hidden, temperature, head_chunk,
+                                  entropy)
     out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=hidden)
-    logits = out.logits[:, :-1].float()
+    logits = out.logits[:, :-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))   # bf16/fp16 up to fp32, fp64 stays
     if temperature != 1.0:
         logits = logits / temperature
     target = labels[:, 1:]
@@ -48,6 +54,30 @@ def token_stats(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask:
     ent = logz - (torch.softmax(logits, dim=-1) * logits).sum(-1) if entropy else None
     last = out.hidden_states[-1][:, :-1] if hidden else None
     return TokenStats(logp, mask, ent, last)
+
+
+def _fused_token_stats(model, input_ids, attention_mask, labels, hidden: bool, temperature: float, chunk: int,
+                       entropy: bool) -> TokenStats:
+    """token_stats through agents.fused_head: the causal LM's trunk (its ``base_model``, whose last hidden state is
+    what the head reads: after the final norm) and then linear_logp with the output embedding's weight."""
+    from agents.fused_head import linear_logp
+
+    if entropy:
+        raise ValueError("token_stats: head_chunk computes log p(label) only; the entropy needs the full softmax")
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model   # peft: the wrapped LM
+    head = causal.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        raise ValueError(f"token_stats: head_chunk needs a bias-free torch.nn.Linear head, got {type(head).__name__}"
+                         " (a LoRA-adapted or biased head): use head_chunk=0")
+    out = causal.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    last = out.last_hidden_state[:, :-1]
+    dtype = torch.promote_types(last.dtype, torch.float32)
+    h = last.to(dtype) / temperature if temperature != 1.0 else last.to(dtype)
+    target = labels[:, 1:]
+    mask = target != IGNORE
+    logp = linear_logp(h.reshape(-1, h.shape[-1]), head.weight.to(dtype), target.masked_fill(~mask, 0).reshape(-1),
+                       chunk).view(target.shape) * mask
+    return TokenStats(logp, mask, None, last if hidden else None)
 
 
 def pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -71,7 +71,8 @@ NOT_COMPARED = ("out_dir", "name", "overwrite")
 # without the field reads as that value, so adding a field does not turn every finished run into "a different
 # config". Only fields whose old behaviour is exactly this value belong here (probe.probe_set_size does not: before
 # it, λ_max was the batch's, which is probe_set_size=0, not its default 64).
-ADDED_FIELDS = {"probe.chunk_size": 0, "env.offset": 0, "probe.critical_chunks": 0, "probe.batch_lambda_max": True}
+ADDED_FIELDS = {"probe.chunk_size": 0, "env.offset": 0, "probe.critical_chunks": 0, "probe.batch_lambda_max": True,
+                "model.head_chunk": 0}
 LOCK_FILE = ".lock"  # in the run dir: flock-ed by the process that runs it
 
 
@@ -455,7 +456,7 @@ def _policy(m: ModelConfig, progress: bool) -> LMPolicy:
     path = embedded_model_path(progress=progress) if m.name == "embedded" else m.name
     device = resolve_device(m.device)
     try:
-        return LMPolicy.from_pretrained(path, lora=m.lora, dtype=m.dtype, device=device)
+        return LMPolicy.from_pretrained(path, lora=m.lora, dtype=m.dtype, device=device, head_chunk=m.head_chunk)
     except Exception as e:  # noqa: BLE001 - what validate's header checks cannot see (bad tensors, tokenizer)
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ConfigError(f"model.name={m.name!r} cannot be loaded on {device}: {type(e).__name__}: {first}") from None

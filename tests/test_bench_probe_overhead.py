@@ -8,11 +8,13 @@ def test_probe_counts_from_metrics_rows():
     rows = [{"train/loss": 1.0},
             {"probe/seconds": 2.0, "probe/hvps": 10.0, "probe/lambda_max": 3.0, "probe/critical_sharpness": 1.0,
              "probe/batch_sharpness": 2.0},
-            {"probe/seconds": 1.0, "probe/critical_sharpness": 1.0},
-            {"probe/seconds": 1.0, "probe/rayleigh": 0.5, "probe/hvps": 2.0}]
+            {"probe/seconds": 1.0, "probe/critical_sharpness": 1.0, "probe/critical_sharpness_seconds": 0.75},
+            {"probe/seconds": 1.0, "probe/rayleigh": 0.5, "probe/hvps": 2.0, "probe/rayleigh_seconds": 0.5,
+             "probe/critical_sharpness_seconds": 0.25}]
     c = probe_counts(rows)
     assert (c["calls"], c["seconds"], c["hvps"]) == (3, 4.0, 12.0)
     assert (c["λ_max"], c["batch sharpness"], c["critical"], c["rayleigh"]) == (1, 1, 2, 1)
+    assert c["kind_seconds"] == {"critical_sharpness": 1.0, "rayleigh": 0.5}
 
 
 def test_summarize_pairs_off_on_within_abba_blocks():

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import math
 import shutil
 import time
 
@@ -295,3 +296,17 @@ def train_tasks_of(e, regime):
     from experiments.run import train_tasks
 
     return train_tasks(envs.make_unwrapped(e.env_id, **e.kwargs), e, regime)
+
+
+def test_a_fused_head_run_trains_and_probes_as_the_plain_one(tiny_model_dir, tmp_path):
+    # model.head_chunk: the same SFT losses and λ_max to float rounding (agents.fused_head), through the whole run
+    probe = {"every": 1, "probe_set_size": 4, "critical_every": 1, "rayleigh_every": 0, "alignment_every": 0}
+    a = run(tiny_cfg(tiny_model_dir, tmp_path, name="plain", probe=probe), progress=False)
+    b = run(tiny_cfg(tiny_model_dir, tmp_path, name="fused", probe=probe, model={"head_chunk": 8}), progress=False)
+    ra, rb = (read_metrics(d, wall_clock=False) for d in (a, b))
+    for key in ("train/loss", "probe/lambda_max", "probe/critical_sharpness"):
+        xa, xb = [r[key] for r in ra if key in r], [r[key] for r in rb if key in r]
+        assert len(xa) == len(xb) >= 1 and all(math.isclose(x, y, rel_tol=1e-4) for x, y in zip(xa, xb)), key
+    assert json.loads((b / "config.json").read_text())["config"]["model"]["head_chunk"] == 8
+    with pytest.raises(ConfigError, match="model.head_chunk=-1"):
+        validate(tiny_cfg(tiny_model_dir, tmp_path, model={"head_chunk": -1}))

@@ -17,7 +17,7 @@ Which probes run, and how often, follows from ProbeConfig()'s cadences and ``--s
 (no count is assumed here). The first, cold eigen-solve weighs more than in a longer run, so a short run's
 overhead is an upper bound. Times are wall clock: on a shared machine, read the spread.
 
-    python experiments/bench/probe_overhead.py [--steps 1000] [--regimes sft lora rl] [--blocks 2]
+    python experiments/bench/probe_overhead.py [--steps 1000] [--regimes sft lora rl] [--blocks 2] [--defaults cli]
 """
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ class Args:
     regimes: tuple[str, ...] = ("sft", "lora", "rl")
     model: str = "embedded"
     blocks: int = 2  # off-on-on-off blocks per regime (4 runs each)
+    # cli: each regime at what `eoslab sft/lora/rl` run (experiments.run.default_config: SFT AdamW 1e-3, batch 64);
+    # user: RunConfig's own defaults, the user's setup (SGD momentum 0.9, weight decay 1e-4, batch 16)
+    defaults: str = "user"
 
 
 KINDS = {"λ_max": "probe/lambda_max", "batch sharpness": "probe/batch_sharpness",
@@ -59,6 +62,9 @@ def probe_counts(records: list[dict]) -> dict[str, float]:
     out = {"calls": len(calls), "seconds": sum(r["probe/seconds"] for r in calls),
            "hvps": sum(r.get("probe/hvps", 0.0) for r in calls)}
     out.update({kind: sum(key in r for r in calls) for kind, key in KINDS.items()})
+    kinds = {k[len("probe/"):-len("_seconds")] for r in calls for k in r
+             if k.endswith("_seconds") and k != "probe/seconds"}
+    out["kind_seconds"] = {k: sum(r.get(f"probe/{k}_seconds", 0.0) for r in calls) for k in sorted(kinds)}
     return out
 
 
@@ -109,14 +115,21 @@ def main(args: Args) -> None:
         from agents.embedded import embedded_model_path
 
         embedded_model_path()
+    from experiments.run import default_config
+    from experiments.run import replace as replace_sections
+
+    if args.defaults not in ("cli", "user"):
+        raise SystemExit(f"--defaults must be cli or user, got {args.defaults!r}")
     train = TrainConfig(steps=args.steps, checkpoint_every=0)
-    bases = {
-        "sft": RunConfig(regime="sft", model=ModelConfig(name=args.model), train=train),
-        "lora": RunConfig(regime="sft", model=ModelConfig(name=args.model, lora_rank=8), train=train),
-    }
+    if args.defaults == "cli":
+        bases = {r: replace_sections(default_config(r), model={"name": args.model},
+                                     train={"steps": args.steps, "checkpoint_every": 0}) for r in ("sft", "lora")}
+    else:
+        bases = {"sft": RunConfig(regime="sft", model=ModelConfig(name=args.model), train=train),
+                 "lora": RunConfig(regime="sft", model=ModelConfig(name=args.model, lora_rank=8), train=train)}
     print(f"probe overhead at the default cadence ({ProbeConfig().every=}, {ProbeConfig().batch_sharpness_every=},"
           f" {ProbeConfig().critical_every=}, {ProbeConfig().rayleigh_every=}), {args.steps} steps, 1 thread, "
-          f"{args.blocks} blocks of off-on-on-off per regime")
+          f"{args.blocks} blocks of off-on-on-off per regime, {args.defaults} defaults")
     print(f"{'regime':<7}{'block':>6}{'probes':>7}{'wall s':>9}{'probe_s':>9}{'calls':>7}  "
           + " ".join(f"{k:>{max(8, len(k))}}" for k in KINDS) + f"{'hvps/call':>11}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,6 +142,9 @@ def main(args: Args) -> None:
                                  optim=OptimConfig(lr=1e-2), train=TrainConfig(steps=150, checkpoint_every=0),
                                  probe=ProbeConfig(every=0)), progress=False)
             bases["rl"] = RunConfig(regime="rl", model=ModelConfig(name=str(warm / FINAL_MODEL)), env=env, train=train)
+            if args.defaults == "cli":
+                bases["rl"] = replace_sections(default_config("rl"), model={"name": str(warm / FINAL_MODEL)},
+                                               train={"steps": args.steps, "checkpoint_every": 0})
         summaries = {}
         for regime in args.regimes:
             base = bases[regime]
@@ -144,6 +160,9 @@ def main(args: Args) -> None:
                              + " ".join(f"{c[k]:>{max(8, len(k))}d}" for k in KINDS)
                              + f"{c['hvps'] / max(1, c['calls']):>11.1f}") if c else ""
                     print(f"{regime:<7}{block:>6d}{kind:>7}{wall:>9.1f}{cells}", flush=True)
+                    if c:
+                        print("        seconds per kind: " + ", ".join(f"{k} {s:.1f}" for k, s in
+                                                                      c["kind_seconds"].items() if s >= 0.05))
             summaries[regime] = summarize(runs, args.steps)
         print(f"\nmedian [min–max] over the repeats ({args.blocks} blocks: {2 * args.blocks} off/on pairs, "
               f"{2 * args.blocks} probed runs):")

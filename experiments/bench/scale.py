@@ -21,8 +21,8 @@ at the default cadence, Σ_kind cost_kind / cadence_kind over 1 + that sum (per 
 critical costs, batch sharpness at its step-0 cost. Goals (issue 15): share ≤ 10 %, warm λ_max ≤ 10 steps, cold ≤ 20.
 
 Run: ``python experiments/bench/scale.py [--models embedded 4x256 6x512] [--gap 10] [--mode recompute]
-[--chunk-size 4] [--memory-only]``; 6×512 takes tens of minutes on this 2-core CPU, ``70m`` hours (``--gap 2
---memory-only``: the memory peaks of every call in much less).
+[--chunk-size 4] [--memory-only] [--head-chunk 256]``; 6×512 takes tens of minutes on this 2-core CPU, ``70m``
+hours (``--gap 2 --memory-only``: the memory peaks of every call in much less).
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def build_model(shape: str, out: Path) -> str:
 
 
 def probed_run(model: str, gap: int, out_dir: str, mode: str = "cache", chunk: int = 0,
-               memory_only: bool = False) -> tuple[int, list[dict]]:
+               memory_only: bool = False, head_chunk: int = 0) -> tuple[int, list[dict]]:
     """One short SFT run at the defaults with the shortened cadences (module docstring); (weights, metric rows)."""
     from probes.memory import pin_mmap_threshold
 
@@ -77,7 +77,8 @@ def probed_run(model: str, gap: int, out_dir: str, mode: str = "cache", chunk: i
     from experiments.run import default_config, replace, run
 
     torch.set_num_threads(1)
-    cfg = replace(default_config("sft"), model={"name": model}, out_dir=out_dir, name="scale",
+    cfg = replace(default_config("sft"), model={"name": model, "head_chunk": head_chunk}, out_dir=out_dir,
+                  name="scale",
                   train={"steps": gap + 1, "eval_every": 0, "retention_every": 0, "checkpoint_every": 0,
                          "n_samples": 0, "save_model": False},
                   probe={"every": gap, "rayleigh_every": gap // 2, "alignment_every": gap // 2,
@@ -139,16 +140,17 @@ def report(name: str, n: int, s: dict) -> None:
 
 
 def main(models=("embedded", "4x256", "6x512"), gap: int = 10, mode: str = "cache", chunk: int = 0,
-         memory_only: bool = False) -> dict:
+         memory_only: bool = False, head_chunk: int = 0) -> dict:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
             path = build_model(name, Path(tmp) / name) if name != "embedded" else "embedded"
             with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as ex:  # fresh process: clean RSS
                 n, rows = ex.submit(probed_run, path, gap, str(Path(tmp) / f"run-{name}"), mode, chunk,
-                                    memory_only).result()
+                                    memory_only, head_chunk).result()
             out[name] = summarise(rows, gap)
-            report(f"{name} (HVP mode {mode}, probe chunks of {chunk or 'a micro-batch'})", n, out[name])
+            head = f", fused head in blocks of {head_chunk} tokens" if head_chunk else ""
+            report(f"{name} (HVP mode {mode}, probe chunks of {chunk or 'a micro-batch'}{head})", n, out[name])
     return out
 
 
@@ -162,9 +164,11 @@ if __name__ == "__main__":
     ap.add_argument("--chunk-size", type=int, default=0, help="probe.chunk_size (0 = the training micro-batch)")
     ap.add_argument("--memory-only", action="store_true", help="solves capped at 3 HVPs, 2 batch-sharpness draws: "
                     "every graph is still built, so the memory peaks hold; the times do not")
+    ap.add_argument("--head-chunk", type=int, default=0, help="model.head_chunk: the fused LM head (agents.fused_head)"
+                    " in blocks of this many tokens; 0 = the model's own head")
     a = ap.parse_args()
     if bad := [m for m in a.models if m != "embedded" and m not in SHAPES]:
         ap.error(f"unknown models {bad}")
     if a.gap < 2 or a.gap % 2:
         ap.error("--gap must be an even number >= 2")
-    main(tuple(a.models), a.gap, a.mode, a.chunk_size, a.memory_only)
+    main(tuple(a.models), a.gap, a.mode, a.chunk_size, a.memory_only, a.head_chunk)
