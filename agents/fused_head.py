@@ -85,7 +85,7 @@ class _LinearLogpBackward(torch.autograd.Function):
         a = torch.zeros_like(h) if a is None else a
         big_a = torch.zeros_like(weight) if big_a is None else big_a
         d_g, d_h, d_w = torch.empty_like(g), torch.empty_like(h), torch.zeros_like(weight)
-        for b in _blocks(n, chunk := ctx.chunk):
+        for b in _blocks(n, ctx.chunk):
             rows = torch.arange(b.stop - b.start, device=h.device)
             p = _softmax_block(h[b], weight, logz[b])
             q = a[b] @ weight.T + h[b] @ big_a.T                      # q_t = W a_t + A h_t      [c, V]
