@@ -3,7 +3,11 @@ curvature-driven LR (schedule eos or cdat) beat the best constant LR, at equal s
 
 Arms: runs that differ only in their seed (the run name less its ``-s<seed>`` suffix). The best constant is the
 constant-LR arm (schedule constant, no warm-up) with the lowest mean final loss. Per arm, over seeds:
-- final loss: mean with a Student-t 95 % CI; a diverged run counts as +inf (its arm's mean is inf);
+- final loss: mean with a Student-t 95 % CI; a diverged run counts as +inf (its arm's mean is inf). The last
+  ``train/loss`` where it is the training set's (the Cohen MLP, full-batch GD); for a minibatch LM run the mean over
+  its last 10 % of steps (every arm sees the same batches at a step for a seed, so the pairs stay paired);
+- held-out accuracy (LM runs): the last ``eval/accuracy``, mean with its CI, and Δ acc, the difference from the best
+  constant's paired by seed with its t-interval;
 - × best: the final loss over the best constant's, paired by seed, as the geometric mean of the per-seed ratios with
   a t-interval on their logs (:func:`paired_ratio`);
 - loss at C: the loss of the last step whose cumulative compute is within C = ``steps`` gradients (G, what a plain
@@ -13,8 +17,11 @@ constant-LR arm (schedule constant, no warm-up) with the lowest mean final loss.
 Rules (statements generated from those numbers, none hard-coded):
 - "beats the best constant": the 95 % interval of × best lies below 1; "loses to" it: above 1; else "is not resolved
   from" it (inconclusive with these seeds). The same at equal compute with × best at C.
+- held-out accuracy "above" / "below" the best constant's: the 95 % interval of Δ acc lies above / below 0; else
+  "not resolved from" it.
 Only runs of one experiment are compared (:func:`comparisons` groups by run directory parent and regime).
-Costs in G are those of the tanh MLP of the Cohen runs (probes/hvp.py): pass others for another model.
+Costs in G (probes/hvp.py, measured on CPU): a graph build 1.3 G; an HVP 1.6 G on the tanh MLP of the Cohen runs,
+2.1 G on GPT-NeoX (LM runs: 2.0–2.2 G); a forward pass ⅓ G.
 """
 from __future__ import annotations
 
@@ -27,7 +34,9 @@ from experiments.rundirs import Run
 from probes.sharpness import t_quantile
 
 GRAPH_COST, HVP_COST = 1.3, 1.6   # in G on the tanh MLP (cached graph; probes/hvp.py)
+HVP_COST_LM = 2.1                 # in G on GPT-NeoX (cached graph, 2.0–2.2 G; probes/hvp.py)
 FORWARD_COST = 1 / 3              # a forward pass, the usual third of a forward + backward (critical sharpness)
+TAIL = 0.1                        # share of the last steps whose mean is a minibatch LM run's final loss
 CONTROLLED = ("eos", "cdat")
 
 
@@ -60,6 +69,37 @@ def warmup(run: Run) -> int:
     return int(run._get("optim", "warmup_steps", default=None) or run._get("warmup_steps", default=0) or 0)
 
 
+def is_lm(run: Run) -> bool:
+    """An eoslab LM run (a RunConfig: sections model/optim/train), not a Cohen MLP run."""
+    return run._get("model", "name", default=None) is not None
+
+
+def final_loss(run: Run) -> float:
+    """The last train/loss, or for a minibatch LM run the mean over its last ``TAIL`` of steps; inf if it did not
+    complete."""
+    _, loss = run.series("train/loss")
+    if run.status.get("status") != "completed" or not len(loss):
+        return math.inf
+    if is_lm(run) and not run._get("train", "full_batch", default=False):
+        return float(np.mean(loss[-max(1, int(round(TAIL * len(loss)))):]))
+    return float(loss[-1])
+
+
+def final_accuracy(run: Run) -> float:
+    """The last eval/accuracy (NaN when never evaluated)."""
+    _, acc = run.series("eval/accuracy")
+    return float(acc[-1]) if len(acc) else math.nan
+
+
+def paired_difference(xs: list[float], base: list[float]) -> tuple[float, float, float]:
+    """(mean, lo, hi) of xs[s] − base[s] over seeds with its 95 % t-interval; NaN when a value is missing."""
+    d = [x - b for x, b in zip(xs, base) if math.isfinite(x) and math.isfinite(b)]
+    if not d or len(d) < len(xs):
+        return math.nan, math.nan, math.nan
+    m, h = mean_ci(d)
+    return m, m - h, m + h
+
+
 def arm_and_seed(run: Run) -> tuple[str, int]:
     m = re.fullmatch(r"(.*)-s(\d+)", run.name)
     return (m.group(1), int(m.group(2))) if m else (run.name, 0)
@@ -77,7 +117,8 @@ def _at_compute(run: Run, budget: float) -> tuple[float, float]:
             gr = np.zeros_like(h)
         if len(fw) != len(h):
             fw = np.zeros_like(h)
-        extra = {int(t): HVP_COST * a + GRAPH_COST * b + FORWARD_COST * f for t, a, b, f in zip(sh, h, gr, fw)}
+        hvp_cost = HVP_COST_LM if is_lm(run) else HVP_COST
+        extra = {int(t): hvp_cost * a + GRAPH_COST * b + FORWARD_COST * f for t, a, b, f in zip(sh, h, gr, fw)}
         cost = cost + np.cumsum([0.0] + [extra.get(int(t), 0.0) for t in s[:-1]])
         hvps = float(h.sum())
     within = loss[cost <= budget]
@@ -94,25 +135,27 @@ def lr_comparison(runs: list[Run], steps: int | None = None) -> dict:
         by.setdefault(arm, []).append((seed, r))
     budget = float(steps if steps is not None else max((r.series("train/loss")[0].max(initial=0) for r in runs),
                                                        default=0))
-    rows, finals, at_c = {}, {}, {}
+    rows, finals, at_c, accs = {}, {}, {}, {}
     for arm, items in sorted(by.items()):
         items.sort(key=lambda x: x[0])
-        final, at, secs, hvps, diverged = [], [], [], [], 0
+        final, at, secs, hvps, diverged, acc = [], [], [], [], 0, []
         for _, r in items:
             ok = r.status.get("status") == "completed"
             diverged += not ok
-            _, loss = r.series("train/loss")
-            final.append(float(loss[-1]) if ok and len(loss) else math.inf)
+            final.append(final_loss(r))
+            acc.append(final_accuracy(r))
             a, h = _at_compute(r, budget)
             at.append(a if ok else math.inf)
             hvps.append(h)
             _, sec = r.series("train/seconds")
             if len(sec):
                 secs.append(float(sec[-1]))
-        finals[arm], at_c[arm] = final, at
+        finals[arm], at_c[arm], accs[arm] = final, at, acc
         m, ci = mean_ci(final)
         mt, cit = mean_ci(at)
+        ma, cia = mean_ci(acc)
         rows[arm] = {"n": len(items), "schedule": schedule(items[0][1]), "loss": m, "loss_ci": ci,
+                     "accuracy": ma, "accuracy_ci": cia,
                      "loss_at_C": mt, "loss_at_C_ci": cit, "seconds": float(np.mean(secs)) if secs else math.nan,
                      "est_hvps": float(np.mean(hvps)), "diverged": diverged,
                      "constant": schedule(items[0][1]) == "constant" and not warmup(items[0][1])}
@@ -122,8 +165,19 @@ def lr_comparison(runs: list[Run], steps: int | None = None) -> dict:
     for arm, row in rows.items():
         row["x_best"] = list(paired_ratio(finals[arm], finals[best])) if best else [math.nan] * 3
         row["x_best_at_C"] = list(paired_ratio(at_c[arm], finals[best])) if best else [math.nan] * 3
+        row["d_acc"] = list(paired_difference(accs[arm], accs[best])) if best else [math.nan] * 3
         if best is None or row["schedule"] not in CONTROLLED:
             continue
+        d, lo, hi = row["d_acc"]
+        if math.isfinite(d):
+            verdict = "above" if lo > 0 else "below" if hi < 0 else "not resolved from"
+            statements.append({
+                "arm": arm, "at": "held-out accuracy", "verdict": verdict,
+                "statement": f"{arm}'s held-out accuracy is {verdict} the best constant's ({best}): "
+                             f"{row['accuracy']:.3f} vs {rows[best]['accuracy']:.3f}, Δ {d:+.3f} [{lo:+.3f}, {hi:+.3f}] "
+                             f"over {row['n']} seeds",
+                "rule": "above / below: the 95% interval of the seed-paired accuracy difference lies above / below "
+                        "0; else unresolved"})
         for what, key in (("at equal steps", "x_best"), (f"at equal compute ({budget:g} G)", "x_best_at_C")):
             r, lo, hi = row[key]
             verdict = "beats" if hi < 1 else "loses to" if lo > 1 else "is not resolved from"
@@ -142,11 +196,18 @@ def comparison_rows(found: dict) -> list[dict]:
     def ratio(x):
         return "–" if not math.isfinite(x[0]) else f"{x[0]:.2f} [{x[1]:.2f}, {x[2]:.2f}]"
 
+    def accuracy(r):
+        if not math.isfinite(r["accuracy"]):
+            return {}
+        d = r["d_acc"]
+        return {"held-out acc": f"{r['accuracy']:.3f} ± {r['accuracy_ci']:.2g}",
+                "Δ acc": "–" if not math.isfinite(d[0]) else f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"}
+
     return [{"arm": arm, "schedule": r["schedule"], "seeds": r["n"],
              "final loss": f"{r['loss']:.4g} ± {r['loss_ci']:.2g}",
              "× best": ratio(r["x_best"]), f"loss at {found['budget']:g} G": f"{r['loss_at_C']:.4g} ± "
-             f"{r['loss_at_C_ci']:.2g}", "× best at C": ratio(r["x_best_at_C"]), "HVPs": f"{r['est_hvps']:.0f}",
-             "diverged": r["diverged"]} for arm, r in found["arms"].items()]
+             f"{r['loss_at_C_ci']:.2g}", "× best at C": ratio(r["x_best_at_C"]), **accuracy(r),
+             "HVPs": f"{r['est_hvps']:.0f}", "diverged": r["diverged"]} for arm, r in found["arms"].items()]
 
 
 def comparisons(runs: list[Run]) -> dict[str, dict]:

@@ -79,3 +79,41 @@ def test_report_renders_the_comparison(runs, tmp_path):
     assert "gd-eos0.8-lr0.3 beats the best constant (gd-lr1) at equal steps: final loss × 0.50 [0.50, 0.50]" in md
     assert "× best" in index.read_text()
     assert json.loads((index.parent / "findings.json").read_text())["lr_comparisons"]["cohen · gd-mse"]
+
+
+def test_lm_runs_use_the_tail_mean_loss_held_out_accuracy_and_the_gpt_neox_hvp_cost(tmp_path):
+    from experiments.lr_findings import HVP_COST_LM
+
+    root = tmp_path / "adaptive_lr"
+
+    def lm(arm, seed, losses, acc, schedule="constant", hvps=0):
+        d = root / f"{arm}-s{seed}"
+        d.mkdir(parents=True)
+        cfg = {"regime": "sft", "model": {"name": "embedded", "lora_rank": 0}, "train": {"full_batch": False},
+               "optim": {"name": "adamw", "lr": 1e-3, "schedule": schedule, "warmup_steps": 0}}
+        (d / "config.json").write_text(json.dumps({"config": cfg}))
+        with open(d / "metrics.jsonl", "w") as f:
+            for t, loss in enumerate(losses):
+                row = {"step": t, "train/loss": loss, "train/seconds": 0.1 * t}
+                if hvps:
+                    row.update({"optim/est_hvps": hvps, "optim/est_grads": 0, "optim/est_forwards": 0})
+                f.write(json.dumps(row) + "\n")
+            f.write(json.dumps({"step": len(losses), "eval/accuracy": acc}) + "\n")
+        (d / "status.json").write_text(json.dumps({"status": "completed"}))
+        (d / "DONE").write_text("{}")
+
+    for seed in range(3):
+        # 20 steps: the last 2 (10 %) average to 1.0 for the constant, 0.5 for eos; a noisy last step does not decide
+        lm("sft-const-lr0.001", seed, [3.0] * 18 + [1.5, 0.5], acc=0.50 + 0.01 * seed)
+        lm("sft-eos0.9-lr0.001", seed, [3.0 - 0.1 * t for t in range(18)] + [0.25, 0.75], acc=0.60 + 0.01 * seed,
+           schedule="eos", hvps=1)
+    found = lr_comparison(find_runs([root]))
+    assert found["best_constant"] == "sft-const-lr0.001"
+    eos = found["arms"]["sft-eos0.9-lr0.001"]
+    assert eos["loss"] == pytest.approx(0.5) and eos["x_best"] == pytest.approx([0.5] * 3)
+    assert eos["accuracy"] == pytest.approx(0.61) and eos["d_acc"] == pytest.approx([0.1] * 3)
+    said = {(s["arm"], s["at"]): s["verdict"] for s in found["statements"]}
+    assert said[("sft-eos0.9-lr0.001", "held-out accuracy")] == "above"
+    # equal compute at 19 G with 1 HVP (2.1 G) per step: steps t with t·3.1 ≤ 19, t ≤ 6: loss 2.4 (the MLP's
+    # 1.6 G would allow step 7)
+    assert eos["loss_at_C"] == pytest.approx(2.4) and HVP_COST_LM == 2.1
