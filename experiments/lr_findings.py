@@ -174,8 +174,8 @@ def lr_comparison(runs: list[Run], steps: int | None = None) -> dict:
             statements.append({
                 "arm": arm, "at": "held-out accuracy", "verdict": verdict,
                 "statement": f"{arm}'s held-out accuracy is {verdict} the best constant's ({best}): "
-                             f"{row['accuracy']:.3f} vs {rows[best]['accuracy']:.3f}, Δ {d:+.3f} [{lo:+.3f}, {hi:+.3f}] "
-                             f"over {row['n']} seeds",
+                             f"{row['accuracy']:.3f} vs {rows[best]['accuracy']:.3f}, "
+                             f"Δ {d:+.3f} [{lo:+.3f}, {hi:+.3f}] over {row['n']} seeds",
                 "rule": "above / below: the 95% interval of the seed-paired accuracy difference lies above / below "
                         "0; else unresolved"})
         for what, key in (("at equal steps", "x_best"), (f"at equal compute ({budget:g} G)", "x_best_at_C")):
