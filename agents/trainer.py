@@ -101,6 +101,10 @@ class TrainConfig:
     """Eval prompts shown base vs fine-tuned in samples.json."""
     save_model: bool = True
     """save_pretrained the final policy to <run>/checkpoints/final_model (a model.name for a later run)."""
+    autocast: str = ""
+    """"bfloat16": the training loss and its gradient under torch.autocast (bf16 matmuls, float32 weights and
+    optimizer), while probes and the LR controller measure the float32 loss (HVPs lose ~3 % in bf16); "" = off.
+    For GPUs; on a CPU it runs, slowly."""
 
 
 def config_errors(t: TrainConfig) -> list[str]:
@@ -118,6 +122,9 @@ def config_errors(t: TrainConfig) -> list[str]:
         errors.append(f"train.max_length={t.max_length} must be >= 2")
     if t.eval_max_new_tokens < 1:
         errors.append(f"train.eval_max_new_tokens={t.eval_max_new_tokens} must be >= 1")
+    if t.autocast not in ("", "bfloat16"):
+        errors.append(f"train.autocast={t.autocast!r} must be 'bfloat16' or '' (off); float16 would need a gradient"
+                      " scaler")
     return errors
 
 
@@ -479,6 +486,9 @@ class Trainer:
             if size > 0 else None
 
     def _loss_fn(self, chunk):
+        if self.config.autocast:   # the training loss only: probes and the controller call regime.loss in float32
+            with torch.autocast(self.policy.device.type, dtype=getattr(torch, self.config.autocast)):
+                return self.regime.loss_and_stats(self.policy, chunk)
         return self.regime.loss_and_stats(self.policy, chunk)
 
     # ------------------------------------------------------------------ the loop
