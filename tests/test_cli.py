@@ -21,6 +21,10 @@ def test_run_subcommands_and_seed_knobs():
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (1e-4, 0.9, 1e-4)
     assert cfg.train.micro_batch * cfg.train.grad_accum == 16 and cfg.train.full_batch
     assert cfg.probe.every == 5 and cfg.env.n_train == 64
+    gpu = parse(["sft", "--train.autocast", "bfloat16", "--model.head-chunk", "1024", "--probe.critical-chunks", "0",
+                 "--probe.batch-lambda-max"])
+    assert (gpu.train.autocast, gpu.model.head_chunk, gpu.probe.critical_chunks, gpu.probe.batch_lambda_max) == \
+        ("bfloat16", 1024, 0, True)
 
 
 def test_env_kwargs_parse_with_their_types(capsys):
