@@ -59,6 +59,7 @@ from experiments.lineage import lineage_name, retention_source
 from experiments.lineage import replay_texts
 from experiments.lineage import retention_texts as _retention_texts
 from probes import ProbeConfig, Prober
+from probes.config import KNOBS as PROBE_KNOBS
 
 REGIMES = ("sft", "rl")
 # Fields that may differ when resuming a run dir (section.field); everything else defines the trajectory.
@@ -291,22 +292,29 @@ def _flat_config(config: dict) -> dict:
     return {**{k: v for k, v in ADDED_FIELDS.items() if k.split(".")[0] in config}, **flat}
 
 
-def comparable_config(config: dict) -> dict:
-    """The flat config that says what a run does: ``_flat_config``, and with probes off (``probe.every`` 0) no
-    other probe field, since none of them changes such a run."""
-    flat = _flat_config(config)
+def _idle_probe_fields(flat: dict) -> set[str]:
+    """The probe fields of ``flat`` that change nothing in its run: every one but probe.every when probes are off,
+    and a kind's knobs (probes.config.KNOBS) when its cadence is 0."""
     if flat.get("probe.every") == 0:
-        flat = {k: v for k, v in flat.items() if k == "probe.every" or not k.startswith("probe.")}
-    return flat
+        return {k for k in flat if k.startswith("probe.") and k != "probe.every"}
+    return {f"probe.{knob}" for cadence, knobs in PROBE_KNOBS.items() if flat.get(f"probe.{cadence}") == 0
+            for knob in knobs}
+
+
+def comparable_config(config: dict) -> dict:
+    """The flat config that says what a run does: ``_flat_config`` less its idle probe fields (probes off, or the
+    knobs of a probe kind that never runs)."""
+    flat = _flat_config(config)
+    idle = _idle_probe_fields(flat)
+    return {k: v for k, v in flat.items() if k not in idle}
 
 
 def config_changes(old: dict, new: dict) -> dict[str, list]:
-    """{"section.field": [old, new]} for every differing field of two run configs; the probe fields beside
-    probe.every count only where probes run (``comparable_config``)."""
+    """{"section.field": [old, new]} for every differing field of two run configs, less the probe fields idle in
+    both (a knob of a probe kind that runs in neither, every probe field where probes are off in both)."""
     a, b = _flat_config(old), _flat_config(new)
-    if a.get("probe.every") == 0 and b.get("probe.every") == 0:
-        a, b = comparable_config(old), comparable_config(new)
-    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    idle = _idle_probe_fields(a) & _idle_probe_fields(b)
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if k not in idle and a.get(k) != b.get(k)}
 
 
 def _compared(config: dict) -> dict:

@@ -13,7 +13,7 @@ from .eigs import STOPS
 from .hvp import MODES
 from .sharpness import ESTIMATORS
 
-__all__ = ["ProbeConfig", "config_errors"]
+__all__ = ["ProbeConfig", "config_errors", "KNOBS"]
 
 
 @dataclass(frozen=True)
@@ -128,9 +128,9 @@ class ProbeConfig:
     #: ηc is then the critical step of that subset's loss along the update, an estimate of the probe set's.
     critical_chunks: int = 1
     #: relative width of the final ηc bracket of the critical-sharpness line search.
-    critical_rtol: float = 0.05
+    critical_rtol: float = 0.1
     #: most forward passes per critical-sharpness line search (NaN when it has not bracketed ηc by then).
-    critical_max_forwards: int = 20
+    critical_max_forwards: int = 10
 
     # ---- shared by every probe ----
 
@@ -147,6 +147,15 @@ class ProbeConfig:
         errors = config_errors(self)
         if errors:
             raise ValueError("ProbeConfig: " + "; ".join(errors))
+
+
+# The knobs that only one probe kind reads, by the cadence field that schedules it: with that cadence 0 they change
+# nothing (experiments.run.comparable_config leaves them out of run comparisons).
+KNOBS = {"batch_sharpness_every": ("batch_min_samples", "batch_max_samples", "batch_rse", "batch_estimator", "gni",
+                                   "confidence"),
+         "trace_every": ("trace_max_probes", "trace_rse"),
+         "blocks_every": ("block_patterns",),
+         "critical_every": ("critical_chunks", "critical_rtol", "critical_max_forwards")}
 
 
 def config_errors(cfg: ProbeConfig) -> list[str]:

@@ -105,18 +105,22 @@ def test_critical_sharpness_in_the_prober_reads_the_last_update():
     with torch.no_grad():                                    # θ_t = θ_{t-1} + Δθ: a GD step
         for n, p in params.items():
             p.add_(update[n])
-    pr = Prober(ProbeConfig(every=100, critical_every=5, critical_chunks=0))
+    pr = Prober(ProbeConfig(every=100, critical_every=5, critical_chunks=0, critical_rtol=0.05,
+                            critical_max_forwards=20))
     assert "probe/critical_sharpness" not in pr(ProbeContext(params, loss_fn, chunks, lr=lr, step=5, model=model))
     out = pr(ProbeContext(params, loss_fn, chunks, lr=lr, step=5, model=model, update=update))
-    direct = critical_sharpness(params, loss_fn, chunks, update, lr)
+    direct = critical_sharpness(params, loss_fn, chunks, update, lr, rtol=0.05, max_forwards=20)
     assert out["probe/critical_sharpness"] == direct.value and out["probe/critical_forwards"] == direct.forwards
     assert out["probe/hvps"] == 0.0                       # forward passes only
-    # the default evaluates the first chunk only: the line search of that chunk's loss, a different ηc
-    assert len(chunks) > 1
-    first = Prober(ProbeConfig(every=100, critical_every=5))(
+    # the default evaluates the first chunk only: the line search of that chunk's loss, a different ηc (resolved
+    # finely enough here to tell them apart)
+    assert len(chunks) > 1 and ProbeConfig().critical_chunks == 1
+    fine = {"rtol": 1e-3, "max_forwards": 40}
+    first = Prober(ProbeConfig(every=100, critical_every=5, critical_rtol=1e-3, critical_max_forwards=40))(
         ProbeContext(params, loss_fn, chunks, lr=lr, step=5, model=model, update=update))
-    subset = critical_sharpness(params, loss_fn, chunks[:1], update, lr)
-    assert first["probe/critical_sharpness"] == subset.value != direct.value
+    subset = critical_sharpness(params, loss_fn, chunks[:1], update, lr, **fine)
+    assert first["probe/critical_sharpness"] == subset.value
+    assert subset.value != critical_sharpness(params, loss_fn, chunks, update, lr, **fine).value
     # near θ_{t-1} the loss is close to its quadratic model: λc ≈ gᵀHg/gᵀg at θ_{t-1}
     with torch.no_grad():
         for n, p in params.items():

@@ -190,6 +190,15 @@ def test_config_changes_flattens_sections():
     assert config_changes(asdict(off), asdict(replace(off, probe={"rayleigh_every": 7, "tol": 0.5}))) == {}
     assert config_changes(asdict(off), asdict(replace(a, probe={"every": 3, "tol": 0.5}))) == {
         "probe.every": [0, 3], "probe.tol": [0.001, 0.5]}
+    # a probe kind that runs in neither: its knobs change nothing; where it runs in one, they count
+    quiet = replace(a, probe={"critical_every": 0})
+    assert config_changes(asdict(quiet), asdict(replace(quiet, probe={"critical_rtol": 0.3, "critical_chunks": 2}))) \
+        == {}
+    assert config_changes(asdict(quiet), asdict(replace(a, probe={"critical_rtol": 0.3}))) == {
+        "probe.critical_every": [0, 10], "probe.critical_rtol": [0.1, 0.3]}
+    from experiments.run import comparable_config
+    assert "probe.critical_rtol" not in comparable_config(asdict(quiet)) and "probe.tol" in comparable_config(
+        asdict(quiet))
 
 
 def test_warm_started_runs_are_scored_on_the_base_models_retention_texts(tiny_model_dir, tmp_path):

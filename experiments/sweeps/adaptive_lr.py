@@ -53,7 +53,8 @@ def _arms(base: RunConfig, tag: str, lrs: tuple[float, ...], warmup: int) -> lis
     # cadence explicit, so that the runs do not change with ProbeConfig's defaults
     base = replace(base, probe=ProbeConfig(every=250, tol=1e-3, step_sharpness=False, batch_lambda_max=False,
                                            batch_sharpness_every=0, rayleigh_every=0, alignment_every=0,
-                                           critical_every=10, critical_chunks=1))
+                                           critical_every=10, critical_chunks=1, critical_rtol=0.05,
+                                           critical_max_forwards=20))
     return [replace(base, optim=optim, train={"seed": seed}, name=f"{tag}-{arm}-s{seed}")
             for arm, optim in arms for seed in SEEDS]
 
