@@ -20,32 +20,25 @@ __all__ = ["ProbeConfig", "config_errors", "KNOBS"]
 class ProbeConfig:
     """Probe cadences (in optimizer steps; 0 = off) and tolerances. ``every=0`` disables probing altogether.
 
-    Cost at the defaults, in optimizer steps of the default SFT run (AdamW, batch 64 = probe set 64, embedded model,
-    one CPU thread, a loaded machine: ±30 %), measured per call and amortised over the cadence:
-    - ``every`` = 250: a warm step (λ_max of the probe set and of the batch, 2 graphs ≈1.3 G each + 2–4 HVPs per solve
-      at ≈2 G, update and step sharpness 1 HVP each, the Adam solve) ≈ 17 steps → ≈ 7 %;
-    - ``batch_sharpness_every`` = 1000: 8–16 draws at ≈5 G each ≈ 27–57 steps → ≈ 3–5 %;
-    - ``critical_every`` = 10: 3 forward passes of the probe set when ηc moved < ``critical_rtol`` since the last
-      call, 7–10 otherwise (most calls in steps 10–60, where ηc moved by ×0.5–×8 per 10 steps) ≈ 0.4–2.2 steps
-      → ≈ 4–18 %;
-    - ``rayleigh_every`` = ``alignment_every`` = 50: one graph + 1 HVP ≈ 3 steps → ≈ 6 %.
-    Estimated together ≈ 20–25 % of wall time; measured more (learnability runs, one thread, two runs on two cores):
-    the SFT default's 1000 steps trained for 552 s beside 319 s of probes (58 %: critical sharpness 161 s over 100
-    calls at 6–9 forward passes each, far more than the 3 of a warm call, as ηc moves with every minibatch; the four
-    λ_max steps 102 s, 16–24 HVPs each; Rayleigh + alignment 55 s); the user's SGD at batch 16, where the 64-example
-    probe set is four batches, trained 3000 steps for 534 s beside 759 s of probes (142 %). A trace every 10 steps on
-    a probe set as large as the batch costs ≥ 3 forward passes (≈ 0.4 steps) per call, so the 10 % goal and a point
-    every 10 steps do not fit together here. Without the cheap traces (``critical_every=0``, ``rayleigh_every=0``,
-    ``alignment_every=0``) the probes take ≈ 9 % (estimated); a smaller ``probe_set_size`` cuts every probe-set cost
-    in proportion. The study and demo set their cadences explicitly. Per kind, measured by experiments/bench/scale.py
-    on the embedded model (one thread, a loaded machine), in training steps per call: critical sharpness 1.9 (≈ 19 %
-    at every 10), Rayleigh 3.5 (7 % at every 50), the λ_max family (probe set, batch, step and update sharpness,
-    Adam) 33 warm (13 % at every 250), batch sharpness 29 (3 % at every 1000): 30 % together.
+    The defaults give a point every 10 steps (critical sharpness on the first 16 probe examples) and the λ_max
+    family every 500, within 10 % of the default SFT run's wall time (experiments/bench/probe_overhead.py, below).
+    Per call, in training steps of that run (AdamW, batch 64, 64-example probe set, embedded model, one CPU thread;
+    experiments/bench/scale.py and the runs' ``probe/<kind>_seconds``):
+    - ``critical_every`` = 10 on ``critical_chunks`` = 1 chunk: 6–7 forward passes of 16 examples (rtol 0.1; ηc
+      moves ×1.7–3 between calls with minibatch noise, so warm starts rarely save a pass) ≈ 0.56 steps → ≈ 5.6 %;
+    - ``every`` = 500: the probe-set graph (≈ 2.3) + update sharpness (1 HVP ≈ 1.4) + λ_max (≈ 6.6 warm, 18 cold) +
+      the Adam λ_max (≈ 11.5) ≈ 24 warm → ≈ 5 % (the cold step-0 solve adds ≈ 2 % to a 1000-step run); the current
+      batch's λ_max (``batch_lambda_max``, ≈ 9) and step sharpness (≈ 3.4, a graph of the batch) are off;
+    - ``rayleigh_every`` = ``alignment_every`` = 250: one graph + 1 HVP ≈ 3.4 steps between solves → ≈ 0.7 %;
+    - ``batch_sharpness_every`` = 0 (off): 8–16 fresh batches at ≈ 3.7 steps each ≈ 30 steps per call; it is the
+      EoSS quantity of minibatch SGD: turn it on for SGD runs (the study samples it every 75 steps).
+    The cost in steps grows as the batch shrinks: at the user's batch 16 (4 batches = the probe set) the same
+    defaults measured 13.6–15.6 % (critical sharpness then ≈ 0.9 steps a call at its older rtol 0.05 and 20 passes).
     """
     # ---- λ_max and what shares its operator (cadence ``every``) ----
 
-    #: λ_max (of the fixed probe set and of the current batch), the stability thresholds, step/update sharpness
-    #: and the Adam-preconditioned λ_max every this many steps; 0 turns every probe off.
+    #: λ_max of the fixed probe set, the stability thresholds, update sharpness, the Adam-preconditioned λ_max (and,
+    #: when switched on, the current batch's λ_max and step sharpness) every this many steps; 0 turns every probe off.
     every: int = 500
     #: examples in the fixed probe set of probe/lambda_max under minibatch training, drawn once from the training
     #: tasks with ``seed`` (the whole training set when it is smaller); full-batch GD probes the whole training set
