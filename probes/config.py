@@ -66,7 +66,8 @@ class ProbeConfig:
     max_hvps: int = 40
     #: start each solve from the eigenvectors of the previous probe (checkpointed with the run).
     warm_start: bool = True
-    #: gᵀHg/gᵀg for the probe-batch gradient g (1 HVP).
+    #: g_BᵀH_Bg_B/g_Bᵀg_B for the current batch's gradient g_B (EoSS step sharpness: a graph of the batch + 1 HVP
+    #: ≈ 3.4 training steps; one sample of what batch sharpness averages).
     step_sharpness: bool = False
     #: ΔθᵀHΔθ/ΔθᵀΔθ for the last optimizer update Δθ (1 HVP; needs ProbeContext.update).
     update_sharpness: bool = True
