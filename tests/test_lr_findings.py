@@ -9,11 +9,13 @@ from experiments.lr_findings import HVP_COST, comparisons, lr_comparison
 from experiments.rundirs import find_runs
 
 
-def write(root, arm, seed, losses, schedule="constant", hvps_per_step=0, status="completed"):
+def write(root, arm, seed, losses, schedule="constant", hvps_per_step=0, status="completed", cfg=None,
+          accuracy=None):
+    """A Cohen MLP run dir (or, with ``cfg``, a run of that config), with a final eval/accuracy row if given."""
     d = root / f"{arm}-s{seed}"
     d.mkdir(parents=True)
-    cfg = {"regime": "gd-mse", "experiment": "cohen2021", "lr": 0.3, "schedule": schedule, "warmup_steps": 0,
-           "seed": seed}
+    cfg = cfg or {"regime": "gd-mse", "experiment": "cohen2021", "lr": 0.3, "schedule": schedule, "warmup_steps": 0,
+                  "seed": seed}
     (d / "config.json").write_text(json.dumps({"config": cfg}))
     with open(d / "metrics.jsonl", "w") as f:
         for t, loss in enumerate(losses):
@@ -21,6 +23,8 @@ def write(root, arm, seed, losses, schedule="constant", hvps_per_step=0, status=
             if hvps_per_step:
                 row.update({"optim/est_hvps": hvps_per_step, "optim/est_grads": 0, "optim/est_forwards": 0})
             f.write(json.dumps(row) + "\n")
+        if accuracy is not None:
+            f.write(json.dumps({"step": len(losses), "eval/accuracy": accuracy}) + "\n")
     (d / "status.json").write_text(json.dumps({"status": status}))
     (d / "DONE").write_text("{}")
 
@@ -87,20 +91,9 @@ def test_lm_runs_use_the_tail_mean_loss_held_out_accuracy_and_the_gpt_neox_hvp_c
     root = tmp_path / "adaptive_lr"
 
     def lm(arm, seed, losses, acc, schedule="constant", hvps=0):
-        d = root / f"{arm}-s{seed}"
-        d.mkdir(parents=True)
         cfg = {"regime": "sft", "model": {"name": "embedded", "lora_rank": 0}, "train": {"full_batch": False},
                "optim": {"name": "adamw", "lr": 1e-3, "schedule": schedule, "warmup_steps": 0}}
-        (d / "config.json").write_text(json.dumps({"config": cfg}))
-        with open(d / "metrics.jsonl", "w") as f:
-            for t, loss in enumerate(losses):
-                row = {"step": t, "train/loss": loss, "train/seconds": 0.1 * t}
-                if hvps:
-                    row.update({"optim/est_hvps": hvps, "optim/est_grads": 0, "optim/est_forwards": 0})
-                f.write(json.dumps(row) + "\n")
-            f.write(json.dumps({"step": len(losses), "eval/accuracy": acc}) + "\n")
-        (d / "status.json").write_text(json.dumps({"status": "completed"}))
-        (d / "DONE").write_text("{}")
+        write(root, arm, seed, losses, hvps_per_step=hvps, cfg=cfg, accuracy=acc)
 
     for seed in range(3):
         # 20 steps: the last 2 (10 %) average to 1.0 for the constant, 0.5 for eos; a noisy last step does not decide
