@@ -35,9 +35,9 @@ def token_stats(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask:
                 labels: torch.Tensor, entropy: bool = False, hidden: bool = False,
                 temperature: float = 1.0, head_chunk: int = 0) -> TokenStats:
     """One forward pass of ``model`` -> TokenStats of the policy softmax(logits / temperature). Differentiable (no
-    no_grad here); logits in float32 (float64 for a float64 model). ``head_chunk`` > 0: logp through agents.fused_head (the head's logits built
-    that many tokens at a time, none kept in the graph: the same numbers to rounding, far less memory on a large
-    vocabulary); needs a plain linear head without bias and no entropy."""
+    no_grad here); logits in float32 (float64 for a float64 model). ``head_chunk`` > 0: logp through
+    agents.fused_head (the head's logits built that many tokens at a time, none kept in the graph: the same numbers
+    to rounding, far less memory on a large vocabulary); needs a plain linear head without bias and no entropy."""
     if head_chunk:
         return _fused_token_stats(model, input_ids, attention_mask, labels, hidden, temperature, head_chunk,
                                   entropy)

@@ -297,8 +297,8 @@ def _idle_probe_fields(flat: dict) -> set[str]:
     and a kind's knobs (probes.config.KNOBS) when its cadence is 0."""
     if flat.get("probe.every") == 0:
         return {k for k in flat if k.startswith("probe.") and k != "probe.every"}
-    return {f"probe.{knob}" for cadence, knobs in PROBE_KNOBS.items() if flat.get(f"probe.{cadence}") == 0
-            for knob in knobs}
+    return {f"probe.{knob}" for knob, cadences in PROBE_KNOBS.items()
+            if all(flat.get(f"probe.{c}") == 0 for c in cadences)}
 
 
 def comparable_config(config: dict) -> dict:

@@ -143,13 +143,13 @@ class ProbeConfig:
             raise ValueError("ProbeConfig: " + "; ".join(errors))
 
 
-# The knobs that only one probe kind reads, by the cadence field that schedules it: with that cadence 0 they change
-# nothing (experiments.run.comparable_config leaves them out of run comparisons).
-KNOBS = {"batch_sharpness_every": ("batch_min_samples", "batch_max_samples", "batch_rse", "batch_estimator", "gni",
-                                   "confidence"),
-         "trace_every": ("trace_max_probes", "trace_rse"),
-         "blocks_every": ("block_patterns",),
-         "critical_every": ("critical_chunks", "critical_rtol", "critical_max_forwards")}
+# Knobs read by some probe kinds only -> the cadence fields of those kinds: with all of them 0 the knob changes
+# nothing (experiments.run.comparable_config leaves it out of run comparisons).
+KNOBS = {**{k: ("batch_sharpness_every",) for k in ("batch_min_samples", "batch_max_samples", "batch_rse",
+                                                    "batch_estimator", "gni", "confidence")},
+         "trace_max_probes": ("trace_every",), "trace_rse": ("trace_every",),
+         "block_patterns": ("trace_every", "blocks_every"),   # per-block traces and per-block λ_max
+         **{k: ("critical_every",) for k in ("critical_chunks", "critical_rtol", "critical_max_forwards")}}
 
 
 def config_errors(cfg: ProbeConfig) -> list[str]:

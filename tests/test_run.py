@@ -199,6 +199,10 @@ def test_config_changes_flattens_sections():
     from experiments.run import comparable_config
     assert "probe.critical_rtol" not in comparable_config(asdict(quiet)) and "probe.tol" in comparable_config(
         asdict(quiet))
+    # a knob read by two kinds (block_patterns: per-block traces and per-block λ_max) counts while either runs
+    traced = replace(a, probe={"trace_every": 5, "blocks_every": 0})
+    assert "probe.block_patterns" in comparable_config(asdict(traced))
+    assert "probe.block_patterns" not in comparable_config(asdict(replace(traced, probe={"trace_every": 0})))
 
 
 def test_warm_started_runs_are_scored_on_the_base_models_retention_texts(tiny_model_dir, tmp_path):
