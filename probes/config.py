@@ -29,7 +29,9 @@ class ProbeConfig:
     - ``every`` = 500: the probe-set graph (≈ 2.3) + update sharpness (1 HVP ≈ 1.4) + λ_max (≈ 6.6 warm, 18 cold) +
       the Adam λ_max (≈ 11.5) ≈ 24 warm → ≈ 5 % (the cold step-0 solve adds ≈ 2 % to a 1000-step run); the current
       batch's λ_max (``batch_lambda_max``, ≈ 9) and step sharpness (≈ 3.4, a graph of the batch) are off;
-    - ``rayleigh_every`` = ``alignment_every`` = 250: one graph + 1 HVP ≈ 3.4 steps between solves → ≈ 0.7 %;
+    - ``alignment_every`` = 500, at the solve steps, where it is free (the stored vector and the probe-set gradient);
+      ``rayleigh_every`` = 0: between solves it costs one graph + 1 HVP ≈ 3.4 steps (1.5–2.2 s of a default run
+      at every 250), and at a solve step it is λ_max itself;
     - ``batch_sharpness_every`` = 0 (off): 8–16 fresh batches at ≈ 3.7 steps each ≈ 30 steps per call; it is the
       EoSS quantity of minibatch SGD: turn it on for SGD runs (the study samples it every 75 steps).
     The cost in steps grows as the batch shrinks: at the user's batch 16 (4 batches = the probe set) the same
@@ -112,9 +114,9 @@ class ProbeConfig:
     # ---- cheap traces between solves, on the probe set (each its own cadence) ----
 
     #: vᵀHv/vᵀv on the stored top eigenvector v of the last λ_max solve (1 HVP) every this many steps; 0 = off.
-    rayleigh_every: int = 250
+    rayleigh_every: int = 0
     #: |cos| between that stored top eigenvector and the probe-set gradient (0 HVPs) every this many steps; 0 = off.
-    alignment_every: int = 250
+    alignment_every: int = 500
     #: critical sharpness 2/ηc along the last update (forward passes only, ≈7) every this many steps; 0 = off.
     critical_every: int = 10
     #: chunks of the probe set (its first ones, ``chunk_size`` examples each: 16 at the defaults) whose loss the
