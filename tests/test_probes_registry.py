@@ -33,7 +33,8 @@ def test_prober_emits_exactly_the_declared_keys():
     sum(loss_fn(c) for c in chunks).backward()
     opt.step()
     cfg = ProbeConfig(every=1, k=2, batch_sharpness_every=1, gni=True, batch_min_samples=2, batch_max_samples=2,
-                      trace_every=1, trace_max_probes=2, blocks_every=1, max_hvps=30, step_sharpness=True)
+                      trace_every=1, trace_max_probes=2, blocks_every=1, max_hvps=30, step_sharpness=True,
+                      rayleigh_every=1)
     update = {n: torch.full_like(p, 1e-3) for n, p in params.items()}
     out = Prober(cfg)(ProbeContext(params, loss_fn, chunks, lr=1e-3, step=0, optimizer=opt, model=model,
                                    sample_batch=lambda g: [chunks[int(torch.randint(0, 2, (1,), generator=g))]],
