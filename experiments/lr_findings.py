@@ -10,8 +10,8 @@ constant-LR arm (schedule constant, no warm-up) with the lowest mean final loss.
   constant's paired by seed with its t-interval;
 - × best: the final loss over the best constant's, paired by seed, as the geometric mean of the per-seed ratios with
   a t-interval on their logs (:func:`paired_ratio`);
-- loss at C: the loss of the last step whose cumulative compute is within C = ``steps`` gradients (G, what a plain
-  run of that length spends), counting a step as 1 G and the controller's estimates as ``HVP_COST`` per HVP,
+- loss at C: the final loss (as above) of the steps whose cumulative compute is within C = ``steps`` gradients (G,
+  what a plain run of that length spends), counting a step as 1 G and the controller's estimates as ``HVP_COST`` per HVP,
   ``GRAPH_COST`` per graph build and ``FORWARD_COST`` per forward pass (``optim/est_*``); × best at C: that over the
   best constant's final loss, paired by seed.
 Rules (statements generated from those numbers, none hard-coded):
@@ -74,15 +74,21 @@ def is_lm(run: Run) -> bool:
     return run._get("model", "name", default=None) is not None
 
 
-def final_loss(run: Run) -> float:
-    """The last train/loss, or for a minibatch LM run the mean over its last ``TAIL`` of steps; inf if it did not
-    complete."""
-    _, loss = run.series("train/loss")
-    if run.status.get("status") != "completed" or not len(loss):
+def _last_loss(run: Run, loss: np.ndarray) -> float:
+    """The last of ``loss`` (a run's train/loss up to some step), or for a minibatch LM run the mean of its last
+    ``TAIL`` share: a single minibatch's loss is too noisy to rank LRs by."""
+    if not len(loss):
         return math.inf
     if is_lm(run) and not run._get("train", "full_batch", default=False):
         return float(np.mean(loss[-max(1, int(round(TAIL * len(loss)))):]))
     return float(loss[-1])
+
+
+def final_loss(run: Run) -> float:
+    """``_last_loss`` of the whole run; inf if it did not complete."""
+    if run.status.get("status") != "completed":
+        return math.inf
+    return _last_loss(run, run.series("train/loss")[1])
 
 
 def final_accuracy(run: Run) -> float:
@@ -121,8 +127,7 @@ def _at_compute(run: Run, budget: float) -> tuple[float, float]:
         extra = {int(t): hvp_cost * a + GRAPH_COST * b + FORWARD_COST * f for t, a, b, f in zip(sh, h, gr, fw)}
         cost = cost + np.cumsum([0.0] + [extra.get(int(t), 0.0) for t in s[:-1]])
         hvps = float(h.sum())
-    within = loss[cost <= budget]
-    return (float(within[-1]) if len(within) else math.inf), hvps
+    return _last_loss(run, loss[cost <= budget]), hvps
 
 
 def lr_comparison(runs: list[Run], steps: int | None = None) -> dict:
