@@ -11,9 +11,9 @@ constant-LR arm (schedule constant, no warm-up) with the lowest mean final loss.
 - × best: the final loss over the best constant's, paired by seed, as the geometric mean of the per-seed ratios with
   a t-interval on their logs (:func:`paired_ratio`);
 - loss at C: the final loss (as above) of the steps whose cumulative compute is within C = ``steps`` gradients (G,
-  what a plain run of that length spends), counting a step as 1 G and the controller's estimates as ``HVP_COST`` per HVP,
-  ``GRAPH_COST`` per graph build and ``FORWARD_COST`` per forward pass (``optim/est_*``); × best at C: that over the
-  best constant's final loss, paired by seed.
+  what a plain run of that length spends), counting a step as 1 G and the controller's estimates as ``HVP_COST``
+  per HVP, ``GRAPH_COST`` per graph build and ``FORWARD_COST`` per forward pass (``optim/est_*``); × best at C: that
+  over the best constant's final loss, paired by seed.
 Rules (statements generated from those numbers, none hard-coded):
 - "beats the best constant": the 95 % interval of × best lies below 1; "loses to" it: above 1; else "is not resolved
   from" it (inconclusive with these seeds). The same at equal compute with × best at C.
