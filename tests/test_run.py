@@ -195,7 +195,7 @@ def test_config_changes_flattens_sections():
     assert config_changes(asdict(quiet), asdict(replace(quiet, probe={"critical_rtol": 0.3, "critical_chunks": 2}))) \
         == {}
     assert config_changes(asdict(quiet), asdict(replace(a, probe={"critical_rtol": 0.3}))) == {
-        "probe.critical_every": [0, 10], "probe.critical_rtol": [0.1, 0.3]}
+        "probe.critical_every": [0, 10], "probe.critical_rtol": [0.15, 0.3]}
     from experiments.run import comparable_config
     assert "probe.critical_rtol" not in comparable_config(asdict(quiet)) and "probe.tol" in comparable_config(
         asdict(quiet))
