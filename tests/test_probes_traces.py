@@ -67,11 +67,28 @@ def test_line_search_edge_cases():
     # f(s) = (s − 3)² − 9 rises above f(0) = 0 at s_c = 6 exactly
     s, n, f0 = critical_step(lambda s: (s - 3) ** 2 - 9, rtol=1e-4, max_evals=40)
     assert math.isclose(s, 6.0, rel_tol=1e-4) and f0 == 0.0
-    assert math.isnan(critical_step(lambda s: s, max_evals=20)[0])      # ascent at every step: no bracket
+    # ascent at every step: given up after f(0), f(1), f(½) and the floor 2^-18, not after 18 halvings
+    s, n, _ = critical_step(lambda s: s, max_evals=20)
+    assert math.isnan(s) and n == 4
+    s, n, _ = critical_step(lambda s: s, max_evals=20, guess=3.0, rtol=0.1)   # warm: from guess·(1 − rtol)
+    assert math.isnan(s) and n == 4
     s, n, _ = critical_step(lambda s: -s, max_evals=20)                  # never rises: no bracket
     assert math.isnan(s) and n == 20
-    s, n, _ = critical_step(lambda s: (s - 0.01) ** 2, rtol=0.05)         # s_c = 0.02: found by halving
-    assert math.isclose(s, 0.02, rel_tol=0.05) and n <= 12
+    # s_c = 0.02, below ½: the jump to the floor brackets it, geometric then plain bisection resolve it (the Prober's
+    # 10-pass budget: floor 1/256; 20 passes: 2^-18, one more geometric cut)
+    for rtol in (0.05, 0.15):
+        for budget, most in ((10, 10), (20, 12)):
+            s, n, _ = critical_step(lambda s: (s - 0.01) ** 2, rtol=rtol, max_evals=budget)
+            assert abs(s / 0.02 - 1) <= rtol / (1 - rtol) and n <= most, (rtol, budget, s, n)
+    # below the floor 2^-(max_evals − 2) it is NaN, as halving within the budget would leave it: s_c = 0.002
+    s, n, _ = critical_step(lambda s: (s - 0.001) ** 2, rtol=0.15, max_evals=10)
+    assert math.isnan(s) and n == 4
+    s, n, _ = critical_step(lambda s: (s - 0.001) ** 2, rtol=0.15, max_evals=20)
+    assert abs(s / 0.002 - 1) <= 0.15 / 0.85 and n <= 10, (s, n)
+    # s_c ∈ (½, 1]: f(0), f(1), f(½) bracket it within a factor 2, then 1–2 bisections at rtol 0.15
+    for sc in (0.55, 0.7, 0.9, 1.0):
+        s, n, _ = critical_step(lambda s, sc=sc: s * (s - sc), rtol=0.15)
+        assert abs(s / sc - 1) <= 0.15 / 0.85 and n <= 5, (sc, s, n)
 
 
 def test_rayleigh_and_alignment_on_the_stored_eigenvector_match_dense_ground_truth():
