@@ -33,7 +33,7 @@ gradient's curvature, not the top eigenvalue); with momentum it can exceed λ_ma
 (−gᵀu ≤ 0, as in a momentum oscillation) there is no ηc: the estimate is NaN and η is left unchanged. Under
 full-batch GD on the Cohen MLP this puts η above the λ_max edge (η·λ_max/2 ≈ 1.3–1.5 at ρ = 1) where the loss still
 falls (tests/test_eos_lr.py). Cost: a dry optimizer step + forward passes only (6–8 cold, 3 when ηc moved less
-than ``critical_rtol``; ``optim/est_forwards``), no HVP and no graph build.
+than ``critical_rtol``, 4 when u is uphill for the batch; ``optim/est_forwards``), no HVP and no graph build.
 
 **CDAT** (``schedule="cdat"``, Roulet et al. 2024, arXiv 2407.06183): with u the base optimizer's update per unit
 η (Δθ = η·u, from a dry step of the optimizer at η = 1 on a copy of its state: no forward pass) and g the batch

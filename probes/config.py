@@ -22,13 +22,14 @@ class ProbeConfig:
 
     The defaults give a point every 10 steps (critical sharpness on the first 16 probe examples) and the λ_max
     family every 500. Measured share of wall time in 1000-step default runs (experiments/bench/probe_overhead.py
-    --defaults cli, one CPU thread beside another job): SFT 9.3 % and 9.7 %, LoRA 9.8 % and 10.3 % with the Rayleigh
-    quotient every 250 steps, and LoRA 10.3 % again without it (the cold step-0 solve and critical sharpness vary
-    from run to run).
+    --defaults cli, one CPU thread beside another job): LoRA 8.4 % and 8.4 % (critical sharpness 19.4–19.6 s,
+    5.5 passes a call); SFT 9.3 % and 9.7 % with the critical-sharpness search of before (rtol 0.1, halving down
+    to its budget: 6.7 passes a call).
     Per call, in training steps of that run (AdamW, batch 64, 64-example probe set, embedded model, one CPU thread;
     experiments/bench/scale.py and the runs' ``probe/<kind>_seconds``):
-    - ``critical_every`` = 10 on ``critical_chunks`` = 1 chunk: 6–7 forward passes of 16 examples (rtol 0.1; ηc
-      moves ×1.7–3 between calls with minibatch noise, so warm starts rarely save a pass) ≈ 0.56 steps → ≈ 5.6 %;
+    - ``critical_every`` = 10 on ``critical_chunks`` = 1 chunk: 5.5 forward passes of 16 examples a call (rtol
+      0.15; 4 when the update is uphill for those examples, 37 % of a LoRA run's calls; ηc moves ×1.7–2.4 between
+      calls with minibatch noise, so warm starts rarely save a pass) ≈ 0.5 steps → ≈ 5 %;
     - ``every`` = 500: the probe-set graph (≈ 2.3) + update sharpness (1 HVP ≈ 1.4) + λ_max (≈ 6.6 warm, 18 cold) +
       the Adam λ_max (≈ 11.5) ≈ 24 warm → ≈ 5 % (the cold step-0 solve adds ≈ 2 % to a 1000-step run); the current
       batch's λ_max (``batch_lambda_max``, ≈ 9) and step sharpness (≈ 3.4, a graph of the batch) are off;
@@ -120,7 +121,7 @@ class ProbeConfig:
     rayleigh_every: int = 0
     #: |cos| between that stored top eigenvector and the probe-set gradient (0 HVPs) every this many steps; 0 = off.
     alignment_every: int = 500
-    #: critical sharpness 2/ηc along the last update (forward passes only, ≈7) every this many steps; 0 = off.
+    #: critical sharpness 2/ηc along the last update (forward passes only, ≈5.5) every this many steps; 0 = off.
     critical_every: int = 10
     #: chunks of the probe set (its first ones, ``chunk_size`` examples each: 16 at the defaults) whose loss the
     #: critical-sharpness line search evaluates, so a point every few steps stays cheap; 0 = the whole probe set.
@@ -128,7 +129,7 @@ class ProbeConfig:
     critical_chunks: int = 1
     #: relative width of the final ηc bracket of the critical-sharpness line search: ηc is known to ±15 % at the
     #: default, finer than its own change between calls (median ×1.7–2.4 over 10 steps in the LM SFT runs). Replayed
-    #: on the ηc trajectories of the 9 constant-LR SFT runs of ``sweep adaptive_lr``, the search takes 5.4 passes a
+    #: on the ηc trajectories of the 9 constant-LR SFT runs of ``sweep adaptive_lr``, the search takes 5.5 passes a
     #: call at 0.15 against 6.2 at 0.1: after a factor-2 bracket, bisection needs one step fewer about half the time.
     critical_rtol: float = 0.15
     #: most forward passes per critical-sharpness line search (NaN when it has not bracketed ηc by then).
