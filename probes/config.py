@@ -22,14 +22,14 @@ class ProbeConfig:
 
     The defaults give a point every 10 steps (critical sharpness on the first 16 probe examples) and the λ_max
     family every 500. Measured share of wall time in 1000-step default runs (experiments/bench/probe_overhead.py
-    --defaults cli, one CPU thread beside another job): LoRA 8.4 % and 8.4 % (critical sharpness 19.4–19.6 s,
-    5.5 passes a call); SFT 9.3 % and 9.7 % with the critical-sharpness search of before (rtol 0.1, halving down
-    to its budget: 6.7 passes a call).
+    --defaults cli, one CPU thread beside another job): SFT 8.3 % and 8.2 %, LoRA 8.4 % and 8.4 % (critical
+    sharpness 18.1–19.6 s of it, 5.5 passes a call; with the search of before, rtol 0.1 and halving down to its
+    budget, 6.7–7.3 passes: SFT 9.3 % and 9.7 %, LoRA 9.8–10.3 %).
     Per call, in training steps of that run (AdamW, batch 64, 64-example probe set, embedded model, one CPU thread;
     experiments/bench/scale.py and the runs' ``probe/<kind>_seconds``):
     - ``critical_every`` = 10 on ``critical_chunks`` = 1 chunk: 5.5 forward passes of 16 examples a call (rtol
       0.15; 4 when the update is uphill for those examples, 37 % of a LoRA run's calls; ηc moves ×1.7–2.4 between
-      calls with minibatch noise, so warm starts rarely save a pass) ≈ 0.5 steps → ≈ 5 %;
+      calls with minibatch noise, so warm starts rarely save a pass) ≈ 0.4–0.5 steps → 4–5 %;
     - ``every`` = 500: the probe-set graph (≈ 2.3) + update sharpness (1 HVP ≈ 1.4) + λ_max (≈ 6.6 warm, 18 cold) +
       the Adam λ_max (≈ 11.5) ≈ 24 warm → ≈ 5 % (the cold step-0 solve adds ≈ 2 % to a 1000-step run); the current
       batch's λ_max (``batch_lambda_max``, ≈ 9) and step sharpness (≈ 3.4, a graph of the batch) are off;
