@@ -16,7 +16,7 @@ bisection down to a factor-2 bracket and bisection until the bracket's width is 
 1–2; 4 when the update raises the loss at every step down to the floor (NaN: the update is uphill for the probed
 examples). Warm from the previous ηc: 3 passes when ηc moved less than rtol, else about one more than cold.
 Replayed on the ηc trajectories of the LM runs of ``sweep adaptive_lr`` and a default LoRA run (where 37 of 99
-calls were uphill), this costs 5.2–5.5 passes a call at rtol 0.15, against 6.2–7.5 for halving all the way down
+calls were uphill), this costs 5.3–5.5 passes a call at rtol 0.15, against 6.2–7.5 for halving all the way down
 (tests/test_probes_traces.py).
 """
 from __future__ import annotations
