@@ -66,12 +66,13 @@ def critical_step(f: Callable[[float], float], rtol: float = 0.05, max_evals: in
             hi = s
             break
         lo = s
-    floor, halved = trials[0] / 2.0 ** max(max_evals - 2, 1), False
+    # while every try rises: s₁/2, then the floor s₁/2^(max_evals − 2) (one try when they coincide)
+    down = iter(sorted({trials[0] / 2, trials[0] / 2.0 ** max(max_evals - 2, 1)}, reverse=True))
     while (lo is None or hi is None) and n < max_evals:
-        if lo is None:                        # every try rises: s/2 once, then the floor of the search
-            if s <= floor:
+        if lo is None:
+            s = next(down, None)
+            if s is None:
                 break
-            s, halved = (s / 2 if not halved else floor), True
         else:                                 # none rises: double
             s = s * 2
         n += 1
