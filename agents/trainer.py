@@ -209,6 +209,21 @@ def _cpu_copy(obj: Any) -> Any:
     return obj
 
 
+def _grad_norm(params) -> float:
+    """‖g‖₂ over the parameters that have a gradient (0.0 when none has), holding no reference to them."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def _cpu_view(obj: Any) -> Any:
+    """``obj`` with every tensor detached and on CPU: shared where it is already there, copied where not."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu")
+    if isinstance(obj, dict):
+        return {k: _cpu_view(v) for k, v in obj.items()}
+    return obj
+
+
 def checkpoint_dirs(run_dir: Path | str) -> list[tuple[int, Path]]:
     """Complete checkpoints (state.json present: it is written last) sorted by step."""
     root = Path(run_dir) / "checkpoints"
@@ -281,23 +296,34 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _snapshot(self, step: int) -> dict:
-        """What checkpoint ``step_<step>`` holds, copied (tensors to CPU) so that later steps cannot change it."""
+        """What checkpoint ``step_<step>`` holds, taken now: ``_with_weights(_state_at_start(step))``."""
+        return self._with_weights(self._state_at_start(step))
+
+    def _state_at_start(self, step: int) -> dict:
+        """Everything of checkpoint ``step_<step>`` but the weights and the optimizer state, taken at the start of
+        that step: the RNG, the data cursor, the scheduler and controller, the probe warm starts and the last
+        update. The prober's vectors and ``last_update`` are replaced, never mutated in place, so they are shared,
+        not copied (on CPU): a parameter-sized vector each, which two snapshots alive at once would double."""
         # a prober without warm starts (any callable with ``due``) has no state to save
         prober_state = getattr(self.prober, "state_dict", None)
         probe = {f"prober.{k}": v for k, v in (prober_state() if prober_state is not None else {}).items()}
         probe.update({f"update.{k}": v for k, v in (self.last_update or {}).items()})
         return {
-            "model": _cpu_copy(self.parameters()),
-            "optimizer": {"optimizer": _cpu_copy(self.optimizer.state_dict()),
-                          "scheduler": copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None
+            "optimizer": {"scheduler": copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None
                           else None},
             "rng": rng_state(),
             "regime": self.regime.extra_state(),  # replaced, never mutated, by the regime
-            "probe": _cpu_copy(probe),
+            "probe": _cpu_view(probe),
             "controller": _cpu_copy(self.controller.state_dict()) if self.controller is not None else None,
             "state": {"step": step, "regime": self.regime.state_dict(), "lr": self.optimizer.param_groups[0]["lr"],
                       "time": time.time()},
         }
+
+    def _with_weights(self, start: dict) -> dict:
+        """``start`` (from ``_state_at_start``) completed with copies of the weights and the optimizer state, which
+        only ``optimizer.step`` changes: taken any time before it, they are the start's."""
+        return {**start, "model": _cpu_copy(self.parameters()),
+                "optimizer": {**start["optimizer"], "optimizer": _cpu_copy(self.optimizer.state_dict())}}
 
     def save_checkpoint(self, step: int, snapshot: dict | None = None) -> Path:
         """checkpoints/step_<step>/: model.safetensors, optimizer.pt, rng.pt, [regime.pt], [probe.safetensors],
@@ -515,23 +541,25 @@ class Trainer:
         last_good: tuple[int, dict | None] | None = None  # newest state whose loss passed the divergence check
         try:
             for step in range(start, cfg.steps):
-                # θ_step is the last good state should θ_{step+1} diverge: keep a copy unless a checkpoint has it
-                snapshot = self._snapshot(step) if on_disk != step else None
+                # θ_step is the last good state should θ_{step+1} diverge: keep it unless a checkpoint has it. Its
+                # small part now (the RNG and data cursor move below), its weights once its loss has passed: one
+                # copy of the weights and optimizer state is alive at a time, never two (through the probe call).
+                start_state = self._state_at_start(step) if on_disk != step else None
                 t_measure = time.perf_counter()
                 row = {"step": step, **self._measure(step)}
                 t_step = time.perf_counter()
                 measure_s = t_step - t_measure
                 chunks, batch_metrics = self.regime.next_batch(self.policy, step)
                 row.update(batch_metrics)
+                # the last step's gradients are spent: free them before the probe's own (a parameter-sized vector)
+                self.optimizer.zero_grad(set_to_none=True)
                 if self.prober is not None and self.prober.due(step):
                     with PeakMemory(device) as probe_mem:
                         row.update(self._probe(step, chunks))
                     row.update({"memory/probe_mb": probe_mem.mb, "memory/probe_peak_mb": probe_mem.peak_mb})
                 step_mem = PeakMemory(device).__enter__()  # closed after the update: gradients, controller, step
-                self.optimizer.zero_grad(set_to_none=True)
                 loss, stats = accumulate_gradients(self._loss_fn, chunks)
-                grads = [p.grad for p in params.values() if p.grad is not None]
-                grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+                grad_norm = _grad_norm(params.values())
                 loss = float(loss)
                 row.update({"train/loss": loss, "train/lr": float(self.optimizer.param_groups[0]["lr"]),
                             "train/grad_norm": grad_norm, **stats})
@@ -544,7 +572,8 @@ class Trainer:
                         reason += f"; last good state: checkpoints/step_{last_good[0]}"
                     self.writer.finish(STATUS_DIVERGED, step, reason)
                     return STATUS_DIVERGED
-                last_good = (step, snapshot)
+                last_good = None   # θ_{step-1}'s copy is not needed any more: drop it before taking θ_step's
+                last_good = (step, self._with_weights(start_state) if start_state is not None else None)
                 want_update = self.prober is not None and self.prober.due(step + 1)
                 before = {k: p.detach().clone() for k, p in self.policy.trainable_parameters().items()} \
                     if want_update else None
@@ -560,6 +589,7 @@ class Trainer:
                     self.scheduler.step()
                 self.last_update = None if before is None else {
                     k: p.detach() - before[k] for k, p in self.policy.trainable_parameters().items()}
+                before = None   # a parameter-sized copy: not to be held through the next probe call
                 # wall seconds of this step's training (batch or rollouts, gradients, controller, update), probes
                 # excluded (probe/seconds has them); of its eval + retention (time/measure_s): what a budget counts
                 row["time/step_s"] = time.perf_counter() - t_step - row.get("probe/seconds", 0.0)

@@ -137,10 +137,15 @@ def test_rows_lost_from_metrics_are_regenerated_from_an_older_state(tiny_model_d
 
 def test_a_diverged_run_keeps_the_last_good_state(tiny_model_dir, tmp_path, data):
     """Default cadence (no checkpoint before the divergence): the state before the first over-threshold loss is
-    saved, and it is the very state a checkpoint_every=1 run saved at that step."""
+    saved, and it is the very state a checkpoint_every=1 run saved at that step, the probes' warm starts and last
+    update included (the saved copy shares them with the prober: they are replaced, never mutated)."""
     sgd = OptimConfig(name="sgd", lr=10.0, momentum=0.9, weight_decay=0.0)
+
+    def prober():
+        return Prober(ProbeConfig(every=1, max_hvps=4, critical_every=0))
+
     t = make_trainer(tiny_model_dir, tmp_path / "sparse", data, steps=30, checkpoint_every=250, divergence_loss=8.0,
-                     optim=sgd)
+                     optim=sgd, prober=prober())
     assert t.train() == "diverged"
     bad = status(tmp_path / "sparse")["step"]
     assert bad >= 2  # a step-(bad-1) checkpoint of the dense run exists to compare with
@@ -148,9 +153,9 @@ def test_a_diverged_run_keeps_the_last_good_state(tiny_model_dir, tmp_path, data
     losses = {r["step"]: r["train/loss"] for r in read_metrics(tmp_path / "sparse") if "train/loss" in r}
     assert losses[bad - 1] <= 8.0 and (losses[bad] is None or losses[bad] > 8.0)
     dense = make_trainer(tiny_model_dir, tmp_path / "dense", data, steps=30, checkpoint_every=1, divergence_loss=8.0,
-                         optim=sgd)
+                         optim=sgd, prober=prober())
     assert dense.train() == "diverged"
-    for f in ("model.safetensors", "optimizer.pt", "rng.pt", "state.json"):
+    for f in ("model.safetensors", "optimizer.pt", "rng.pt", "probe.safetensors", "state.json"):
         a = (tmp_path / "sparse" / "checkpoints" / f"step_{bad - 1}" / f)
         b = (tmp_path / "dense" / "checkpoints" / f"step_{bad - 1}" / f)
         if f == "state.json":

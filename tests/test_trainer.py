@@ -141,6 +141,40 @@ def test_update_passed_to_probes_is_the_last_step(tiny_model_dir, tmp_path, data
     assert _losses(tmp_path)[1] == pytest.approx(seen[1][2], rel=1e-6)  # probes see the loss that is stepped on
 
 
+def test_a_probe_call_sees_one_saved_copy_of_the_state_and_no_gradients(tiny_model_dir, tmp_path, data):
+    """What is resident when a probe starts, beyond the weights: Adam's two moments, the last update (which the
+    probe reads) and ONE saved copy of the last good state (weights, moments and its own last update), kept for a
+    divergence; no gradients. Counted as distinct storages of the largest weight's shape that are not parameters:
+    7 per such weight from step 2 on. Taking θ_step's copy before the probe beside θ_{step-1}'s, and keeping the
+    last step's gradients and pre-update weights alive, made it 13 (at the 70M scale, +1.7 GB of the probe call's
+    entry level)."""
+    import gc
+
+    counts, grads = {}, {}
+
+    class Counter:  # a prober that counts the copies of the largest weight alive when it is called
+        def due(self, step):
+            return True
+
+        def __call__(self, ctx):
+            shape = max((p.shape for p in ctx.params.values()), key=lambda s: s.numel())
+            gc.collect()   # count what is reachable, not garbage awaiting the collector
+            storages = {o.untyped_storage().data_ptr() for o in gc.get_objects()
+                        if isinstance(o, torch.Tensor) and not o.requires_grad and o.shape == shape}
+            counts[ctx.step] = (len(storages), sum(p.shape == shape for p in ctx.params.values()))
+            grads[ctx.step] = [k for k, p in ctx.params.items() if p.grad is not None]
+            return {}
+
+    make_trainer(tiny_model_dir, tmp_path, data, steps=4, checkpoint_every=0, prober=Counter()).train()
+    assert all(not g for g in grads.values()), grads
+    assert counts[0][0] == 0    # step 0: nothing but the weights (no earlier state, no moments, no update)
+    n, m = counts[1]
+    assert n == 4 * m           # step 1: the moments, the update and θ_0's saved weights (θ_0 had no moments)
+    for step in (2, 3):
+        n, m = counts[step]
+        assert n == 7 * m, (step, n, m)
+
+
 def test_probes_get_the_regimes_fixed_probe_set_at_every_step(tiny_model_dir, tmp_path, data):
     seen = []
 
