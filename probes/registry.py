@@ -34,7 +34,7 @@ from .blocks import parameter_blocks
 from .config import ProbeConfig
 from .context import ProbeContext
 from .critical import critical_sharpness
-from .eigs import top_eigenvalues
+from .eigs import top_eigenvalues, work_dtype
 from .hvp import HessianOperator
 from .sharpness import (adam_sharpness, alignment, batch_sharpness, block_lambda_max, hutchinson_trace,
                         rayleigh_quotient, step_pair, update_pair)
@@ -108,10 +108,10 @@ def _step_sharpness(run: ProbeStep) -> dict[str, float]:
     # the current batch's g and H_B (EoSS step sharpness); the pair seeds the solve on that same operator
     if run.separate_batch:
         value, g, hg = step_pair(run.batch_op)
-        run.batch_known.append((g, hg))
+        run.batch_known.append(_seed_pair(run.batch_op, g, hg))
     else:
         value, g, hg = step_pair(run.op)
-        run.known.append((g, hg))
+        run.known.append(_seed_pair(run.op, g, hg))
     return {"step_sharpness": value}
 
 
@@ -119,8 +119,15 @@ def _update_sharpness(run: ProbeStep) -> dict[str, float]:
     if not run.config.update_sharpness or run.ctx.update is None:
         return {}
     value, u, hu = update_pair(run.op, run.ctx.update)
-    run.known.append((u, hu))
+    run.known.append(_seed_pair(run.op, u, hu))
     return {"update_sharpness": value}
+
+
+def _seed_pair(op: HessianOperator, v: torch.Tensor, av: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v, Av) kept until the solve that they seed, in the solver's dtype (float32 for a float32 model): the
+    float64 pair, 4 parameter-sized float32 vectors' worth, would outlive its Rayleigh quotient for nothing."""
+    dtype = work_dtype(op)
+    return v.to(dtype), av.to(dtype)
 
 
 def _solve(run: ProbeStep, op: HessianOperator, key: str, pairs: list, k: int):
@@ -131,8 +138,11 @@ def _solve(run: ProbeStep, op: HessianOperator, key: str, pairs: list, k: int):
     c = run.config
     v = run.warm.get(key) if c.warm_start else None
     init = v.to(op.device) if v is not None and v.shape[0] == op.dim else None
-    known = (torch.stack([v for v, _ in pairs], 1), torch.stack([a for _, a in pairs], 1)) \
-        if pairs and init is not None else None
+    known = None
+    if pairs and init is not None:   # one pair is passed as it is, several stacked; either way the list lets go
+        vs, avs = zip(*pairs)
+        known = (vs[0], avs[0]) if len(vs) == 1 else (torch.stack(vs, 1), torch.stack(avs, 1))
+    pairs.clear()
     res = top_eigenvalues(op, k=k, tol=c.tol, init=init, max_hvps=c.max_hvps, generator=run.generator,
                           stop=c.stop, known=known)
     run.warm[key] = res.vectors.detach()
