@@ -67,7 +67,7 @@ import torch
 from probes import ProbeContext
 from probes.context import preserved_state
 from probes.critical import critical_sharpness
-from probes.eigs import top_eigenvalues
+from probes.eigs import dot64, top_eigenvalues
 from probes.hvp import HessianOperator
 from probes.sharpness import adam_preconditioner, preconditioned_operator, rayleigh_pair
 from probes.thresholds import stability_thresholds
@@ -209,7 +209,7 @@ class WarmRayleigh:
         try:
             a = op
             if _is_adam(ctx.optimizer):
-                precond = adam_preconditioner(ctx.optimizer, ctx.params, ctx.lr)
+                precond = adam_preconditioner(ctx.optimizer, ctx.params, ctx.lr, op.dtype)
                 if precond is None:  # Adam before its first step: no preconditioner, no threshold to aim at
                     return Estimate(math.nan, 0, 0)
                 a = preconditioned_operator(op, precond)
@@ -441,7 +441,7 @@ class CdatController(_Controller):
                 try:
                     curv, u, hu = rayleigh_pair(op, u)
                     g = op.gradient()
-                    n, d = max(-float(g @ u), 0.0), abs(float(u @ hu))
+                    n, d = max(-dot64(g, u), 0.0), abs(dot64(u, hu))
                     row.update({"optim/est_hvps": float(op.hvps), "optim/est_grads": float(op.gradient_evals)})
                 finally:
                     op.release()

@@ -60,7 +60,7 @@ import torch
 
 from .hvp import operator_error
 
-__all__ = ["EigResult", "top_eigenvalues", "work_dtype"]
+__all__ = ["EigResult", "top_eigenvalues", "work_dtype", "dot64"]
 
 DTYPE = torch.float64   # projected (small) matrices and every reduction over n
 CHUNK = 1 << 18         # entries of n per step of a chunked reduction or update: bounds the fp64 temporaries
@@ -121,6 +121,13 @@ def _gram(a: list[torch.Tensor], b: list[torch.Tensor] | None = None, ws: dict |
         ca = _chunk(a, lo, hi, ws, "a")
         out.addmm_(ca, (ca if b is None else _chunk(b, lo, hi, ws, "b")).T)
     return out
+
+
+def dot64(a: torch.Tensor, b: torch.Tensor | None = None) -> float:
+    """aᵀb (aᵀa for b None) of n-vectors of any float dtypes, accumulated in fp64 CHUNK entries at a time: fp64
+    accuracy without an fp64 copy of either, so probes keep their n-vectors in the operator's dtype."""
+    rows = [a.reshape(1, -1)]
+    return float(_gram(rows) if b is None else _gram(rows, [b.reshape(1, -1)]))
 
 
 def _combine(rows: list[torch.Tensor], coef: torch.Tensor, out: torch.Tensor, ws: dict | None = None) -> None:

@@ -208,8 +208,8 @@ class HessianOperator:
             i += p.numel()
         return out
 
-    def _flat(self, tensors) -> torch.Tensor:
-        return flatten(tensors, self.params)
+    def _flat(self, tensors, dtype=REDUCE_DTYPE) -> torch.Tensor:
+        return flatten(tensors, self.params, dtype)
 
     def _versions_now(self) -> tuple[int, ...]:
         return tuple(p._version for p in self.params)
@@ -229,7 +229,7 @@ class HessianOperator:
         self.gradient_evals += 1
         self._graph = graph
         self._versions = self._versions_now()
-        self._grad = sum(self._flat(grads) for grads in graph)
+        self._grad = sum(self._flat(grads, self.dtype) for grads in graph)
 
     def _graph_valid(self) -> bool:
         return self._graph is not None and self._versions == self._versions_now()
@@ -240,22 +240,24 @@ class HessianOperator:
 
     # ---- public --------------------------------------------------------------------------------------------
     def gradient(self) -> torch.Tensor:
-        """Flat float64 gradient Σ_c ∇L_c at the current parameters."""
+        """Flat gradient Σ_c ∇L_c at the current parameters, in the operator's dtype (float32 for float32
+        parameters: a float64 copy is 2 parameter-sized float32 vectors; reduce it with probes.eigs.dot64)."""
         if self.mode == "cache":
             if not self._graph_valid():
                 self._build_graph()
             return self._grad.clone()
         if self._grad is not None and self._versions == self._versions_now():
             return self._grad.clone()
-        total = self._full_gradient()
+        total = self._full_gradient(self.dtype)
         self._grad, self._versions = total, self._versions_now()
         return total.clone()
 
-    def _full_gradient(self) -> torch.Tensor:
-        total = torch.zeros(self.dim, dtype=REDUCE_DTYPE, device=self.device)
+    def _full_gradient(self, dtype=REDUCE_DTYPE) -> torch.Tensor:
+        # float64 for the fd mode's differences of gradients; the operator's dtype for gradient()
+        total = torch.zeros(self.dim, dtype=dtype, device=self.device)
         with hvp_guard(), fixed_rng(self._rng):
             for batch in self.batches:
-                total += self._flat(self._chunk_grad(batch, create_graph=False))
+                total += self._flat(self._chunk_grad(batch, create_graph=False), dtype)
         self.gradient_evals += 1
         return total
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .blocks import block_operator
-from .eigs import EigResult, top_eigenvalues
+from .eigs import EigResult, dot64, top_eigenvalues, work_dtype
 from .hvp import REDUCE_DTYPE, HessianOperator, LinearOperator
 
 __all__ = [
@@ -62,14 +62,14 @@ def lambda_max(params, loss_fn: Callable[[Any], torch.Tensor], batches: Sequence
 
 
 def rayleigh_pair(op, u: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """(uᵀHu / uᵀu, u, Hu) with u in float64 (1 HVP; NaN and no HVP for u = 0). The pair (u, Hu) can seed an
-    eigen-solve through ``top_eigenvalues(known=...)``."""
-    u = u.to(device=op.device, dtype=REDUCE_DTYPE)
-    uu = float(u @ u)
+    """(uᵀHu / uᵀu, u, Hu) with u and Hu in the operator's dtype and both products accumulated in float64 (1 HVP;
+    NaN and no HVP for u = 0). The pair (u, Hu) can seed an eigen-solve through ``top_eigenvalues(known=...)``."""
+    u = u.to(device=op.device, dtype=work_dtype(op))
+    uu = dot64(u)
     if uu == 0.0:
         return math.nan, u, torch.zeros_like(u)
     hu = op.matvec(u)
-    return float(u @ hu) / uu, u, hu
+    return dot64(u, hu) / uu, u, hu
 
 
 def rayleigh_quotient(op, u: torch.Tensor) -> float:
@@ -81,9 +81,9 @@ def alignment(op: HessianOperator, v: torch.Tensor) -> float:
     """|vᵀg| / (‖v‖‖g‖) for g the operator's gradient: how much of the gradient lies along v (e.g. the top
     eigenvector). 0 HVPs; g is free from the cached graph (1 G in the other modes). NaN when v or g is 0."""
     g = op.gradient()
-    v = v.to(device=op.device, dtype=REDUCE_DTYPE).reshape(-1)
-    norms = float(v.norm()) * float(g.norm())
-    return abs(float(v @ g)) / norms if norms > 0 else math.nan
+    v = v.to(device=op.device, dtype=g.dtype).reshape(-1)
+    norms = math.sqrt(dot64(v) * dot64(g))
+    return abs(dot64(v, g)) / norms if norms > 0 else math.nan
 
 
 def step_pair(op: HessianOperator) -> tuple[float, torch.Tensor, torch.Tensor]:
@@ -97,18 +97,18 @@ def step_sharpness(op: HessianOperator) -> float:
     return step_pair(op)[0]
 
 
-def flat_update(update: Mapping[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
-    """Flatten a name -> tensor update in the operator's parameter order."""
+def flat_update(update: Mapping[str, torch.Tensor], names: Sequence[str], dtype=REDUCE_DTYPE) -> torch.Tensor:
+    """Flatten a name -> tensor update in the operator's parameter order, in ``dtype``."""
     missing = [n for n in names if n not in update]
     if missing:
         raise ValueError(f"probes: update lacks parameters {missing[:3]}{'...' if len(missing) > 3 else ''}")
-    return torch.cat([update[n].detach().to(REDUCE_DTYPE).reshape(-1) for n in names])
+    return torch.cat([update[n].detach().to(dtype).reshape(-1) for n in names])
 
 
 def update_pair(op: HessianOperator, update: Mapping[str, torch.Tensor] | torch.Tensor
                 ) -> tuple[float, torch.Tensor, torch.Tensor]:
     """(ΔθᵀHΔθ / ΔθᵀΔθ, Δθ, HΔθ) for the optimizer's last update Δθ (name -> tensor, or flat). 1 HVP."""
-    u = update if isinstance(update, torch.Tensor) else flat_update(update, op.names)
+    u = update if isinstance(update, torch.Tensor) else flat_update(update, op.names, work_dtype(op))
     return rayleigh_pair(op, u)
 
 
@@ -200,18 +200,18 @@ def batch_sharpness(params, loss_fn: Callable[[Any], torch.Tensor],
         raise ValueError(f"probes: need 1 <= min_samples <= max_samples, got {min_samples}, {max_samples}")
     ghg, gg, gfg = [], [], []
     hvps = 0
-    grad_full_sq = float(full_op.gradient().pow(2).sum()) if full_op is not None else math.nan
+    grad_full_sq = dot64(full_op.gradient()) if full_op is not None else math.nan
     full_start = full_op.hvps if full_op is not None else 0
     rel = math.inf
     while len(gg) < max_samples:
         op = HessianOperator(params, loss_fn, sample_batch(generator), mode=mode, model=model)
         g = op.gradient()
-        ghg.append(float(g @ op.matvec(g)))
-        gg.append(float(g @ g))
+        ghg.append(dot64(g, op.matvec(g)))
+        gg.append(dot64(g))
         hvps += op.hvps
         op.release()
         if full_op is not None:
-            gfg.append(float(g @ full_op.matvec(g)))
+            gfg.append(dot64(g, full_op.matvec(g)))
         if len(gg) >= min_samples:
             if not any(gg):   # all gradients zero so far: undefined, and more draws of the same kind won't help
                 break
@@ -240,7 +240,7 @@ def batch_sharpness(params, loss_fn: Callable[[Any], torch.Tensor],
 
 # ---- the Adam preconditioner -------------------------------------------------------------------------------
 def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
-                        lr: float) -> torch.Tensor | None:
+                        lr: float, dtype=REDUCE_DTYPE) -> torch.Tensor | None:
     """Flat P = (1 − β₁ᵗ)(√(v/(1 − β₂ᵗ)) + ε) · η/η_g from Adam/AdamW state, so that the step is
     θ ← θ − η P⁻¹ m for every group g (per-group lr folded in against the reference η = ``lr``).
     None when the state is not there yet (before the first step). AMSGrad uses max_exp_avg_sq."""
@@ -260,15 +260,15 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Mapping[str, t
         t = float(st["step"])
         b1, b2 = (float(b) for b in g["betas"])
         pre = (1 - b1 ** t) * ((v.detach().to(REDUCE_DTYPE) / (1 - b2 ** t)).sqrt() + float(g["eps"]))
-        parts.append((pre * (lr / float(g["lr"]))).reshape(-1))
+        parts.append((pre * (lr / float(g["lr"]))).reshape(-1).to(dtype))   # float64 one parameter at a time
     return torch.cat(parts)
 
 
 def preconditioned_operator(op, precond: torch.Tensor) -> LinearOperator:
     """v ↦ P^-½ H P^-½ v: symmetric, with the spectrum of P⁻¹H, as in Cohen et al. 2022 (P⁻¹H itself is not
     symmetric, and a symmetric eigen-solver on it is wrong). 1 HVP per application."""
-    dtype = getattr(op, "dtype", REDUCE_DTYPE)   # the solver's vectors stay in the operator's dtype
-    inv_sqrt = precond.to(device=op.device, dtype=REDUCE_DTYPE).rsqrt().to(dtype)
+    dtype = work_dtype(op)   # the solver's vectors stay in the operator's dtype
+    inv_sqrt = precond.to(device=op.device, dtype=dtype).rsqrt()
     return LinearOperator(op.dim, lambda v: inv_sqrt * op.matvec(inv_sqrt * v), base=op,
                           error_gain=float(inv_sqrt.max()) ** 2, dtype=dtype)
 
@@ -278,7 +278,7 @@ def adam_sharpness(op: HessianOperator, optimizer: torch.optim.Optimizer, lr: fl
                    generator: torch.Generator | None = None, stop: str = "residual") -> EigResult | None:
     """λ₁..λ_k of P^-½ H P^-½ (compare with :func:`probes.thresholds.adam_threshold`); None before Adam has
     state. Costs what :func:`top_eigenvalues` costs, one HVP per application."""
-    precond = adam_preconditioner(optimizer, op.params, lr)
+    precond = adam_preconditioner(optimizer, op.params, lr, work_dtype(op))
     if precond is None:
         return None
     return top_eigenvalues(preconditioned_operator(op, precond), k=k, tol=tol, init=init, max_hvps=max_hvps,
@@ -305,12 +305,12 @@ def hutchinson_trace(op, generator: torch.Generator, max_probes: int = 64, min_p
     blocks = {b: idx.to(op.device) for b, idx in (blocks or {}).items()}
     samples, block_samples = [], {b: [] for b in blocks}
     while len(samples) < max_probes:
-        z = (torch.randint(0, 2, (op.dim,), generator=generator, dtype=torch.int8).to(REDUCE_DTYPE) * 2 - 1)
+        z = (torch.randint(0, 2, (op.dim,), generator=generator, dtype=torch.int8).to(work_dtype(op)) * 2 - 1)
         z = z.to(op.device)
-        zhz = z * op.matvec(z)
-        samples.append(float(zhz.sum()))
+        hz = op.matvec(z)
+        samples.append(dot64(z, hz))
         for b, idx in blocks.items():
-            block_samples[b].append(float(zhz[idx].sum()))
+            block_samples[b].append(dot64(z[idx], hz[idx]))
         if len(samples) >= min_probes:
             mean, se = _mean_se(torch.tensor(samples, dtype=REDUCE_DTYPE))
             if mean != 0 and se / abs(mean) <= rse:

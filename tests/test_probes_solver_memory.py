@@ -186,3 +186,46 @@ def test_block_solver_holds_6k_vectors_and_the_reference_held_more(monkeypatch):
     op.baseline()
     reference_top_eigenvalues(op, k=1, tol=1e-5, max_hvps=40)
     assert max(op.held) >= 12.0   # fp64 n-vectors
+
+
+def test_dot64_accumulates_in_float64_without_a_float64_copy(monkeypatch):
+    monkeypatch.setattr(probes.eigs, "CHUNK", 2)   # the cancellation spans chunks
+    a = torch.tensor([1e8, 1.0, -1e8, 3.0, 0.5], dtype=F)
+    b = torch.ones(5, dtype=F)
+    assert float(a @ b) != 4.5                     # float32 accumulation loses the 1 under 1e8
+    assert probes.eigs.dot64(a, b) == 4.5 and probes.eigs.dot64(b) == 5.0
+
+
+class GradientCountingOperator(CountingOperator):
+    """CountingOperator with a gradient, returned as a copy (as HessianOperator.gradient does)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.g = torch.randn(self.dim, generator=torch.Generator().manual_seed(7), dtype=self.dtype)
+        self.device = self.g.device
+
+    def gradient(self):
+        return self.g.clone()
+
+
+def test_rayleigh_step_and_alignment_keep_fp32_vectors_and_fp64_accuracy(monkeypatch):
+    """The cheap probes between solves on an fp32 operator: no float64 n-vector (the Rayleigh quotient holds
+    nothing of its own at its HVP, step sharpness only its copy of g), and values equal to the float64 formulas."""
+    from probes.sharpness import alignment, rayleigh_pair, step_pair
+    monkeypatch.setattr(probes.eigs, "CHUNK", 1024)
+    op = GradientCountingOperator()
+    u = torch.randn(op.dim, generator=torch.Generator().manual_seed(3), dtype=F)
+    a64 = lambda v: op.d.to(D) * v + op.u.to(D) @ (op.u.to(D).T @ v)   # noqa: E731 (the same A in float64)
+    op.baseline()
+    value, u_out, hu = rayleigh_pair(op, u)
+    assert max(op.held) <= 1e-9 and max(op.peak) <= 1.0 + 1e-9, (op.held, op.peak)
+    assert u_out.dtype == hu.dtype == F and u_out.data_ptr() == u.data_ptr()
+    u64 = u.to(D)
+    assert abs(value - float(u64 @ a64(u64) / (u64 @ u64))) <= 1e-6 * abs(value)
+    op.baseline()
+    value, g, hg = step_pair(op)
+    assert max(op.held) <= 1.0 + 1e-9 and max(op.peak) <= 2.0 + 1e-9, (op.held, op.peak)
+    g64 = op.g.to(D)
+    assert g.dtype == F and abs(value - float(g64 @ a64(g64) / (g64 @ g64))) <= 1e-6 * abs(value)
+    cos = alignment(op, u)
+    assert abs(cos - abs(float(u64 @ g64)) / float(u64.norm() * g64.norm())) <= 1e-6
