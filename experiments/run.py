@@ -68,12 +68,14 @@ RESUMABLE_CHANGES = ("optim.lr", "train.steps", "train.micro_batch", "train.grad
                      "train.n_samples", "train.save_model", "probe.", "wandb")
 # Fields that never change what a run dir holds: they locate it or say how to treat an existing one.
 NOT_COMPARED = ("out_dir", "name", "overwrite")
+# Fields that change how much memory a run takes, never what it computes (bit for bit: tests/test_probes_hvp.py)
+PERFORMANCE_ONLY = ("probe.cache_mb",)
 # Fields added after run dirs were written, each with the value that reproduces what those runs did: a config.json
 # without the field reads as that value, so adding a field does not turn every finished run into "a different
 # config". Only fields whose old behaviour is exactly this value belong here (probe.probe_set_size does not: before
 # it, λ_max was the batch's, which is probe_set_size=0, not its default 64).
 ADDED_FIELDS = {"probe.chunk_size": 0, "env.offset": 0, "probe.critical_chunks": 0, "probe.batch_lambda_max": True,
-                "model.head_chunk": 0, "train.autocast": ""}
+                "model.head_chunk": 0, "train.autocast": "", "probe.cache_mb": 0}
 LOCK_FILE = ".lock"  # in the run dir: flock-ed by the process that runs it
 
 
@@ -303,17 +305,18 @@ def _idle_probe_fields(flat: dict) -> set[str]:
 
 def comparable_config(config: dict) -> dict:
     """The flat config that says what a run does: ``_flat_config`` less its idle probe fields (probes off, or the
-    knobs of a probe kind that never runs)."""
+    knobs of a probe kind that never runs) and its PERFORMANCE_ONLY fields."""
     flat = _flat_config(config)
-    idle = _idle_probe_fields(flat)
+    idle = _idle_probe_fields(flat) | set(PERFORMANCE_ONLY)
     return {k: v for k, v in flat.items() if k not in idle}
 
 
 def config_changes(old: dict, new: dict) -> dict[str, list]:
     """{"section.field": [old, new]} for every differing field of two run configs, less the probe fields idle in
-    both (a knob of a probe kind that runs in neither, every probe field where probes are off in both)."""
+    both (a knob of a probe kind that runs in neither, every probe field where probes are off in both) and the
+    PERFORMANCE_ONLY fields."""
     a, b = _flat_config(old), _flat_config(new)
-    idle = _idle_probe_fields(a) & _idle_probe_fields(b)
+    idle = _idle_probe_fields(a) & _idle_probe_fields(b) | set(PERFORMANCE_ONLY)
     return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if k not in idle and a.get(k) != b.get(k)}
 
 

@@ -141,6 +141,13 @@ class ProbeConfig:
     #: for kernels without double backward). Measured on the embedded model (experiments/bench/scale.py): a probe
     #: call's peak memory is 6–12× a training step's with cache, 1.7–2.8× with recompute, at 1.3–1.5× its time.
     mode: str = "cache"
+    #: bound in MB on what cache mode keeps per probe call (probes.hvp: each chunk's saved graph, counted at the
+    #: build, and its gradient): chunks are cached in order while they fit, the rest recomputed at each HVP, with
+    #: bit-for-bit the same results; ``probe/cached_chunks`` says how many fit. 0 = no bound. Measured at the SFT
+    #: defaults (chunks of 16 examples): the embedded model's chunks take 61 MB each, so its probe set (5 chunks)
+    #: is cached whole; a Pythia-70m-shaped model's (fused head, 1024) 644 MB each (375 saved + 269 gradient), so at
+    #: 512 it is recomputed (cached whole, its default call needed +8.1 GB; recomputed, +4.6 GB: README).
+    cache_mb: float = 512.0
     #: probe in eval mode (dropout off, deterministic); every module's train/eval flag is restored after.
     eval_mode: bool = True
     #: random seed of the probes' private generator, drawn anew from (seed, step) at every probe.
@@ -168,6 +175,8 @@ def config_errors(cfg: ProbeConfig) -> list[str]:
                            "probe_set_size", "chunk_size", "rayleigh_every", "alignment_every", "critical_every",
                            "critical_chunks")
               if getattr(cfg, name) < 0]
+    if not cfg.cache_mb >= 0:
+        errors.append(f"cache_mb must be >= 0 (0 = no bound), got {cfg.cache_mb}")
     if cfg.mode not in MODES:
         errors.append(f"mode must be one of {MODES}, got {cfg.mode!r}")
     if cfg.batch_estimator not in ESTIMATORS:

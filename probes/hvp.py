@@ -9,7 +9,11 @@ experiments/bench/probe_speed.py):
 - ``cache``: one forward + ``grad(create_graph=True)`` per chunk (≈1.3 G), graphs kept; each HVP is one extra
   backward through them (MLP ≈1.6 G, GPT-NeoX ≈2.0–2.2 G: 6 matmuls per linear layer, the minimum for an exact
   HVP, plus the elementwise double backward of GELU/LayerNorm/softmax/CE). The graphs are rebuilt when a parameter's
-  ``_version`` changes (an in-place update), and hold the activations of every chunk.
+  ``_version`` changes (an in-place update), and hold the activations of every chunk. ``cache_mb`` > 0 bounds them:
+  chunks are kept in order while their bytes (what their graphs saved, counted by saved-tensor hooks at the build,
+  the parameters excluded, plus the chunk's own gradient) stay within it; every later chunk is recomputed at each
+  HVP, as in ``recompute``, from the RNG state it was built with. The results are bit for bit those of the unbounded
+  cache (the same operations).
 - ``recompute``: every HVP re-runs forward + double backward per chunk (MLP ≈2.8 G, GPT-NeoX ≈3.2–3.7 G), memory
   of one chunk.
 - ``fd``: Richardson-extrapolated central differences R = D(t/2) + (D(t/2) − D(t))/3 with
@@ -37,8 +41,7 @@ bench), weights chunks by their share of the loss, or refuses attention kernels 
 
 Vectors are flat on the parameter device; the HVP itself runs in the parameter dtype. ``matvec`` returns float32
 for a float32 vector (``dtype``, what :func:`probes.eigs.top_eigenvalues` keeps its n-vectors in, is float32 for
-float32, bf16 and fp16 parameters: no fp64 copy of a parameter-sized vector) and float64 otherwise (the other
-probes' vectors, whose reductions are fp64).
+float32, bf16 and fp16 parameters: no fp64 copy of a parameter-sized vector) and float64 for a float64 one.
 """
 from __future__ import annotations
 
@@ -162,6 +165,32 @@ def operator_error(op: Any) -> float:
     return 0.0
 
 
+class _SavedBytes:
+    """Bytes of the distinct storages that autograd saves inside the block (saved-tensor hooks: the forward's and,
+    under ``create_graph``, the backward's), less the given parameters' own: what a kept graph holds."""
+
+    def __init__(self, params: Sequence[torch.Tensor]):
+        self._skip = {p.untyped_storage().data_ptr() for p in params}
+        self._seen: set[int] = set()
+        self.bytes = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self._skip and ptr not in self._seen:
+            self._seen.add(ptr)
+            self.bytes += storage.nbytes()
+        return t
+
+    def __enter__(self) -> "_SavedBytes":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
 class HessianOperator:
     """v ↦ H v for H = ∇²_θ Σ_c loss_fn(batches[c]) over ``params``; counts HVPs in ``.hvps``.
 
@@ -169,12 +198,13 @@ class HessianOperator:
     float32 v and float64 otherwise. ``dtype``: float32, or float64 for float64 parameters (the solver's vectors).
     ``gradient()`` returns the flat gradient Σ_c ∇L_c (free in ``cache`` mode, 1 G otherwise).
     ``hvp_error``: running max of the fd error bound per unit vector (0.0 in the exact modes). ``fd_step``: the h
-    of ‖tv‖ = h·(1 + RMS(θ)) (default 0.1·eps^(1/5) of the parameter dtype).
+    of ‖tv‖ = h·(1 + RMS(θ)) (default 0.1·eps^(1/5) of the parameter dtype). ``cache_mb``: bound on the cached
+    graphs in MB (cache mode; 0 = none), chunks past it recomputed per HVP; ``cached_chunks`` says how many fit.
     """
 
     def __init__(self, params: Mapping[str, torch.Tensor] | Iterable[torch.Tensor],
                  loss_fn: Callable[[Any], torch.Tensor], batches: Sequence[Any], mode: str = "cache",
-                 model: torch.nn.Module | None = None, fd_step: float | None = None):
+                 model: torch.nn.Module | None = None, fd_step: float | None = None, cache_mb: float = 0.0):
         if mode not in MODES:
             raise ValueError(f"probes: mode must be one of {MODES}, got {mode!r}")
         if len(batches) == 0:
@@ -196,7 +226,13 @@ class HessianOperator:
             warnings.warn(f"probes: parameters in {low}: HVPs lose ~3% accuracy in bf16; "
                           "probe a float32 copy for reliable curvature.", stacklevel=2)
         check_model(model)
-        self._graph: list[tuple[torch.Tensor, ...]] | None = None
+        if cache_mb < 0:
+            raise ValueError(f"probes: cache_mb must be >= 0 (0 = no bound), got {cache_mb}")
+        self.cache_mb = cache_mb
+        self.cached_chunks = 0      # chunks whose graph the last build kept (all of them when cache_mb is 0)
+        # per chunk: its first-order grads with their graph (cached), or None (recomputed at each HVP)
+        self._graph: list[tuple[torch.Tensor, ...] | None] | None = None
+        self._chunk_rng: list[tuple] = []   # the RNG state each chunk was built from
         self._versions: tuple[int, ...] | None = None
         self._grad: torch.Tensor | None = None
 
@@ -221,22 +257,36 @@ class HessianOperator:
         return torch.autograd.grad(loss, self.params, create_graph=create_graph, allow_unused=True)
 
     def _build_graph(self) -> None:
-        graph = []
+        graph, states, grad, kept, full = [], [], None, 0, False
+        bounded = self.cache_mb > 0
+        self._graph = None   # a stale graph is not kept alive beside the new one
         with hvp_guard(), fixed_rng(self._rng):
             for batch in self.batches:
-                grads = self._chunk_grad(batch, create_graph=True)
-                graph.append(grads)
+                states.append(rng_state())
+                with _SavedBytes(self.params) if bounded else contextlib.nullcontext() as saved:
+                    grads = self._chunk_grad(batch, create_graph=True)
+                flat = self._flat(grads, self.dtype)
+                grad = flat if grad is None else grad.add_(flat)
+                # a kept chunk holds what its graph saved and its own gradient (parameter-sized)
+                size = saved.bytes + sum(g.numel() * g.element_size() for g in grads if g is not None) \
+                    if bounded else 0
+                # kept in order while within the budget; from the first chunk that does not fit, all are recomputed
+                full = full or kept + size > self.cache_mb * 2 ** 20 if bounded else False
+                kept += 0 if full else size
+                graph.append(None if full else grads)
+                del grads   # an uncached chunk's graph goes now, before the next chunk's is built
         self.gradient_evals += 1
-        self._graph = graph
+        self._graph, self._chunk_rng = graph, states
         self._versions = self._versions_now()
-        self._grad = sum(self._flat(grads, self.dtype) for grads in graph)
+        self._grad = grad
+        self.cached_chunks = sum(g is not None for g in graph)
 
     def _graph_valid(self) -> bool:
         return self._graph is not None and self._versions == self._versions_now()
 
     def release(self) -> None:
         """Drop the cached graphs (frees activation memory)."""
-        self._graph, self._grad, self._versions = None, None, None
+        self._graph, self._grad, self._versions, self._chunk_rng = None, None, None, []
 
     # ---- public --------------------------------------------------------------------------------------------
     def gradient(self) -> torch.Tensor:
@@ -280,7 +330,12 @@ class HessianOperator:
                 if not self._graph_valid():
                     self._build_graph()
                 for c, grads in enumerate(self._graph):
-                    self._hvp_from_grads(grads, parts, out, retain=True, first=c == 0)
+                    if grads is None:   # beyond cache_mb: forward + double backward again, as it was built
+                        with fixed_rng(self._chunk_rng[c]):
+                            grads = self._chunk_grad(self.batches[c], create_graph=True)
+                        self._hvp_from_grads(grads, parts, out, retain=False, first=c == 0)
+                    else:
+                        self._hvp_from_grads(grads, parts, out, retain=True, first=c == 0)
             else:
                 with fixed_rng(self._rng):
                     for c, batch in enumerate(self.batches):

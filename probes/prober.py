@@ -54,15 +54,19 @@ class Prober:
         gen = torch.Generator().manual_seed((c.seed * 1_000_003 + step) % (2 ** 63))
         with preserved_state(ctx.model, c.eval_mode):
             probe_set = ctx.batches if ctx.probe_set is None else ctx.probe_set
-            op = HessianOperator(ctx.params, ctx.loss_fn, probe_set, mode=c.mode, model=ctx.model)
+            op = HessianOperator(ctx.params, ctx.loss_fn, probe_set, mode=c.mode, model=ctx.model,
+                                 cache_mb=c.cache_mb)
             batch_op = op if probe_set is ctx.batches else \
-                HessianOperator(ctx.params, ctx.loss_fn, ctx.batches, mode=c.mode, model=ctx.model)
+                HessianOperator(ctx.params, ctx.loss_fn, ctx.batches, mode=c.mode, model=ctx.model,
+                                cache_mb=c.cache_mb)
             run = ProbeStep(ctx, c, op, gen, self._warm, batch_op=batch_op)
             for kind in due:
                 t_kind = time.perf_counter()
                 run.out.update(kind.measure(run))
                 run.out[f"{kind.name}_seconds"] = time.perf_counter() - t_kind
             hvps = run.other_hvps + op.hvps + (batch_op.hvps if batch_op is not op else 0)
+            if c.mode == "cache" and op.gradient_evals:   # the probe set's graph was built: how much of it fit
+                run.out["cached_chunks"] = float(op.cached_chunks)
             op.release()
             batch_op.release()
         out = {f"probe/{k}": v for k, v in run.out.items()}

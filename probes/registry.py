@@ -193,7 +193,8 @@ def _batch_sharpness(run: ProbeStep) -> dict[str, float]:
         return {}
     bs = batch_sharpness(ctx.params, ctx.loss_fn, ctx.sample_batch, run.generator, min_samples=c.batch_min_samples,
                          max_samples=c.batch_max_samples, rse=c.batch_rse, estimator=c.batch_estimator,
-                         confidence=c.confidence, mode=c.mode, model=ctx.model, full_op=run.op if c.gni else None)
+                         confidence=c.confidence, mode=c.mode, model=ctx.model, full_op=run.op if c.gni else None,
+                         cache_mb=c.cache_mb)
     run.other_hvps += bs.hvps - len(bs.samples.get("gHfull_g", []))   # the GNI HVPs are on run.op
     out = {"batch_sharpness": bs.ratio_of_means, "batch_sharpness_ci_lo": bs.rom_ci[0],
            "batch_sharpness_ci_hi": bs.rom_ci[1], "batch_sharpness_n": float(bs.n),
@@ -283,9 +284,10 @@ PROBES: tuple[ProbeKind, ...] = (
               "moved < rtol", _critical),
 )
 
-# Emitted by the Prober itself around the kinds: HVPs over all operators, wall time of the probe step, and the wall
-# time of each kind that ran ({kind} = its name; a graph built lazily counts to the first kind that used it).
-PROBER_KEYS = ("hvps", "seconds", "{kind}_seconds")
+# Emitted by the Prober itself around the kinds: HVPs over all operators, wall time of the probe step, the wall
+# time of each kind that ran ({kind} = its name; a graph built lazily counts to the first kind that used it), and in
+# cache mode the probe set's chunks whose graphs fit ProbeConfig.cache_mb.
+PROBER_KEYS = ("hvps", "seconds", "{kind}_seconds", "cached_chunks")
 
 
 def metric_keys() -> tuple[str, ...]:

@@ -181,7 +181,8 @@ def batch_sharpness(params, loss_fn: Callable[[Any], torch.Tensor],
                     sample_batch: Callable[[torch.Generator], Sequence[Any]], generator: torch.Generator, *,
                     min_samples: int = 20, max_samples: int = 200, rse: float = 0.01,
                     estimator: str = "ratio_of_means", confidence: float = 0.95, mode: str = "cache",
-                    model: torch.nn.Module | None = None, full_op: HessianOperator | None = None) -> BatchSharpness:
+                    model: torch.nn.Module | None = None, full_op: HessianOperator | None = None,
+                    cache_mb: float = 0.0) -> BatchSharpness:
     """Monte Carlo batch sharpness over minibatches drawn by ``sample_batch(generator)``.
 
     Each draw B builds the minibatch operator H_B, takes g_B (free with the cached graph) and g_BᵀH_B g_B (1 HVP);
@@ -204,7 +205,7 @@ def batch_sharpness(params, loss_fn: Callable[[Any], torch.Tensor],
     full_start = full_op.hvps if full_op is not None else 0
     rel = math.inf
     while len(gg) < max_samples:
-        op = HessianOperator(params, loss_fn, sample_batch(generator), mode=mode, model=model)
+        op = HessianOperator(params, loss_fn, sample_batch(generator), mode=mode, model=model, cache_mb=cache_mb)
         g = op.gradient()
         ghg.append(dot64(g, op.matvec(g)))
         gg.append(dot64(g))

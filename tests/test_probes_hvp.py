@@ -88,6 +88,52 @@ def test_cache_is_rebuilt_after_inplace_update():
     torch.testing.assert_close(after, fresh, rtol=1e-12, atol=1e-12)
 
 
+def test_saved_bytes_counts_distinct_storages_and_not_the_parameters():
+    from probes.hvp import _SavedBytes
+    x = torch.randn(1000, requires_grad=True)
+    p = torch.nn.Parameter(torch.randn(1000))
+    with _SavedBytes([p]) as saved:
+        (torch.exp(x) * p).sum()
+    # exp saves its output (4000 B); mul saves that same tensor (counted once) and p (a parameter: not counted)
+    assert saved.bytes == 4000
+
+
+def test_bounded_cache_equals_the_unbounded_one_bit_for_bit_under_dropout():
+    """cache_mb keeps the first chunks' graphs while they fit and recomputes the rest from the RNG state each was
+    built with: a model in train mode (dropout) gives bit for bit the unbounded cache's HVPs and gradient, whether
+    0, some or all chunks fit."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 6, generator=g), torch.randn(96, 1, generator=g)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.Tanh(), torch.nn.Dropout(0.5),
+                                torch.nn.Linear(32, 1)).train()
+    params = dict(model.named_parameters())
+    chunks = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 96, 16)]
+
+    def loss_fn(c):
+        return ((model(c[0]) - c[1]) ** 2).sum() / 96
+    v = torch.randn(sum(p.numel() for p in params.values()), generator=g)
+    whole = HessianOperator(params, loss_fn, chunks, model=model)
+    want, want_g = whole.matvec(v), whole.gradient()
+    assert whole.cached_chunks == 6
+    recompute = HessianOperator(params, loss_fn, chunks, mode="recompute", model=model)
+    assert torch.equal(recompute.matvec(v), want)
+    seen = set()
+    for mb in (1e-6, 0.01, 0.02, 0.05, 10.0):
+        op = HessianOperator(params, loss_fn, chunks, model=model, cache_mb=mb)
+        for _ in range(2):   # the recomputed chunks again: the same masks at every HVP
+            assert torch.equal(op.matvec(v), want), mb
+        assert torch.equal(op.gradient(), want_g)
+        seen.add(op.cached_chunks)
+    assert seen == {0, 6} | (seen - {0, 6}) and len(seen) >= 3, seen   # none, some and all chunks cached
+    # and other masks would show: an operator built from another RNG state differs
+    torch.rand(1)
+    other = HessianOperator(params, loss_fn, chunks, model=model)
+    assert not torch.equal(other.matvec(v), want)
+    with pytest.raises(ValueError, match="cache_mb"):
+        HessianOperator(params, loss_fn, chunks, cache_mb=-1)
+
+
 def test_fd_restores_parameters_bitwise():
     model, params, loss_fn, chunks = mlp_problem(dtype=torch.float32)
     saved = {n: p.detach().clone() for n, p in params.items()}

@@ -41,6 +41,7 @@ def test_prober_emits_exactly_the_declared_keys():
                                    update=update))
     patterns = [_pattern(k) for k in metric_keys()]
     assert all(any(p.match(key) for p in patterns) for key in out), sorted(out)
+    assert out["probe/cached_chunks"] == len(chunks)   # the default cache_mb holds this probe set whole
     # every declared key but the SGD-only momentum threshold was emitted here
     for key in metric_keys():
         assert key == "probe/momentum_threshold" or any(_pattern(key).match(k) for k in out), key
@@ -63,3 +64,17 @@ def test_every_probe_flag_has_help_text():
     for f in dataclasses.fields(ProbeConfig):
         text = helps[f.name.replace("_", "-")].split("(default")[0].strip()
         assert len(text) > 10, (f.name, text)
+
+
+def test_a_bounded_cache_measures_the_same_bit_for_bit():
+    """ProbeConfig.cache_mb changes what the probe keeps in memory, not what it measures."""
+    model, params, loss_fn, chunks = mlp_problem(chunk=32)
+    update = {n: torch.full_like(p, 1e-3) for n, p in params.items()}
+    out = {}
+    for mb in (0.0, 1e-6):
+        cfg = ProbeConfig(every=1, k=2, max_hvps=30, step_sharpness=True, rayleigh_every=1, alignment_every=1,
+                          critical_every=0, cache_mb=mb)
+        out[mb] = Prober(cfg)(ProbeContext(params, loss_fn, chunks, lr=1e-3, step=0, model=model, update=update))
+    assert out[0.0].pop("probe/cached_chunks") == len(chunks) and out[1e-6].pop("probe/cached_chunks") == 0
+    values = {mb: {k: v for k, v in o.items() if not k.endswith("seconds")} for mb, o in out.items()}
+    assert values[0.0] == values[1e-6] and "probe/lambda_max" in values[0.0]

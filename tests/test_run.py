@@ -185,6 +185,12 @@ def test_config_changes_flattens_sections():
     del old["probe"]["critical_chunks"], old["probe"]["batch_lambda_max"]
     assert config_changes(old, asdict(replace(a, probe={"critical_chunks": 0, "batch_lambda_max": True}))) == {}
     assert config_changes(old, asdict(a)) == {"probe.critical_chunks": [0, 1], "probe.batch_lambda_max": [True, False]}
+    # probe.cache_mb bounds memory and changes no number (tests/test_probes_hvp.py): never a change, whatever it was
+    old = asdict(a)
+    del old["probe"]["cache_mb"]
+    assert config_changes(old, asdict(a)) == {} == config_changes(asdict(a), asdict(replace(a, probe={"cache_mb": 7})))
+    from experiments.run import comparable_config as _comparable
+    assert _comparable(old) == _comparable(asdict(replace(a, probe={"cache_mb": 7})))
     # with probes off in both, no other probe field changes what the run does; with probes on in one, they do
     off = replace(a, probe={"every": 0})
     assert config_changes(asdict(off), asdict(replace(off, probe={"rayleigh_every": 7, "tol": 0.5}))) == {}
