@@ -5,7 +5,10 @@ Arms: runs that differ only in their seed (the run name less its ``-s<seed>`` su
 constant-LR arm (schedule constant, no warm-up) with the lowest mean final loss. Per arm, over seeds:
 - final loss: mean with a Student-t 95 % CI; a diverged run counts as +inf (its arm's mean is inf). The last
   ``train/loss`` where it is the training set's (the Cohen MLP, full-batch GD); for a minibatch LM run the mean over
-  its last 10 % of steps (every arm sees the same batches at a step for a seed, so the pairs stay paired);
+  its last 10 % of steps (every arm sees the same batches at a step for a seed, so the pairs stay paired). For an
+  RLVR run the loss compared is the error rate 1 − ``env/reward_mean`` of its rollouts (the mean over its last 10 %
+  of steps), not ``train/loss``: PPO's clipped surrogate is centred by its normalised advantages, so it hovers near 0
+  with either sign and says nothing about how well the policy does;
 - held-out accuracy (LM runs): the last ``eval/accuracy``, mean with its CI, and Δ acc, the difference from the best
   constant's paired by seed with its t-interval;
 - × best: the final loss over the best constant's, paired by seed, as the geometric mean of the per-seed ratios with
@@ -74,6 +77,16 @@ def is_lm(run: Run) -> bool:
     return run._get("model", "name", default=None) is not None
 
 
+def objective(run: Run) -> tuple[str, np.ndarray, np.ndarray]:
+    """(name, steps, values) of what the comparison ranks runs by: ``train/loss``, or for RLVR the rollouts' error
+    rate 1 − ``env/reward_mean`` (module docstring)."""
+    if run.regime == "rl":
+        s, reward = run.series("env/reward_mean")
+        return "error rate 1 − reward", s, 1.0 - reward
+    s, loss = run.series("train/loss")
+    return "loss", s, loss
+
+
 def _last_loss(run: Run, loss: np.ndarray) -> float:
     """The last of ``loss`` (a run's train/loss up to some step), or for a minibatch LM run the mean of its last
     ``TAIL`` share: a single minibatch's loss is too noisy to rank LRs by."""
@@ -88,7 +101,7 @@ def final_loss(run: Run) -> float:
     """``_last_loss`` of the whole run; inf if it did not complete."""
     if run.status.get("status") != "completed":
         return math.inf
-    return _last_loss(run, run.series("train/loss")[1])
+    return _last_loss(run, objective(run)[2])
 
 
 def final_accuracy(run: Run) -> float:
@@ -112,8 +125,8 @@ def arm_and_seed(run: Run) -> tuple[str, int]:
 
 
 def _at_compute(run: Run, budget: float) -> tuple[float, float]:
-    """(loss of the last step within ``budget`` G, HVPs the controller spent)."""
-    s, loss = run.series("train/loss")
+    """(loss (the objective) of the last step within ``budget`` G, HVPs the controller spent)."""
+    _, s, loss = objective(run)
     cost, hvps = s.astype(float), 0.0
     if run.has("optim/est_hvps"):
         sh, h = run.series("optim/est_hvps")
@@ -140,6 +153,7 @@ def lr_comparison(runs: list[Run], steps: int | None = None) -> dict:
         by.setdefault(arm, []).append((seed, r))
     budget = float(steps if steps is not None else max((r.series("train/loss")[0].max(initial=0) for r in runs),
                                                        default=0))
+    what = objective(runs[0])[0] if runs else "loss"
     rows, finals, at_c, accs = {}, {}, {}, {}
     for arm, items in sorted(by.items()):
         items.sort(key=lambda x: x[0])
@@ -183,17 +197,17 @@ def lr_comparison(runs: list[Run], steps: int | None = None) -> dict:
                              f"Δ {d:+.3f} [{lo:+.3f}, {hi:+.3f}] over {row['n']} seeds",
                 "rule": "above / below: the 95% interval of the seed-paired accuracy difference lies above / below "
                         "0; else unresolved"})
-        for what, key in (("at equal steps", "x_best"), (f"at equal compute ({budget:g} G)", "x_best_at_C")):
+        for at, key in (("at equal steps", "x_best"), (f"at equal compute ({budget:g} G)", "x_best_at_C")):
             r, lo, hi = row[key]
             verdict = "beats" if hi < 1 else "loses to" if lo > 1 else "is not resolved from"
             statements.append({
-                "arm": arm, "at": what, "verdict": verdict,
-                "statement": f"{arm} {verdict} the best constant ({best}) {what}: final loss × {r:.2f} "
+                "arm": arm, "at": at, "verdict": verdict,
+                "statement": f"{arm} {verdict} the best constant ({best}) {at}: final {what} × {r:.2f} "
                              f"[{lo:.2f}, {hi:.2f}] over {row['n']} seeds"
                              + (f", {row['diverged']} diverged" if row["diverged"] else ""),
                 "rule": "beats: the 95% interval of the paired loss ratio lies below 1; loses: above 1; else "
                         "unresolved"})
-    return {"arms": rows, "best_constant": best, "budget": budget, "statements": statements}
+    return {"arms": rows, "best_constant": best, "budget": budget, "statements": statements, "objective": what}
 
 
 def comparison_rows(found: dict) -> list[dict]:
@@ -209,8 +223,8 @@ def comparison_rows(found: dict) -> list[dict]:
                 "Δ acc": "–" if not math.isfinite(d[0]) else f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"}
 
     return [{"arm": arm, "schedule": r["schedule"], "seeds": r["n"],
-             "final loss": f"{r['loss']:.4g} ± {r['loss_ci']:.2g}",
-             "× best": ratio(r["x_best"]), f"loss at {found['budget']:g} G": f"{r['loss_at_C']:.4g} ± "
+             f"final {found.get('objective', 'loss')}": f"{r['loss']:.4g} ± {r['loss_ci']:.2g}",
+             "× best": ratio(r["x_best"]), f"{found.get('objective', 'loss')} at {found['budget']:g} G": f"{r['loss_at_C']:.4g} ± "
              f"{r['loss_at_C_ci']:.2g}", "× best at C": ratio(r["x_best_at_C"]), **accuracy(r),
              "HVPs": f"{r['est_hvps']:.0f}", "diverged": r["diverged"]} for arm, r in found["arms"].items()]
 

@@ -110,3 +110,31 @@ def test_lm_runs_use_the_tail_mean_loss_held_out_accuracy_and_the_gpt_neox_hvp_c
     # equal compute at 19 G with 1 HVP (2.1 G) per step: steps t with t·3.1 ≤ 19, t ≤ 6: loss 2.4 (the MLP's
     # 1.6 G would allow step 7)
     assert eos["loss_at_C"] == pytest.approx(2.4) and HVP_COST_LM == 2.1
+
+
+def test_rlvr_runs_are_ranked_by_their_rollouts_error_rate_not_the_ppo_loss(tmp_path):
+    root = tmp_path / "adaptive_lr"
+
+    def rl(arm, seed, rewards, ppo_losses, schedule="constant"):
+        d = root / f"{arm}-s{seed}"
+        d.mkdir(parents=True)
+        cfg = {"regime": "rl", "model": {"name": "warm-start", "lora_rank": 0}, "train": {"full_batch": False},
+               "optim": {"name": "adamw", "lr": 1e-4, "schedule": schedule, "warmup_steps": 0}}
+        (d / "config.json").write_text(json.dumps({"config": cfg}))
+        with open(d / "metrics.jsonl", "w") as f:
+            for t, (r, loss) in enumerate(zip(rewards, ppo_losses)):
+                f.write(json.dumps({"step": t, "env/reward_mean": r, "train/loss": loss}) + "\n")
+        (d / "status.json").write_text(json.dumps({"status": "completed"}))
+
+    for seed in range(3):
+        # PPO losses near 0 with either sign, lower for the worse arm: they must not decide
+        rl("rl-const-lr0.0001", seed, [0.2] * 18 + [0.5, 0.5], [-0.01] * 20)
+        rl("rl-const-lr3e-05", seed, [0.2] * 18 + [0.25, 0.25], [-0.05] * 20)
+        rl("rl-eos0.9-lr0.0001", seed, [0.2] * 18 + [0.75, 0.75], [0.02] * 20, schedule="eos")
+    found = lr_comparison(find_runs([root]))
+    assert found["objective"] == "error rate 1 − reward" and found["best_constant"] == "rl-const-lr0.0001"
+    eos = found["arms"]["rl-eos0.9-lr0.0001"]
+    assert eos["loss"] == pytest.approx(0.25) and eos["x_best"] == pytest.approx([0.5] * 3)
+    said = [s["statement"] for s in found["statements"]]
+    assert any("beats the best constant (rl-const-lr0.0001) at equal steps: final error rate 1 − reward × 0.50"
+               in s for s in said), said
