@@ -222,10 +222,11 @@ def comparison_rows(found: dict) -> list[dict]:
         return {"held-out acc": f"{r['accuracy']:.3f} ± {r['accuracy_ci']:.2g}",
                 "Δ acc": "–" if not math.isfinite(d[0]) else f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"}
 
+    what = found.get("objective", "loss")
     return [{"arm": arm, "schedule": r["schedule"], "seeds": r["n"],
-             f"final {found.get('objective', 'loss')}": f"{r['loss']:.4g} ± {r['loss_ci']:.2g}",
-             "× best": ratio(r["x_best"]), f"{found.get('objective', 'loss')} at {found['budget']:g} G": f"{r['loss_at_C']:.4g} ± "
-             f"{r['loss_at_C_ci']:.2g}", "× best at C": ratio(r["x_best_at_C"]), **accuracy(r),
+             f"final {what}": f"{r['loss']:.4g} ± {r['loss_ci']:.2g}", "× best": ratio(r["x_best"]),
+             f"{what} at {found['budget']:g} G": f"{r['loss_at_C']:.4g} ± {r['loss_at_C_ci']:.2g}",
+             "× best at C": ratio(r["x_best_at_C"]), **accuracy(r),
              "HVPs": f"{r['est_hvps']:.0f}", "diverged": r["diverged"]} for arm, r in found["arms"].items()]
 
 

@@ -267,12 +267,11 @@ class HessianOperator:
                     grads = self._chunk_grad(batch, create_graph=True)
                 flat = self._flat(grads, self.dtype)
                 grad = flat if grad is None else grad.add_(flat)
-                # a kept chunk holds what its graph saved and its own gradient (parameter-sized)
-                size = saved.bytes + sum(g.numel() * g.element_size() for g in grads if g is not None) \
-                    if bounded else 0
-                # kept in order while within the budget; from the first chunk that does not fit, all are recomputed
-                full = full or kept + size > self.cache_mb * 2 ** 20 if bounded else False
-                kept += 0 if full else size
+                if bounded:   # kept in order while within the budget; from the first that does not fit, none is
+                    # a kept chunk holds what its graph saved and its own gradient (parameter-sized)
+                    size = saved.bytes + sum(g.numel() * g.element_size() for g in grads if g is not None)
+                    full = full or kept + size > self.cache_mb * 2 ** 20
+                    kept += 0 if full else size
                 graph.append(None if full else grads)
                 del grads   # an uncached chunk's graph goes now, before the next chunk's is built
         self.gradient_evals += 1

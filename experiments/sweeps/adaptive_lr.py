@@ -3,8 +3,8 @@ constant is known) vs warm-up + cosine vs CDAT (Roulet et al. 2024, σ = 2 "on e
 
 Two parts:
 - ``SWEEP`` (``eoslab sweep adaptive_lr``): the embedded LM in SFT, LoRA (rank 8) (500 steps each) and RLVR
-  (100 steps from a 150-step SFT warm start), each from its ``default_config`` (AdamW; the controller aims at ρ × the Adam threshold on the
-  preconditioned sharpness; eos and cdat start from the middle LR of the constant grid).
+  (100 steps from a 150-step SFT warm start), each from its ``default_config`` (AdamW; the controller aims at ρ ×
+  the Adam threshold on the preconditioned sharpness; eos and cdat start from the middle LR of the constant grid).
   Probes in every arm alike (λ_max and the Adam λ_max every 250 steps, critical sharpness on 16 probe examples
   every 10); the controller's own cost is in ``optim/est_*``.
 - ``COHEN`` (``python -m experiments.sweeps.adaptive_lr [ROOT [BATCH]]``): the Cohen et al. 2021 tanh MLP under
