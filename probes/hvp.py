@@ -232,7 +232,6 @@ class HessianOperator:
         if cache_mb < 0:
             raise ValueError(f"probes: cache_mb must be >= 0 (0 = no bound), got {cache_mb}")
         self.cache_mb = cache_mb
-        self.cached_chunks = 0      # chunks whose graph the last build kept (all of them when cache_mb is 0)
         # per chunk: its first-order grads with their graph (cached), or None (recomputed at each HVP)
         self._graph: list[tuple[torch.Tensor, ...] | None] | None = None
         self._chunk_rng: list[tuple] = []   # the RNG state each chunk was built from
@@ -281,7 +280,11 @@ class HessianOperator:
         self._graph, self._chunk_rng = graph, states
         self._versions = self._versions_now()
         self._grad = grad
-        self.cached_chunks = sum(g is not None for g in graph)
+
+    @property
+    def cached_chunks(self) -> int:
+        """Chunks whose graph the current build keeps (all of them when cache_mb is 0; none once released)."""
+        return sum(g is not None for g in self._graph or ())
 
     def _graph_valid(self) -> bool:
         return self._graph is not None and self._versions == self._versions_now()
@@ -332,12 +335,11 @@ class HessianOperator:
                 if not self._graph_valid():
                     self._build_graph()
                 for c, grads in enumerate(self._graph):
-                    if grads is None:   # beyond cache_mb: forward + double backward again, as it was built
+                    cached = grads is not None
+                    if not cached:   # beyond cache_mb: forward + double backward again, as it was built
                         with fixed_rng(self._chunk_rng[c]):
                             grads = self._chunk_grad(self.batches[c], create_graph=True)
-                        self._hvp_from_grads(grads, parts, out, retain=False, first=c == 0)
-                    else:
-                        self._hvp_from_grads(grads, parts, out, retain=True, first=c == 0)
+                    self._hvp_from_grads(grads, parts, out, retain=cached, first=c == 0)
             else:
                 with fixed_rng(self._rng):
                     for c, batch in enumerate(self.batches):
