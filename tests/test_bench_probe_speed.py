@@ -34,9 +34,20 @@ def _check(result, rel_acc):
 def test_tiny_random_neox(capsys):
     cfg = BenchConfig(hidden=16, layers=1, heads=2, vocab=50, seq=12, chunk=4, pretrain_steps=5, **TOY)
     _check(main(cfg), cfg.rel_acc)
-    assert "λ_max along a run" in capsys.readouterr().out
+    assert "each on the frozen probe batch" in capsys.readouterr().out
 
 
 def test_sft_on_a_local_model_dir(tiny_model_dir):
     cfg = BenchConfig(model=str(tiny_model_dir), **TOY)
     _check(main(cfg), cfg.rel_acc)
+
+
+def test_tracking_on_fresh_minibatches_without_the_cold_tables(capsys):
+    cfg = BenchConfig(hidden=16, layers=1, heads=2, vocab=50, seq=12, chunk=4, pretrain_steps=5, cold=False,
+                      track_batch="fresh", **TOY)
+    result = main(cfg)
+    assert result["cold"] == {} and "reference" not in result
+    for name, total in result["tracking"].items():
+        assert total["points"] == TOY["track_points"] and total["max_rel_err"] <= cfg.rel_acc, (name, total)
+    out = capsys.readouterr().out
+    assert "each on a fresh minibatch" in out and "cold start" not in out

@@ -10,12 +10,14 @@ For each solver: HVPs and wall time to reach λ_max within ``rel_acc`` of a tigh
   Lanczos with growing step counts and by watching every power-iteration Rayleigh quotient), which favours them;
   "probes (oracle stop)" applies the same oracle to our solver; the last two rows run the libraries as a user
   would (Lanczos with a fixed 20 steps; PyHessian's own stop rule), accuracy as it comes;
-- "λ_max along a run" is the Prober's use (its ``lambda_max_batch``): ``track_points`` solves ``track_every``
-  training steps apart (default: the Prober's cadence, ``probes.ProbeConfig().every``), each on a FRESH minibatch,
-  the current one of the training stream; ours warm from its own previous eigenvector, hessian-eigenthings warm
-  from its own previous top Ritz vector through its public ``lanczos_tridiagonal(op, v0, max_iter)`` (oracle step
-  count, searched from 1), PyHessian cold (its ``eigenvalues`` takes no start vector) with oracle stopping; the
-  first point is cold for all. Totals over the points, each solve checked against its point's reference.
+- "λ_max along a run" is the Prober's use: ``track_points`` solves ``track_every`` training steps apart (default:
+  the Prober's cadence, ``probes.ProbeConfig().every``), with ``track_batch="fixed"`` each on the same frozen batch
+  (the probe set, as the Prober's default ``lambda_max`` of SFT and LoRA runs holds it), with ``"fresh"`` each on the
+  current minibatch of the training stream (its ``lambda_max_batch``; RLVR's rollout buffer); ours warm from its
+  own previous eigenvector, hessian-eigenthings warm from its own previous top Ritz vector through its public
+  ``lanczos_tridiagonal(op, v0, max_iter)`` (oracle step count, searched from 1), PyHessian cold (its
+  ``eigenvalues`` takes no start vector) with oracle stopping; the first point is cold for all. Totals over the
+  points, each solve checked against its point's reference.
 Why a single cold solve cannot reach 2× against an oracle-stopped Lanczos: for k=1, LOBPCG's iterates span the
 same Krylov space as Lanczos from the same start (identical Ritz values per HVP, checked on this model), so the
 HVP counts are equal up to the start vector (the gradient saves ~1), and an exact HVP costs ≥ 2 G (the R-forward
@@ -82,6 +84,9 @@ class BenchConfig:
     track_points: int = 6      # λ_max along a run: solves this many times (0 = skip) ...
     track_every: int = ProbeConfig().every   # ... this many optimizer steps apart (the Prober's default cadence)
     track_warmup: int = 0      # optimizer steps before the first tracking point (past the start's transient)
+    track_batch: str = "fixed"  # "fixed": every point on the frozen probe batch (the Prober's lambda_max);
+                                # "fresh": on the current minibatch (its lambda_max_batch, RLVR's rollout buffer)
+    cold: bool = True          # False: skip the cold-start tables (only tracking and HVP costs)
     model: str = "tiny"        # "tiny": random GPT-NeoX of the sizes above, Adam-trained on the probe batch;
                                # "embedded" (the offline pre-trained default) or a local model dir: SFT on env_id
     env_id: str = "ArithRLVR-v0"   # LM only: SFT data; batch = examples, in grad_accum chunks
@@ -396,19 +401,22 @@ TRACK_HET = "hessian-eigenthings LA warm (oracle)"
 TRACK_PYH = "pyhessian power (oracle)"
 
 
-def tracking(cfg: BenchConfig, device, model, params, loss_fn, next_batch, advance) -> dict[str, dict]:
-    """λ_max along a training run, the Prober's use (its lambda_max_batch): ``track_points`` solves ``track_every``
-    training steps apart, each on the next, fresh minibatch of the training stream. Ours and hessian-eigenthings
-    start each solve from their own previous eigenvector (the first from a random vector); ours with the Prober's
-    default stop rule and with the residual rule, hessian-eigenthings with oracle stopping; PyHessian, which takes
-    no start vector, solves cold with oracle stopping at every point. Every solve is checked against a tight
+def tracking(cfg: BenchConfig, device, model, params, loss_fn, probe_set, next_batch, advance) -> dict[str, dict]:
+    """λ_max along a training run, the Prober's use: ``track_points`` solves ``track_every`` training steps apart,
+    each on ``probe_set`` (``cfg.track_batch="fixed"``) or on the next, fresh minibatch of the training stream.
+    Ours and hessian-eigenthings start each solve from their own previous eigenvector (the first from a random
+    vector); ours with the Prober's default stop rule and with the residual rule, hessian-eigenthings with oracle
+    stopping; PyHessian, which takes no start vector, solves cold with oracle stopping at every point. Every solve is checked against a tight
     reference at its point. Per solver: totals over the points, and the total of each interleaved round
     (``round_seconds``), so the ratios pair round r with round r."""
     if cfg.track_points <= 0:
         return {}
+    if cfg.track_batch not in ("fixed", "fresh"):
+        raise ValueError(f"track_batch must be 'fixed' or 'fresh', got {cfg.track_batch!r}")
     advance(cfg.track_warmup)
+    on = "the frozen probe batch" if cfg.track_batch == "fixed" else "a fresh minibatch"
     print(f"\nλ_max along a run: {cfg.track_points} solves, {cfg.track_every} training steps apart "
-          f"(ProbeConfig().every = {ProbeConfig().every}), from step {cfg.track_warmup}, each on a fresh minibatch; "
+          f"(ProbeConfig().every = {ProbeConfig().every}), from step {cfg.track_warmup}, each on {on}; "
           f"median seconds of {cfg.repeats} interleaved rounds per point:")
     names = (TRACK_OURS, TRACK_RESIDUAL, TRACK_HET, TRACK_PYH)
     print(f"{'point':>5s} {'λ_max':>9s}   " + "   ".join(f"{n:>24s}" for n in
@@ -419,7 +427,7 @@ def tracking(cfg: BenchConfig, device, model, params, loss_fn, next_batch, advan
     for point in range(cfg.track_points):
         if point:
             advance(cfg.track_every)
-        chunks = next_batch()
+        chunks = probe_set if cfg.track_batch == "fixed" else next_batch()
         ref, _ = reference(params, loss_fn, chunks, model)
         prepared = {TRACK_OURS: ours(params, loss_fn, chunks, model, cfg.rel_acc, init=prev[TRACK_OURS],
                                      stop="eigenvalue"),
@@ -466,19 +474,11 @@ def _print_table(title, rows, ref, base):
               f"{r['hvps'] / base['hvps']:11.2f}x  {paired_ratios(r['times'], base['times']).fmt('.2f', 'x')}")
 
 
-def main(cfg: BenchConfig = BenchConfig()) -> dict:
-    torch.manual_seed(cfg.seed)
-    device, model, params, loss_fn, chunks, next_batch, advance = setup(cfg)
-    n = sum(p.numel() for p in params.values())
-    tokens = sum(int(c["input_ids"].numel()) for c in chunks)
-    what = (f"{cfg.model} GPT-NeoX ({model.config.num_hidden_layers}x{model.config.hidden_size}), SFT on {cfg.env_id}, "
-            f"SGD momentum 0.9 lr {cfg.lr:g} between tracking points" if cfg.model != "tiny" else
-            f"random GPT-NeoX hidden={cfg.hidden} layers={cfg.layers} vocab={cfg.vocab}, Adam between tracking points")
-    print(f"model: {what}; {n:,} params; probe batch {tokens} tokens in {len(chunks)} chunk(s); device {device}; "
-          f"threads {torch.get_num_threads()}")
+def cold_tables(cfg: BenchConfig, device, model, params, loss_fn, chunks) -> dict:
+    """The cold-start tables on the first minibatch: every solver's HVPs and seconds to ``rel_acc`` (interleaved
+    rounds), then HVP counts over ``cfg.seeds`` random start vectors."""
     ref, ref_res = reference(params, loss_fn, chunks, model)
     print(f"reference λ_max = {ref:.8g} (probes, tol 1e-7, {ref_res.hvps} HVPs)")
-    cold_ref = ref
 
     prepared = {"probes (own stop rule)": ours(params, loss_fn, chunks, model, cfg.rel_acc),
                 "probes eigenvalue stop": ours(params, loss_fn, chunks, model, cfg.rel_acc, stop="eigenvalue"),
@@ -503,17 +503,32 @@ def main(cfg: BenchConfig = BenchConfig()) -> dict:
     for name, c in counts.items():
         print(f"  {name:40s} mean {statistics.mean(abs(x) for x in c):4.1f}  {c}")
 
-    track = tracking(cfg, device, model, params, loss_fn, next_batch, advance)
+    return {"reference": ref, "cold": rows, "hvp_counts": counts}
+
+
+def main(cfg: BenchConfig = BenchConfig()) -> dict:
+    torch.manual_seed(cfg.seed)
+    device, model, params, loss_fn, chunks, next_batch, advance = setup(cfg)
+    n = sum(p.numel() for p in params.values())
+    tokens = sum(int(c["input_ids"].numel()) for c in chunks)
+    what = (f"{cfg.model} GPT-NeoX ({model.config.num_hidden_layers}x{model.config.hidden_size}), SFT on {cfg.env_id}, "
+            f"SGD momentum 0.9 lr {cfg.lr:g} between tracking points" if cfg.model != "tiny" else
+            f"random GPT-NeoX hidden={cfg.hidden} layers={cfg.layers} vocab={cfg.vocab}, Adam between tracking points")
+    print(f"model: {what}; {n:,} params; probe batch {tokens} tokens in {len(chunks)} chunk(s); device {device}; "
+          f"threads {torch.get_num_threads()}")
+    cold = cold_tables(cfg, device, model, params, loss_fn, chunks) if cfg.cold else {"cold": {}}
+    rows = cold["cold"]
     others = {k: v for k, v in rows.items() if not isinstance(v, str) and k in
               ("hessian-eigenthings LA (oracle)", "pyhessian power (oracle)")}
+    track = tracking(cfg, device, model, params, loss_fn, chunks, next_batch, advance)
     theirs = [k for k in (TRACK_HET, TRACK_PYH) if k in track]
     if others or theirs:
         print(f"\nspeed-up (their seconds / ours, paired by interleaved round: median [min–max] over {cfg.repeats} "
               "rounds; ≥ 2 is the goal) and HVPs (theirs / ours) against the oracle-stopped libraries:")
-        mine = {"cold, own stop rule (residual)": rows["probes (own stop rule)"],
-                "cold, eigenvalue stop": rows["probes eigenvalue stop"],
-                "cold, eigenvalue stop, lambda_max(init='gradient')": rows["probes eigenvalue stop, g start"]}
-        for name, m in mine.items() if others else ():
+        mine = {"cold, own stop rule (residual)": "probes (own stop rule)",
+                "cold, eigenvalue stop": "probes eigenvalue stop",
+                "cold, eigenvalue stop, lambda_max(init='gradient')": "probes eigenvalue stop, g start"}
+        for name, m in ((name, rows[row]) for name, row in mine.items() if others):
             print(f"  {name:55s} " + "  ".join(f"vs {k.split(' ')[0]} {paired_ratios(v['times'], m['times']).fmt()}"
                                               f", HVPs {v['hvps'] / m['hvps']:.2f}x" for k, v in others.items()))
     for mine_name, label in ((TRACK_OURS, "eigenvalue stop"), (TRACK_RESIDUAL, "residual stop")):
@@ -530,7 +545,7 @@ def main(cfg: BenchConfig = BenchConfig()) -> dict:
           " graph build):")
     for m, c in costs.items():
         print(f"  {m:10s} {c:5.2f} G")
-    return {"reference": cold_ref, "cold": rows, "tracking": track, "hvp_counts": counts, "hvp_cost_G": costs}
+    return {**cold, "tracking": track, "hvp_cost_G": costs}
 
 
 if __name__ == "__main__":
