@@ -406,8 +406,8 @@ def tracking(cfg: BenchConfig, device, model, params, loss_fn, probe_set, next_b
     each on ``probe_set`` (``cfg.track_batch="fixed"``) or on the next, fresh minibatch of the training stream.
     Ours and hessian-eigenthings start each solve from their own previous eigenvector (the first from a random
     vector); ours with the Prober's default stop rule and with the residual rule, hessian-eigenthings with oracle
-    stopping; PyHessian, which takes no start vector, solves cold with oracle stopping at every point. Every solve is checked against a tight
-    reference at its point. Per solver: totals over the points, and the total of each interleaved round
+    stopping; PyHessian, which takes no start vector, solves cold with oracle stopping at every point. Every solve
+    is checked against a tight reference at its point. Per solver: totals over the points, and the total of each interleaved round
     (``round_seconds``), so the ratios pair round r with round r."""
     if cfg.track_points <= 0:
         return {}
