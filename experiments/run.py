@@ -75,7 +75,8 @@ PERFORMANCE_ONLY = ("probe.cache_mb",)
 # config". Only fields whose old behaviour is exactly this value belong here (probe.probe_set_size does not: before
 # it, λ_max was the batch's, which is probe_set_size=0, not its default 64).
 ADDED_FIELDS = {"probe.chunk_size": 0, "env.offset": 0, "probe.critical_chunks": 0, "probe.batch_lambda_max": True,
-                "model.head_chunk": 0, "train.autocast": "", "probe.cache_mb": 0}
+                "model.head_chunk": 0, "train.autocast": "", "probe.cache_mb": 0,
+                "probe.cold_stop": ""}
 LOCK_FILE = ".lock"  # in the run dir: flock-ed by the process that runs it
 
 

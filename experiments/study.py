@@ -251,10 +251,12 @@ def base_config(cfg: StudyConfig, regime: str, optimizer: str) -> RunConfig:
     # probes: λ_max of the fixed set (and of the batch) at a steady cadence; tol 1e-2 (λ to ~1 % once warm-started;
     # a cold solve read 6 % low on the tiny test model) saves HVPs, the calibration solves at 1e-3. The cheap traces
     # are off: their cost on a 2-core CPU buys no decision of the study. The batch's λ_max and step sharpness stay
-    # on, as in every study run so far (no finding reads them, but finished runs are matched by their config)
+    # on, as in every study run so far (no finding reads them, but finished runs are matched by their config), and
+    # so does the eigenvalue stop of cold solves (cold_stop="": the first solve of each run; the residual rule, the
+    # default since, would make every finished run a new one)
     probe = ProbeConfig(every=cfg.rl_probe_every if kind == "rl" else cfg.probe_every, tol=1e-2,
                         probe_set_size=cfg.probe_set_size, rayleigh_every=0, alignment_every=0, critical_every=0,
-                        batch_lambda_max=True, step_sharpness=True,
+                        batch_lambda_max=True, step_sharpness=True, cold_stop="",
                         batch_min_samples=4, batch_max_samples=8,
                         # batch sharpness is the EoSS quantity of minibatch SGD; under GD the batch is the set, and
                         # for RLVR each draw is a fresh rollout (generation): both off

@@ -66,10 +66,6 @@ class ProbeStep:
         """Whether the current batch has an operator of its own (the probe set is not the batch)."""
         return self.batch_op is not None and self.batch_op is not self.op
 
-    def init(self, key: str) -> torch.Tensor | None:
-        """The warm start stored under ``key`` when warm starts are on and it fits the operator, else None."""
-        return self.stored(key) if self.config.warm_start else None
-
     def stored(self, key: str) -> torch.Tensor | None:
         """The eigenvectors stored under ``key`` (n, k) on the operator's device when they fit it, else None."""
         v = self.warm.get(key)
@@ -130,23 +126,39 @@ def _seed_pair(op: HessianOperator, v: torch.Tensor, av: torch.Tensor) -> tuple[
     return v.to(dtype), av.to(dtype)
 
 
+def _stop_rule(c, init) -> str:
+    """``c.stop`` for a warm solve, ``c.cold_stop`` (or ``c.stop`` where it is "") for a cold one."""
+    return c.stop if init is not None or not c.cold_stop else c.cold_stop
+
+
 def _solve(run: ProbeStep, op: HessianOperator, key: str, pairs: list, k: int):
     # The step and update pairs join the first Rayleigh–Ritz beside a warm start for free (it maximises θ, so
     # they only help). A cold solve starts from a random vector alone: beside it, a g inside an invariant subspace
     # that misses the top eigenvector would win the first Rayleigh–Ritz and trap the solve
     # (tests/test_probes_context.py).
     c = run.config
-    v = run.warm.get(key) if c.warm_start else None
+    handed = _hand_over(run, key, op, pairs)
+    stop = _stop_rule(c, handed[0])
+    # popped into the call, so that no frame here refers to them: the solver lets them go after its first
+    # Rayleigh–Ritz, and their memory (3 parameter-sized vectors with the update pair) is free for the rest of it
+    res = top_eigenvalues(op, k=k, tol=c.tol, known=handed.pop(), init=handed.pop(), max_hvps=c.max_hvps,
+                          generator=run.generator, stop=stop)
+    run.warm[key] = res.vectors.detach()
+    return res
+
+
+def _hand_over(run: ProbeStep, key: str, op: HessianOperator, pairs: list) -> list:
+    """[init, known] of a solve, taken out of the warm store and ``pairs`` (the store gets the new vectors after the
+    solve): the stored eigenvectors when warm starts are on and they fit the operator, and the known pairs (one
+    passed as it is, several stacked) beside a warm start only."""
+    v = run.warm.pop(key, None) if run.config.warm_start else None
     init = v.to(op.device) if v is not None and v.shape[0] == op.dim else None
     known = None
-    if pairs and init is not None:   # one pair is passed as it is, several stacked; either way the list lets go
+    if pairs and init is not None:
         vs, avs = zip(*pairs)
         known = (vs[0], avs[0]) if len(vs) == 1 else (torch.stack(vs, 1), torch.stack(avs, 1))
     pairs.clear()
-    res = top_eigenvalues(op, k=k, tol=c.tol, init=init, max_hvps=c.max_hvps, generator=run.generator,
-                          stop=c.stop, known=known)
-    run.warm[key] = res.vectors.detach()
-    return res
+    return [init, known]
 
 
 def _lambda_max(run: ProbeStep) -> dict[str, float]:
@@ -178,8 +190,11 @@ def _adam_lambda_max(run: ProbeStep) -> dict[str, float]:
     c, ctx = run.config, run.ctx
     if not c.adam or ctx.optimizer is None or "adam_threshold" not in run.out:
         return {}
-    res = adam_sharpness(run.op, ctx.optimizer, ctx.lr, k=1, tol=c.tol, init=run.init("adam"),
-                         max_hvps=c.max_hvps, generator=run.generator, stop=c.stop)
+    handed = _hand_over(run, "adam", run.op, [])
+    stop = _stop_rule(c, handed[0])
+    handed.pop()   # no known pairs for P^-½ H P^-½
+    res = adam_sharpness(run.op, ctx.optimizer, ctx.lr, k=1, tol=c.tol, init=handed.pop(),
+                         max_hvps=c.max_hvps, generator=run.generator, stop=stop)
     if res is None:
         return {}
     run.warm["adam"] = res.vectors.detach()

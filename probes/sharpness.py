@@ -282,8 +282,12 @@ def adam_sharpness(op: HessianOperator, optimizer: torch.optim.Optimizer, lr: fl
     precond = adam_preconditioner(optimizer, op.params, lr, work_dtype(op))
     if precond is None:
         return None
-    return top_eigenvalues(preconditioned_operator(op, precond), k=k, tol=tol, init=init, max_hvps=max_hvps,
-                           generator=generator, stop=stop)
+    pop = preconditioned_operator(op, precond)
+    # P is not read again (the operator keeps P^-½), and ``init`` is read once by the solver: dropping them here
+    # (popped into the call) frees two parameter-sized vectors for the solve
+    handed = [init]
+    del precond, init
+    return top_eigenvalues(pop, k=k, tol=tol, init=handed.pop(), max_hvps=max_hvps, generator=generator, stop=stop)
 
 
 # ---- trace and per-block quantities ------------------------------------------------------------------------

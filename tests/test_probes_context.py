@@ -144,7 +144,9 @@ def test_default_eigenvalue_stop_meets_its_tolerance_with_fewer_hvps():
     out = {}
     for stop in ("eigenvalue", "residual"):
         ctx = ProbeContext(params, loss_fn, chunks, lr=0.05, step=0, model=model)
-        out[stop] = Prober(ProbeConfig(every=1, step_sharpness=False, update_sharpness=False, stop=stop))(ctx)
+        # cold_stop="": this cold solve by ``stop`` itself (the default solves cold by the residual rule)
+        out[stop] = Prober(ProbeConfig(every=1, step_sharpness=False, update_sharpness=False, stop=stop,
+                                       cold_stop=""))(ctx)
     assert abs(out["eigenvalue"]["probe/lambda_max"] - truth) <= cfg.tol * truth
     assert out["eigenvalue"]["probe/hvps"] < out["residual"]["probe/hvps"]
 

@@ -2,13 +2,14 @@
 (experiments/bench/reference_eigs.py), and the parameter-sized tensors it keeps alive."""
 import copy
 import gc
+import weakref
 
 import pytest
 import torch
 
 import probes.eigs
 from experiments.bench.reference_eigs import top_eigenvalues as reference_top_eigenvalues
-from probes import HessianOperator, LinearOperator, top_eigenvalues
+from probes import HessianOperator, LinearOperator, ProbeConfig, ProbeContext, Prober, top_eigenvalues
 from probes.testing import mlp_problem
 
 D, F = torch.float64, torch.float32
@@ -229,3 +230,68 @@ def test_rayleigh_step_and_alignment_keep_fp32_vectors_and_fp64_accuracy(monkeyp
     assert g.dtype == F and abs(value - float(g64 @ a64(g64) / (g64 @ g64))) <= 1e-6 * abs(value)
     cos = alignment(op, u)
     assert abs(cos - abs(float(u64 @ g64)) / float(u64.norm() * g64.norm())) <= 1e-6
+
+
+def storage_ref(t: torch.Tensor) -> weakref.ref:
+    """A weak reference to ``t``'s storage, alive while any tensor (a view or detached alias too) uses it: torch
+    keeps one Python object per live storage."""
+    return weakref.ref(t.untyped_storage())
+
+
+class WatchingOperator(CountingOperator):
+    """CountingOperator that records, at every matvec, which of the watched tensors' storages are still alive."""
+
+    def watch(self, *tensors) -> None:
+        self.refs, self.alive = [storage_ref(t) for t in tensors], []
+
+    def matvec(self, v):
+        self.alive.append([r() is not None for r in self.refs])
+        return super().matvec(v)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_solver_lets_go_of_init_and_known_pairs_after_the_first_rayleigh_ritz(k):
+    """Handed over (no reference kept by the caller), the warm start and the known pair are freed once the first
+    Rayleigh–Ritz has read them: from the second round of HVPs on, none of them is alive."""
+    op = WatchingOperator(n=20_000)
+    gen = torch.Generator().manual_seed(2)
+
+    def handed():
+        init, g = torch.randn(op.dim, k, generator=gen), torch.randn(op.dim, generator=gen)
+        op.watch(init, g)
+        return [init, (g, op.matvec(g))]
+
+    args = handed()
+    res = top_eigenvalues(op, k=k, tol=1e-6, known=args.pop(), init=args.pop(), max_hvps=200)
+    assert res.converged and len(op.alive) > 2 * k + 1
+    first = 1 + k   # the pair's own image, then the k start vectors' images (before the first Rayleigh–Ritz)
+    assert all(all(a) for a in op.alive[:first]) and not any(any(a) for a in op.alive[first:]), op.alive
+
+
+@pytest.mark.parametrize("key", ["H", "adam"])
+def test_prober_hands_its_stored_eigenvector_to_the_solve(key):
+    """A solve's warm start leaves the Prober's store when the solve takes it: at the last HVP of the call's last
+    solve (λ_max, or the Adam λ_max after it; a recomputed HVP calls the loss) the previous eigenvector is gone,
+    not kept beside the solver's vectors."""
+    model, params, loss_fn, chunks = mlp_problem(chunk=64)
+    adam = key == "adam"
+    opt = torch.optim.Adam(params.values(), lr=0.01) if adam else torch.optim.SGD(params.values(), lr=0.05)
+    cfg = ProbeConfig(every=1, mode="recompute", adam=adam, critical_every=0, alignment_every=0,
+                      update_sharpness=False, tol=1e-8)
+    prober = Prober(cfg)
+    sum(loss_fn(c) for c in chunks).backward()   # Adam needs state before its λ_max is defined
+    opt.step()
+    opt.zero_grad()
+    prober(ProbeContext(params, loss_fn, chunks, lr=0.05, step=0, optimizer=opt, model=model))
+    old = storage_ref(prober.state_dict()[f"warm.{key}"])
+    sum(loss_fn(c) for c in chunks).backward()
+    opt.step()
+    opt.zero_grad()
+    seen = []
+
+    def watching_loss(c):
+        seen.append(old() is not None)
+        return loss_fn(c)
+    out = prober(ProbeContext(params, watching_loss, chunks, lr=0.05, step=1, optimizer=opt, model=model))
+    assert out["probe/hvps"] >= 3 and seen[0] and not seen[-1], (out["probe/hvps"], seen)
+    assert old() is None

@@ -95,7 +95,7 @@ def test_prober_eigenvalue_stop_matches_dense_with_fewer_hvps():
     opt = torch.optim.SGD(params.values(), lr=0.05)
     out = {}
     for stop in ("residual", "eigenvalue"):
-        cfg = ProbeConfig(every=1, stop=stop, tol=1e-4, step_sharpness=False, update_sharpness=False)
+        cfg = ProbeConfig(every=1, stop=stop, cold_stop="", tol=1e-4, step_sharpness=False, update_sharpness=False)
         out[stop] = Prober(cfg)(ProbeContext(params, loss_fn, chunks, lr=0.05, step=0, optimizer=opt, model=model))
     lam = out["eigenvalue"]["probe/lambda_max"]
     assert abs(lam - float(evals[-1])) <= 1e-4 * float(evals.abs().max())
@@ -135,3 +135,35 @@ def test_eigenvalue_stop_cold_start_resolves_a_close_top_pair():
             assert res.converged and abs(float(res.values[0]) - 42.86) <= 1e-3 * 42.86, (seed, stop, res.values)
             hvps[stop] += res.hvps
     assert hvps["eigenvalue"] <= hvps["residual"]
+
+
+def test_prober_solves_cold_by_the_residual_rule():
+    """A top pair 1.0 / 0.9 over a bulk: from the random start of probe seed 50 (1 of the first 60 seeds), the
+    eigenvalue stop settles inside the pair and reports λ₂ = 0.9 as λ_max with a tiny error estimate. The Prober's
+    cold solve stops by ``cold_stop`` ("residual") and finds 1.0; the next (warm) solve keeps ``stop``."""
+    from probes import ProbeConfig, ProbeContext, Prober
+    n = 300
+    lam = torch.cat([torch.tensor([1.0, 0.9], dtype=D), torch.linspace(-0.1, 0.1, n - 2, dtype=D)])
+    a = spectrum_matrix(lam)
+    w = torch.nn.Parameter(torch.zeros(n, dtype=D))
+    opt = torch.optim.SGD([w], lr=0.1)
+
+    def loss_fn(chunk):
+        return 0.5 * w @ (a @ w)
+
+    def prober(**kw):
+        return Prober(ProbeConfig(every=1, seed=50, update_sharpness=False, adam=False, critical_every=0,
+                                  alignment_every=0, **kw))
+
+    def call(p, step):
+        return p(ProbeContext({"w": w}, loss_fn, [None], lr=0.1, step=step, optimizer=opt))
+
+    trapped = call(prober(cold_stop=""), 0)
+    assert abs(trapped["probe/lambda_max"] - 0.9) < 1e-3
+    p = prober()
+    cold = call(p, 0)
+    assert abs(cold["probe/lambda_max"] - 1.0) <= 1e-3 and cold["probe/hvps"] > trapped["probe/hvps"]
+    warm = call(p, 1)
+    assert abs(warm["probe/lambda_max"] - 1.0) <= 1e-3 and warm["probe/hvps"] < cold["probe/hvps"]
+    with pytest.raises(ValueError, match="cold_stop"):
+        ProbeConfig(cold_stop="change")

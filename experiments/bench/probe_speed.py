@@ -395,7 +395,7 @@ def hvp_costs(params, loss_fn, chunks, model, device, reps):
     return g, {m: statistics.median(times[m]) / g for m in ("cache", "recompute", "fd")}
 
 
-TRACK_OURS = "probes warm start, eigenvalue stop"     # the Prober's default: λ to tol, not guaranteed
+TRACK_OURS = "probes warm start, Prober's rules"     # eigenvalue stop warm, residual cold (ProbeConfig)
 TRACK_RESIDUAL = "probes warm start, residual stop"  # ‖r‖ ≤ tol·|θ|: a guaranteed bound on |λ − θ|
 TRACK_HET = "hessian-eigenthings LA warm (oracle)"
 TRACK_PYH = "pyhessian power (oracle)"
@@ -420,7 +420,7 @@ def tracking(cfg: BenchConfig, device, model, params, loss_fn, probe_set, next_b
           f"median seconds of {cfg.repeats} interleaved rounds per point:")
     names = (TRACK_OURS, TRACK_RESIDUAL, TRACK_HET, TRACK_PYH)
     print(f"{'point':>5s} {'λ_max':>9s}   " + "   ".join(f"{n:>24s}" for n in
-                                                        ("probes (eigenvalue stop)", "probes (residual stop)",
+                                                        ("probes (Prober's rules)", "probes (residual stop)",
                                                          "hessian-eigenthings warm", "pyhessian cold")))
     totals: dict[str, dict] = {}
     prev: dict[str, torch.Tensor | None] = dict.fromkeys(names)
@@ -429,8 +429,10 @@ def tracking(cfg: BenchConfig, device, model, params, loss_fn, probe_set, next_b
             advance(cfg.track_every)
         chunks = probe_set if cfg.track_batch == "fixed" else next_batch()
         ref, _ = reference(params, loss_fn, chunks, model)
+        default = ProbeConfig()   # the Prober's rules: ``stop`` warm, ``cold_stop`` at the first point
+        prober_stop = default.stop if prev[TRACK_OURS] is not None else (default.cold_stop or default.stop)
         prepared = {TRACK_OURS: ours(params, loss_fn, chunks, model, cfg.rel_acc, init=prev[TRACK_OURS],
-                                     stop="eigenvalue"),
+                                     stop=prober_stop),
                     TRACK_RESIDUAL: ours(params, loss_fn, chunks, model, cfg.rel_acc, init=prev[TRACK_RESIDUAL]),
                     TRACK_HET: het_lanczos(model, loss_fn, chunks, ref, cfg.rel_acc, init=prev[TRACK_HET]),
                     TRACK_PYH: pyhessian_power(model, loss_fn, chunks, device, ref, cfg.rel_acc)}
@@ -531,7 +533,7 @@ def main(cfg: BenchConfig = BenchConfig()) -> dict:
         for name, m in ((name, rows[row]) for name, row in mine.items() if others):
             print(f"  {name:55s} " + "  ".join(f"vs {k.split(' ')[0]} {paired_ratios(v['times'], m['times']).fmt()}"
                                               f", HVPs {v['hvps'] / m['hvps']:.2f}x" for k, v in others.items()))
-    for mine_name, label in ((TRACK_OURS, "eigenvalue stop"), (TRACK_RESIDUAL, "residual stop")):
+    for mine_name, label in ((TRACK_OURS, "Prober's stop rules"), (TRACK_RESIDUAL, "residual stop")):
         if mine_name in track and theirs:
             m = track[mine_name]
             where = f"along a run ({cfg.track_points} solves, {cfg.track_every} steps apart), {label}"
