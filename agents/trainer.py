@@ -584,7 +584,7 @@ class Trainer:
                     row["train/lr"] = float(self.optimizer.param_groups[0]["lr"])
                 self.optimizer.step()
                 step_mem.__exit__(None, None, None)
-                row["memory/step_mb"] = step_mem.mb
+                row["memory/step_mb"], row["memory/step_peak_mb"] = step_mem.mb, step_mem.peak_mb
                 if self.scheduler is not None:
                     self.scheduler.step()
                 self.last_update = None if before is None else {

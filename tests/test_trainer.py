@@ -235,6 +235,7 @@ def test_samples_and_metrics_files(tiny_model_dir, tmp_path, data):
     # the step's memory peak above its entry (probes.memory, checked against known allocations there); no probes ran
     if sys.platform.startswith("linux"):
         assert all(r["memory/step_mb"] >= 0 for r in rows[:2]) and "memory/probe_mb" not in rows[0]
+        assert all(r["memory/step_peak_mb"] >= r["memory/step_mb"] for r in rows[:2])
     assert {"train/loss", "train/lr", "train/grad_norm", "eval/accuracy", "retention/perplexity"} <= set(rows[0])
     assert "train/loss" not in rows[2] and "eval/accuracy" in rows[2]
     assert rows[0]["train/lr"] == pytest.approx(3e-3)

@@ -14,9 +14,10 @@ A warm solve ``gap`` steps after the last is easier than one 250 steps after it 
 costs here are a lower bound, the cold ones an upper bound. Random-init models get no replay (the embedded model
 replays its pre-training text, as its default does: its step costs ≈ 20 % more).
 
-Printed per model: a training step (median ``time/step_s``, seconds; peak ``memory/step_mb`` above the step's entry),
-per probe kind its seconds and cost in training steps (cold at step 0; warm), each probe call's peak memory above its
-entry and over the training step's (goal ≤ 2×) and its absolute peak (process RSS), and the probe share of wall time
+Printed per model: a training step (median ``time/step_s``, seconds; peak ``memory/step_mb`` above the step's entry,
+and the process's, ``memory/step_peak_mb``), per probe kind its seconds and cost in training steps (cold at step 0;
+warm), each probe call's peak memory above its entry and over the training step's (goal ≤ 2×), and its absolute
+peak (process RSS) and that over the training step's absolute peak, and the probe share of wall time
 at the default cadence, Σ_kind cost_kind / cadence_kind over 1 + that sum (per training step), warm λ_max and
 critical costs, batch sharpness at its step-0 cost. Goals (issue 15): share ≤ 10 %, warm λ_max ≤ 10 steps, cold ≤ 20.
 
@@ -104,6 +105,7 @@ def summarise(rows: list[dict], gap: int) -> dict:
     steps = [r for r in rows if "time/step_s" in r]
     step_s = statistics.median(r["time/step_s"] for r in steps)
     step_mb = max(r["memory/step_mb"] for r in steps)
+    step_peak_mb = max(r.get("memory/step_peak_mb", math.nan) for r in steps)
     at = {r["step"]: r for r in rows if "probe/seconds" in r}
     cold, mid, warm = at.get(0, {}), at.get(gap // 2, {}), at.get(gap, {})
     defaults, kinds = ProbeConfig(), {}
@@ -116,13 +118,14 @@ def summarise(rows: list[dict], gap: int) -> dict:
                    for kind, k in kinds.items() if k["cadence"] and math.isfinite(k["warm"]))
     share = per_step / (step_s + per_step)  # probe seconds per step over all seconds per step
     calls = [(s, r["memory/probe_mb"], r["memory/probe_peak_mb"]) for s, r in sorted(at.items())]
-    return {"step_s": step_s, "step_mb": step_mb, "kinds": kinds, "share": share, "calls": calls,
+    return {"step_s": step_s, "step_mb": step_mb, "step_peak_mb": step_peak_mb, "kinds": kinds, "share": share, "calls": calls,
             "cold_hvps": cold.get("probe/hvps", math.nan), "warm_hvps": warm.get("probe/hvps", math.nan)}
 
 
 def report(name: str, n: int, s: dict) -> None:
     step_s = s["step_s"]
-    print(f"\n{name}: {n / 1e6:.2f}M trainable weights; training step {step_s:.2f} s, peak +{s['step_mb']:.0f} MB")
+    print(f"\n{name}: {n / 1e6:.2f}M trainable weights; training step {step_s:.2f} s, peak +{s['step_mb']:.0f} MB "
+          f"(process peak {s['step_peak_mb'] / 1024:.2f} GB)")
     print(f"  {'probe kind':<18}{'cadence':>8}{'cold s':>9}{'steps':>7}{'warm s':>9}{'steps':>7}")
     family = {"cold": 0.0, "warm": 0.0}
     for kind, k in s["kinds"].items():
@@ -135,12 +138,24 @@ def report(name: str, n: int, s: dict) -> None:
           f"({s['warm_hvps']:.0f} HVPs); goals ≤ 20 and ≤ 10")
     for step, mb, peak in s["calls"]:
         print(f"  probe call at step {step}: peak +{mb:.0f} MB = {mb / max(s['step_mb'], 1e-9):.1f}× the training "
-              f"step's (goal ≤ 2×), process peak {peak / 1024:.2f} GB")
+              f"step's (goal ≤ 2×), process peak {peak / 1024:.2f} GB = {peak / s['step_peak_mb']:.2f}× the step's")
     print(f"  probe share of wall time at the default cadence: {s['share']:.1%} (goal ≤ 10 %)")
+
+
+def argument_errors(models, gap: int) -> list[str]:
+    """What is wrong with a run's models and gap (empty when nothing), found before any model is built."""
+    errors = []
+    if bad := [m for m in models if m != "embedded" and m not in SHAPES]:
+        errors.append(f"unknown models {bad}: embedded and/or {', '.join(SHAPES)}")
+    if gap < 2 or gap % 2:
+        errors.append(f"gap must be an even number >= 2, got {gap}")
+    return errors
 
 
 def main(models=("embedded", "4x256", "6x512"), gap: int = 10, mode: str = "cache", chunk: int = 0,
          memory_only: bool = False, head_chunk: int = 0) -> dict:
+    if errors := argument_errors(models, gap):
+        raise ValueError("; ".join(errors))
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
@@ -167,8 +182,6 @@ if __name__ == "__main__":
     ap.add_argument("--head-chunk", type=int, default=0, help="model.head_chunk: the fused LM head (agents.fused_head)"
                     " in blocks of this many tokens; 0 = the model's own head")
     a = ap.parse_args()
-    if bad := [m for m in a.models if m != "embedded" and m not in SHAPES]:
-        ap.error(f"unknown models {bad}")
-    if a.gap < 2 or a.gap % 2:
-        ap.error("--gap must be an even number >= 2")
+    if errors := argument_errors(a.models, a.gap):
+        ap.error("; ".join(errors))
     main(tuple(a.models), a.gap, a.mode, a.chunk_size, a.memory_only, a.head_chunk)
