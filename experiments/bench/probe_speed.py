@@ -39,7 +39,8 @@ Run: ``python experiments/bench/probe_speed.py [--hidden 128 --layers 4 --vocab 
 research setting: ``--model embedded [--env-id ArithRLVR-v0 --lr 1e-2]`` (the offline pre-trained default, SFT loss
 on the env's demonstrations, SGD with momentum between tracking points). A quick run: ``--track-every 10
 --track-points 3 --repeats 2`` (tracking points 10 steps apart are closer than the Prober's, so warm starts gain
-more there than they do in a run).
+more there than they do in a run). ``--no-cold`` runs only the tracking table (and the HVP costs);
+``--track-batch fresh`` tracks on fresh minibatches instead of the frozen probe batch.
 hessian-eigenthings and PyHessian are optional (``pip install hessian-eigenthings pyhessian``); a missing one is
 reported and skipped.
 """
