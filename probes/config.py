@@ -159,6 +159,10 @@ class ProbeConfig:
     #: random seed of the probes' private generator, drawn anew from (seed, step) at every probe.
     seed: int = 0
 
+    def stop_rule(self, warm: bool) -> str:
+        """The eigen-solve stop rule: ``stop`` for a warm solve, ``cold_stop`` (``stop`` where it is "") cold."""
+        return self.stop if warm or not self.cold_stop else self.cold_stop
+
     def __post_init__(self):
         errors = config_errors(self)
         if errors:

@@ -126,11 +126,6 @@ def _seed_pair(op: HessianOperator, v: torch.Tensor, av: torch.Tensor) -> tuple[
     return v.to(dtype), av.to(dtype)
 
 
-def _stop_rule(c, init) -> str:
-    """``c.stop`` for a warm solve, ``c.cold_stop`` (or ``c.stop`` where it is "") for a cold one."""
-    return c.stop if init is not None or not c.cold_stop else c.cold_stop
-
-
 def _solve(run: ProbeStep, op: HessianOperator, key: str, pairs: list, k: int):
     # The step and update pairs join the first Rayleigh–Ritz beside a warm start for free (it maximises θ, so
     # they only help). A cold solve starts from a random vector alone: beside it, a g inside an invariant subspace
@@ -138,7 +133,7 @@ def _solve(run: ProbeStep, op: HessianOperator, key: str, pairs: list, k: int):
     # (tests/test_probes_context.py).
     c = run.config
     handed = _hand_over(run, key, op, pairs)
-    stop = _stop_rule(c, handed[0])
+    stop = c.stop_rule(warm=handed[0] is not None)
     # popped into the call, so that no frame here refers to them: the solver lets them go after its first
     # Rayleigh–Ritz, and their memory (3 parameter-sized vectors with the update pair) is free for the rest of it
     res = top_eigenvalues(op, k=k, tol=c.tol, known=handed.pop(), init=handed.pop(), max_hvps=c.max_hvps,
@@ -191,7 +186,7 @@ def _adam_lambda_max(run: ProbeStep) -> dict[str, float]:
     if not c.adam or ctx.optimizer is None or "adam_threshold" not in run.out:
         return {}
     handed = _hand_over(run, "adam", run.op, [])
-    stop = _stop_rule(c, handed[0])
+    stop = c.stop_rule(warm=handed[0] is not None)
     handed.pop()   # no known pairs for P^-½ H P^-½
     res = adam_sharpness(run.op, ctx.optimizer, ctx.lr, k=1, tol=c.tol, init=handed.pop(),
                          max_hvps=c.max_hvps, generator=run.generator, stop=stop)

@@ -165,5 +165,7 @@ def test_prober_solves_cold_by_the_residual_rule():
     assert abs(cold["probe/lambda_max"] - 1.0) <= 1e-3 and cold["probe/hvps"] > trapped["probe/hvps"]
     warm = call(p, 1)
     assert abs(warm["probe/lambda_max"] - 1.0) <= 1e-3 and warm["probe/hvps"] < cold["probe/hvps"]
+    assert ProbeConfig().stop_rule(warm=False) == "residual" and ProbeConfig().stop_rule(warm=True) == "eigenvalue"
+    assert ProbeConfig(cold_stop="").stop_rule(warm=False) == "eigenvalue"
     with pytest.raises(ValueError, match="cold_stop"):
         ProbeConfig(cold_stop="change")

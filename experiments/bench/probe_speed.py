@@ -408,8 +408,8 @@ def tracking(cfg: BenchConfig, device, model, params, loss_fn, probe_set, next_b
     Ours and hessian-eigenthings start each solve from their own previous eigenvector (the first from a random
     vector); ours with the Prober's default stop rule and with the residual rule, hessian-eigenthings with oracle
     stopping; PyHessian, which takes no start vector, solves cold with oracle stopping at every point. Every solve
-    is checked against a tight reference at its point. Per solver: totals over the points, and the total of each interleaved round
-    (``round_seconds``), so the ratios pair round r with round r."""
+    is checked against a tight reference at its point. Per solver: totals over the points, and the total of each
+    interleaved round (``round_seconds``), so the ratios pair round r with round r."""
     if cfg.track_points <= 0:
         return {}
     if cfg.track_batch not in ("fixed", "fresh"):
@@ -425,15 +425,14 @@ def tracking(cfg: BenchConfig, device, model, params, loss_fn, probe_set, next_b
                                                          "hessian-eigenthings warm", "pyhessian cold")))
     totals: dict[str, dict] = {}
     prev: dict[str, torch.Tensor | None] = dict.fromkeys(names)
+    rules = ProbeConfig()   # the Prober's stop rules: ``stop`` warm, ``cold_stop`` at the first point
     for point in range(cfg.track_points):
         if point:
             advance(cfg.track_every)
         chunks = probe_set if cfg.track_batch == "fixed" else next_batch()
         ref, _ = reference(params, loss_fn, chunks, model)
-        default = ProbeConfig()   # the Prober's rules: ``stop`` warm, ``cold_stop`` at the first point
-        prober_stop = default.stop if prev[TRACK_OURS] is not None else (default.cold_stop or default.stop)
         prepared = {TRACK_OURS: ours(params, loss_fn, chunks, model, cfg.rel_acc, init=prev[TRACK_OURS],
-                                     stop=prober_stop),
+                                     stop=rules.stop_rule(warm=prev[TRACK_OURS] is not None)),
                     TRACK_RESIDUAL: ours(params, loss_fn, chunks, model, cfg.rel_acc, init=prev[TRACK_RESIDUAL]),
                     TRACK_HET: het_lanczos(model, loss_fn, chunks, ref, cfg.rel_acc, init=prev[TRACK_HET]),
                     TRACK_PYH: pyhessian_power(model, loss_fn, chunks, device, ref, cfg.rel_acc)}
@@ -531,7 +530,8 @@ def main(cfg: BenchConfig = BenchConfig()) -> dict:
         mine = {"cold, own stop rule (residual)": "probes (own stop rule)",
                 "cold, eigenvalue stop": "probes eigenvalue stop",
                 "cold, eigenvalue stop, lambda_max(init='gradient')": "probes eigenvalue stop, g start"}
-        for name, m in ((name, rows[row]) for name, row in mine.items() if others):
+        for name, row in mine.items() if others else ():
+            m = rows[row]
             print(f"  {name:55s} " + "  ".join(f"vs {k.split(' ')[0]} {paired_ratios(v['times'], m['times']).fmt()}"
                                               f", HVPs {v['hvps'] / m['hvps']:.2f}x" for k, v in others.items()))
     for mine_name, label in ((TRACK_OURS, "Prober's stop rules"), (TRACK_RESIDUAL, "residual stop")):

@@ -118,8 +118,9 @@ def summarise(rows: list[dict], gap: int) -> dict:
                    for kind, k in kinds.items() if k["cadence"] and math.isfinite(k["warm"]))
     share = per_step / (step_s + per_step)  # probe seconds per step over all seconds per step
     calls = [(s, r["memory/probe_mb"], r["memory/probe_peak_mb"]) for s, r in sorted(at.items())]
-    return {"step_s": step_s, "step_mb": step_mb, "step_peak_mb": step_peak_mb, "kinds": kinds, "share": share, "calls": calls,
-            "cold_hvps": cold.get("probe/hvps", math.nan), "warm_hvps": warm.get("probe/hvps", math.nan)}
+    return {"step_s": step_s, "step_mb": step_mb, "step_peak_mb": step_peak_mb, "kinds": kinds, "share": share,
+            "calls": calls, "cold_hvps": cold.get("probe/hvps", math.nan),
+            "warm_hvps": warm.get("probe/hvps", math.nan)}
 
 
 def report(name: str, n: int, s: dict) -> None:
