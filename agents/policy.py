@@ -82,6 +82,12 @@ class ModelConfig:
     kept in the autograd graph (a cached-graph HVP then holds no vocabulary-sized tensor: for Pythia's 50k vocabulary
     most of a probe's memory), at one more head matmul per backward; 0: the model's own forward. Needs a bias-free
     linear head (GPT-NeoX, GPT-2, Llama; not a LoRA-adapted head). PPO keeps the full softmax (its entropy)."""
+    attention: str = "auto"
+    """Attention kernel of the model's own passes: "sdpa" (PyTorch's fused kernels; the probes switch SDPA to its
+    math kernel inside every Hessian-vector product, the one place that needs a double backward: probes.hvp_guard),
+    "eager", or "auto" = sdpa on CUDA (flash/memory-efficient kernels: no T×T attention matrix kept per layer),
+    eager elsewhere (on this CPU the two cost the same, 0.170 vs 0.168 s a 16-example gradient of the embedded model,
+    and eager keeps every earlier CPU run bit for bit). Flash-attention-2/3 are refused: no double backward."""
 
     @property
     def lora(self) -> LoRASpec:
@@ -101,9 +107,22 @@ def resolve_device(device: str) -> str:
     return device
 
 
+ATTENTION = ("auto", "eager", "sdpa")
+
+
+def resolve_attention(attention: str, device: str) -> str:
+    """``"auto"`` -> "sdpa" on a CUDA device, else "eager" (ModelConfig.attention); others unchanged."""
+    if attention == "auto":
+        return "sdpa" if torch.device(resolve_device(device)).type == "cuda" else "eager"
+    return attention
+
+
 def config_errors(m: ModelConfig) -> list[str]:
     """Problems with ``m`` that show without loading weights (safetensors headers only); [] = valid."""
     errors = lora_errors(m.lora, prefix="model.lora_")
+    if m.attention not in ATTENTION:
+        errors.append(f"model.attention={m.attention!r} must be one of {', '.join(ATTENTION)} (flash attention has no "
+                      "double backward, so no probe could take a Hessian-vector product through it)")
     if m.head_chunk < 0:
         errors.append(f"model.head_chunk={m.head_chunk} must be >= 0 (0 = the model's own head)")
     if not isinstance(getattr(torch, m.dtype, None), torch.dtype) or not getattr(torch, m.dtype).is_floating_point:
@@ -217,8 +236,9 @@ class LMPolicy:
     ) -> "LMPolicy":
         """Load with AutoModelForCausalLM / AutoTokenizer (local files only when HF_HUB_OFFLINE is set).
 
-        attn_implementation defaults to "eager" because the probes take double-backward Hessian-vector products,
-        which the CPU SDPA kernel does not support. A directory saved by ``save`` under LoRA (adapter_config.json)
+        attn_implementation: "eager" or "sdpa" (the probes run SDPA's math kernel inside their Hessian-vector
+        products, whose double backward the fused kernels lack: probes.hvp_guard); run configs choose it through
+        ``ModelConfig.attention``. A directory saved by ``save`` under LoRA (adapter_config.json)
         is reloaded as base model + trainable adapters (``lora`` is then ignored: the saved adapter config wins)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

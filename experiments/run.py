@@ -39,7 +39,7 @@ from agents.episodes import TurnProtocol
 from agents.eos_lr import build_controller, controller_tag
 from agents.optim import OptimConfig, build_optimizer, build_scheduler
 from agents.optim import config_errors as optim_errors
-from agents.policy import LMPolicy, ModelConfig, resolve_device
+from agents.policy import LMPolicy, ModelConfig, resolve_attention, resolve_device
 from agents.policy import config_errors as model_errors
 from agents.ppo import PPOConfig, PPORegime
 from agents.ppo import config_errors as ppo_errors
@@ -73,10 +73,11 @@ PERFORMANCE_ONLY = ("probe.cache_mb",)
 # Fields added after run dirs were written, each with the value that reproduces what those runs did: a config.json
 # without the field reads as that value, so adding a field does not turn every finished run into "a different
 # config". Only fields whose old behaviour is exactly this value belong here (probe.probe_set_size does not: before
-# it, λ_max was the batch's, which is probe_set_size=0, not its default 64).
+# it, λ_max was the batch's, which is probe_set_size=0, not its default 64). model.attention: runs before it loaded
+# eager attention, which "auto" is wherever no CUDA device runs the model (every run this lab made before it).
 ADDED_FIELDS = {"probe.chunk_size": 0, "env.offset": 0, "probe.critical_chunks": 0, "probe.batch_lambda_max": True,
                 "model.head_chunk": 0, "train.autocast": "", "probe.cache_mb": 0,
-                "probe.cold_stop": ""}
+                "probe.cold_stop": "", "model.attention": "auto"}
 LOCK_FILE = ".lock"  # in the run dir: flock-ed by the process that runs it
 
 
@@ -468,7 +469,8 @@ def _policy(m: ModelConfig, progress: bool) -> LMPolicy:
     path = embedded_model_path(progress=progress) if m.name == "embedded" else m.name
     device = resolve_device(m.device)
     try:
-        return LMPolicy.from_pretrained(path, lora=m.lora, dtype=m.dtype, device=device, head_chunk=m.head_chunk)
+        return LMPolicy.from_pretrained(path, lora=m.lora, dtype=m.dtype, device=device, head_chunk=m.head_chunk,
+                                        attn_implementation=resolve_attention(m.attention, device))
     except Exception as e:  # noqa: BLE001 - what validate's header checks cannot see (bad tensors, tokenizer)
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ConfigError(f"model.name={m.name!r} cannot be loaded on {device}: {type(e).__name__}: {first}") from None

@@ -331,6 +331,27 @@ def test_a_fused_head_run_trains_and_probes_as_the_plain_one(tiny_model_dir, tmp
         validate(tiny_cfg(tiny_model_dir, tmp_path, model={"head_chunk": -1}))
 
 
+def test_sdpa_attention_trains_and_probes_what_eager_does(tiny_model_dir, tmp_path):
+    from experiments.run import _policy
+
+    # "auto" is eager off CUDA (every earlier run), sdpa on it; the choice reaches the loaded model
+    assert _policy(ModelConfig(name=str(tiny_model_dir), device="cpu"), False).model.config._attn_implementation \
+        == "eager"
+    assert _policy(ModelConfig(name=str(tiny_model_dir), device="cpu", attention="sdpa"),
+                   False).model.config._attn_implementation == "sdpa"
+    # SDPA's fused CPU kernel has no double backward: every probe below takes its HVPs through the math kernel
+    probe = {"every": 1, "probe_set_size": 4, "critical_every": 1, "rayleigh_every": 1, "alignment_every": 1}
+    runs = {a: run(tiny_cfg(tiny_model_dir, tmp_path, name=a, probe=probe, model={"attention": a}), progress=False)
+            for a in ("eager", "sdpa")}
+    rows = {a: read_metrics(d, wall_clock=False) for a, d in runs.items()}
+    for key in ("train/loss", "probe/lambda_max", "probe/update_sharpness", "probe/critical_sharpness"):
+        xa, xb = ([r[key] for r in rows[a] if key in r] for a in ("eager", "sdpa"))
+        assert len(xa) == len(xb) >= 1 and all(math.isclose(x, y, rel_tol=1e-4) for x, y in zip(xa, xb)), key
+    assert json.loads((runs["sdpa"] / "config.json").read_text())["config"]["model"]["attention"] == "sdpa"
+    with pytest.raises(ConfigError, match="model.attention='flash_attention_2'"):
+        validate(tiny_cfg(tiny_model_dir, tmp_path, model={"attention": "flash_attention_2"}))
+
+
 def test_bf16_autocast_trains_the_bf16_loss_and_probes_the_float32_one(tiny_model_dir, tmp_path):
     import warnings
 
