@@ -139,9 +139,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, total_steps))
 
 
-def accumulate_gradients(loss_fn: Callable[[Any], Any], chunks: Sequence[Any]) -> tuple[torch.Tensor, dict]:
+def accumulate_gradients(loss_fn: Callable[[Any], Any], chunks: Sequence[Any],
+                         scale: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
     """Backpropagate every chunk loss into ``.grad``; return the summed (effective-batch) loss, detached, and the
-    summed stats.
+    summed stats. ``scale`` (e.g. ``GradScaler.scale``) maps a loss to what is backpropagated (float16 training);
+    the returned loss is unscaled.
 
     ``loss_fn(chunk)`` returns the chunk loss, or ``(loss, stats)`` with float stats normalised like the loss
     (so their sum over chunks is the batch value). Cost: one forward + backward per chunk; memory of one chunk.
@@ -153,7 +155,7 @@ def accumulate_gradients(loss_fn: Callable[[Any], Any], chunks: Sequence[Any]) -
     for chunk in chunks:
         out = loss_fn(chunk)
         loss, chunk_stats = out if isinstance(out, tuple) else (out, {})
-        loss.backward()
+        (scale(loss) if scale is not None else loss).backward()
         total = total + loss.detach().double()
         for k, v in chunk_stats.items():
             stats[k] = stats.get(k, 0.0) + float(v)

@@ -102,9 +102,14 @@ class TrainConfig:
     save_model: bool = True
     """save_pretrained the final policy to <run>/checkpoints/final_model (a model.name for a later run)."""
     autocast: str = ""
-    """"bfloat16": the training loss and its gradient under torch.autocast (bf16 matmuls, float32 weights and
-    optimizer), while probes and the LR controller measure the float32 loss (HVPs lose ~3 % in bf16); "" = off.
-    For GPUs; on a CPU it runs, slowly."""
+    """"bfloat16" or "float16": the training loss and its gradient under torch.autocast (half-precision matmuls,
+    float32 weights and optimizer), while probes and the LR controller measure the float32 loss (HVPs lose ~3 % in
+    bf16); "" = off. float16 (GPUs without bf16) scales the loss by torch.amp.GradScaler: a step whose float16
+    gradient overflows is skipped and the scale halved (train/overflow, train/loss_scale; the scale is checkpointed),
+    and an overflow at a scale ≤ 1 ends the run as diverged. For GPUs; on a CPU it runs, slowly."""
+
+
+AUTOCAST = ("", "bfloat16", "float16")
 
 
 def config_errors(t: TrainConfig) -> list[str]:
@@ -122,9 +127,8 @@ def config_errors(t: TrainConfig) -> list[str]:
         errors.append(f"train.max_length={t.max_length} must be >= 2")
     if t.eval_max_new_tokens < 1:
         errors.append(f"train.eval_max_new_tokens={t.eval_max_new_tokens} must be >= 1")
-    if t.autocast not in ("", "bfloat16"):
-        errors.append(f"train.autocast={t.autocast!r} must be 'bfloat16' or '' (off); float16 would need a gradient"
-                      " scaler")
+    if t.autocast not in AUTOCAST:
+        errors.append(f"train.autocast={t.autocast!r} must be one of 'bfloat16', 'float16' or '' (off)")
     return errors
 
 
@@ -286,6 +290,8 @@ class Trainer:
         self.writer = RunWriter(self.run_dir, log_fn)
         self.last_update: dict[str, torch.Tensor] | None = None
         self.controller = controller  # agents.eos_lr controller (sets η each step) or None
+        # float16 training: the loss is scaled so that small gradients survive float16 (bf16 has float32's range)
+        self.scaler = torch.amp.GradScaler(policy.device.type) if config.autocast == "float16" else None
 
     # ------------------------------------------------------------------ parameters
     def parameters(self) -> dict[str, torch.Tensor]:
@@ -310,7 +316,8 @@ class Trainer:
         probe.update({f"update.{k}": v for k, v in (self.last_update or {}).items()})
         return {
             "optimizer": {"scheduler": copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None
-                          else None},
+                          else None,
+                          "scaler": self.scaler.state_dict() if self.scaler is not None else None},
             "rng": rng_state(),
             "regime": self.regime.extra_state(),  # replaced, never mutated, by the regime
             "probe": _cpu_view(probe),
@@ -403,6 +410,8 @@ class Trainer:
                 group["initial_lr"], group["lr"] = b, b * f
         if self.controller is not None:  # after the groups got the fresh lr: the controller's η replaces it
             self.controller.load_state_dict(ck["controller"])
+        if self.scaler is not None and opt.get("scaler"):   # a float16 run's loss scale (absent before float16)
+            self.scaler.load_state_dict(opt["scaler"])
         set_rng_state(ck["rng"])
         self.regime.load_state_dict(ck["state"]["regime"])
         if ck["regime"] is not None:
@@ -558,14 +567,26 @@ class Trainer:
                         row.update(self._probe(step, chunks))
                     row.update({"memory/probe_mb": probe_mem.mb, "memory/probe_peak_mb": probe_mem.peak_mb})
                 step_mem = PeakMemory(device).__enter__()  # closed after the update: gradients, controller, step
-                loss, stats = accumulate_gradients(self._loss_fn, chunks)
+                loss, stats = accumulate_gradients(self._loss_fn, chunks,
+                                                   scale=self.scaler.scale if self.scaler is not None else None)
+                overflow = False
+                if self.scaler is not None:
+                    row["train/loss_scale"] = loss_scale = self.scaler.get_scale()
+                    self.scaler.unscale_(self.optimizer)   # .grad is the gradient again (inf where float16 overflowed)
                 grad_norm = _grad_norm(params.values())
                 loss = float(loss)
                 row.update({"train/loss": loss, "train/lr": float(self.optimizer.param_groups[0]["lr"]),
                             "train/grad_norm": grad_norm, **stats})
-                if not math.isfinite(loss) or loss > cfg.divergence_loss or not math.isfinite(grad_norm):
+                if self.scaler is not None:
+                    # a finite loss whose scaled float16 gradient overflowed: skip the step and halve the scale
+                    # (GradScaler), unless the scale is ≤ 1 already: then float16 cannot hold the gradient at all
+                    overflow = math.isfinite(loss) and not math.isfinite(grad_norm) and loss_scale > 1.0
+                    row["train/overflow"] = float(overflow)
+                if not math.isfinite(loss) or loss > cfg.divergence_loss or not (overflow or math.isfinite(grad_norm)):
                     self.writer.append(row)
                     reason = f"train/loss={loss:.4g}, grad_norm={grad_norm:.4g} at step {step}"
+                    if self.scaler is not None and math.isfinite(loss) and not math.isfinite(grad_norm):
+                        reason += f" (the float16 gradient overflows at loss scale {loss_scale:g})"
                     if last_good is not None:
                         if last_good[1] is not None:
                             self.save_checkpoint(*last_good)
@@ -577,16 +598,24 @@ class Trainer:
                 want_update = self.prober is not None and self.prober.due(step + 1)
                 before = {k: p.detach().clone() for k, p in self.policy.trainable_parameters().items()} \
                     if want_update else None
-                if self.grad_clip is not None:
+                if self.grad_clip is not None and not overflow:
                     torch.nn.utils.clip_grad_norm_(list(params.values()), self.grad_clip)
-                if self.controller is not None:  # sets η of this step (see module docstring)
+                if self.controller is not None and not overflow:  # sets η of this step (see module docstring)
                     row.update(self.controller(self._context(step, chunks), loss))
                     row["train/lr"] = float(self.optimizer.param_groups[0]["lr"])
-                self.optimizer.step()
+                if self.scaler is not None:
+                    self.scaler.step(self.optimizer)   # skipped when unscale_ found an inf or NaN
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
                 step_mem.__exit__(None, None, None)
                 row["memory/step_mb"], row["memory/step_peak_mb"] = step_mem.mb, step_mem.peak_mb
                 if self.scheduler is not None:
-                    self.scheduler.step()
+                    with warnings.catch_warnings():
+                        # a skipped float16 step still counts as a step of the schedule (torch warns when the
+                        # optimizer has not stepped yet), so that the schedule stays the run's step count
+                        warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
+                        self.scheduler.step()
                 self.last_update = None if before is None else {
                     k: p.detach() - before[k] for k, p in self.policy.trainable_parameters().items()}
                 before = None   # a parameter-sized copy: not to be held through the next probe call

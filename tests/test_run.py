@@ -352,21 +352,25 @@ def test_sdpa_attention_trains_and_probes_what_eager_does(tiny_model_dir, tmp_pa
         validate(tiny_cfg(tiny_model_dir, tmp_path, model={"attention": "flash_attention_2"}))
 
 
-def test_bf16_autocast_trains_the_bf16_loss_and_probes_the_float32_one(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("half", ["bfloat16", "float16"])
+def test_half_autocast_trains_the_half_loss_and_probes_the_float32_one(tiny_model_dir, tmp_path, half):
     import warnings
 
     probe = {"every": 1, "probe_set_size": 4, "critical_every": 0, "rayleigh_every": 0, "alignment_every": 0}
     a = run(tiny_cfg(tiny_model_dir, tmp_path, name="fp32", probe=probe), progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)   # a probe of bf16 weights would warn: none here
-        b = run(tiny_cfg(tiny_model_dir, tmp_path, name="bf16", probe=probe, train={"autocast": "bfloat16"}),
+        b = run(tiny_cfg(tiny_model_dir, tmp_path, name=half, probe=probe, train={"autocast": half}),
                 progress=False)
     ra, rb = (read_metrics(d, wall_clock=False) for d in (a, b))
     la, lb = ([r["train/loss"] for r in rows if "train/loss" in r] for rows in (ra, rb))
-    # the training loss is computed in bf16 (close, not equal) ...
+    # the training loss is computed in half precision (close, not equal) ...
     assert la[0] != lb[0] and all(math.isclose(x, y, rel_tol=0.05) for x, y in zip(la, lb))
     # ... while the step-0 probe, at the same float32 weights, is the float32 one bit for bit
     pa, pb = ([r["probe/lambda_max"] for r in rows if "probe/lambda_max" in r] for rows in (ra, rb))
     assert pa[0] == pb[0]
-    with pytest.raises(ConfigError, match="train.autocast='float16'"):
-        validate(tiny_cfg(tiny_model_dir, tmp_path, train={"autocast": "float16"}))
+    if half == "float16":   # loss-scaled: at the default scale no step of this run overflowed
+        assert [r["train/overflow"] for r in rb if "train/loss" in r] == [0.0, 0.0]
+        assert all(r["train/loss_scale"] == 2.0 ** 16 for r in rb if "train/loss" in r)
+    with pytest.raises(ConfigError, match="train.autocast='float8'"):
+        validate(tiny_cfg(tiny_model_dir, tmp_path, train={"autocast": "float8"}))

@@ -200,6 +200,46 @@ def test_probes_get_the_regimes_fixed_probe_set_at_every_step(tiny_model_dir, tm
     assert not any(torch.equal(seen[0][1][0]["input_ids"], b[0]["input_ids"]) for _, b in seen[1:])  # batches move
 
 
+def _fp16(trainer, init_scale):
+    """``trainer`` with float16's loss scaler started at ``init_scale`` (2^16 by default; 2^20 overflows here)."""
+    trainer.scaler = torch.amp.GradScaler(trainer.policy.device.type, init_scale=init_scale)
+    return trainer
+
+
+def test_float16_skips_overflowing_steps_and_resumes_its_loss_scale_bitwise(tiny_model_dir, tmp_path, data):
+    straight = _fp16(make_trainer(tiny_model_dir, tmp_path / "a", data, steps=6, autocast="float16"), 2.0 ** 20)
+    assert straight.train() == "completed"
+    rows = [r for r in read_metrics(tmp_path / "a", wall_clock=False) if "train/loss" in r]
+    # at 2^20 the scaled float16 gradient overflows: 3 steps skipped, halving the scale, then it holds
+    assert [r["train/overflow"] for r in rows] == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    assert [r["train/loss_scale"] for r in rows] == [2.0 ** e for e in (20, 19, 18, 17, 17, 17)]
+    assert all(math.isfinite(r["train/loss"]) and r["train/grad_norm"] is None for r in rows[:3])   # inf: null
+    assert {int(st["step"]) for st in straight.optimizer.state.values()} == {3}   # Adam stepped 3 times, not 6
+    # the scale is checkpointed: a resume at step 3 does not start again from 2^20 (3 more skipped steps)
+    _fp16(make_trainer(tiny_model_dir, tmp_path / "b", data, steps=3, autocast="float16"), 2.0 ** 20).train()
+    resumed = _fp16(make_trainer(tiny_model_dir, tmp_path / "b", data, steps=6, autocast="float16"), 2.0 ** 20)
+    assert resumed.train() == "completed"
+    a, b = _params(straight), _params(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_metrics(tmp_path / "a", wall_clock=False) == read_metrics(tmp_path / "b", wall_clock=False)
+
+
+def test_float16_gradient_that_overflows_at_unit_scale_ends_the_run_as_diverged(tiny_model_dir, tmp_path, data):
+    t = _fp16(make_trainer(tiny_model_dir, tmp_path, data, steps=6, autocast="float16", checkpoint_every=1), 4.0)
+    w = next(iter(t.policy.trainable_parameters().values())).reshape(-1)[0]
+    loss_fn = t._loss_fn
+
+    def nan_gradient(chunk):   # the loss is unchanged (+0), its gradient NaN (√ at 0): no scale can help
+        loss, stats = loss_fn(chunk)
+        return loss + 0.0 * (w - w).abs().sqrt(), stats
+    t._loss_fn = nan_gradient
+    assert t.train() == "diverged"
+    rows = [r for r in read_metrics(tmp_path, wall_clock=False) if "train/loss" in r]
+    assert [(r["train/loss_scale"], r["train/overflow"]) for r in rows] == [(4.0, 1.0), (2.0, 1.0), (1.0, 0.0)]
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["step"] == 2 and "float16 gradient overflows at loss scale 1" in status["reason"]
+
+
 def test_divergence_ends_cleanly_and_keeps_good_checkpoints(tiny_model_dir, tmp_path, data):
     sgd = OptimConfig(name="sgd", lr=30.0, momentum=0.9, weight_decay=0.0)
     t = make_trainer(tiny_model_dir, tmp_path, data, steps=30, checkpoint_every=1, divergence_loss=8.0, optim=sgd)
