@@ -3,6 +3,11 @@ save_pretrained, built once per session in about a second (no pre-training; weig
 from __future__ import annotations
 
 import pytest
+import torch
+
+# where the device-parametrized tests run: the CPU always, and a CUDA device whenever this machine has one (the GPU
+# path: SDPA kernels, half-precision training, probes on the device)
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 TINY_CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -8,6 +8,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from probes import HessianOperator, lambda_max, top_eigenvalues
 from probes.testing import mlp_problem, neox_batch, neox_loss_fn, tiny_neox
 
+from conftest import DEVICES
+
 D = torch.float64
 
 
@@ -171,20 +173,22 @@ def test_fd_restores_parameters_bitwise():
     assert all(torch.equal(saved[n], p) for n, p in params.items())
 
 
-def test_tiny_neox_sdpa_full_model_eigs():
+@pytest.mark.parametrize("device", DEVICES)
+def test_tiny_neox_sdpa_full_model_eigs(device):
     """The 28k-parameter Hessian is too big for a dense oracle: check λ₁..λ₃ over the QKV biases (second
     derivatives through softmax attention), layer 1's attention output and the final norm (SDPA model: HVPs go
-    through the math kernel), and the full-model HVP against finite differences."""
-    model = tiny_neox(dtype=D)
+    through the math kernel), and the full-model HVP against finite differences; on every device of DEVICES."""
+    model = tiny_neox(dtype=D).to(device)
     lf = neox_loss_fn(model)
-    chunks = neox_batch()
+    chunks = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in c.items()} for c in neox_batch()]
     sub = {n: p for n, p in model.named_parameters()
            if "query_key_value.bias" in n or "layers.1.attention.dense" in n or "final_layer_norm" in n}
     truth = dense_hessian(model, sub, lf, chunks)
     res = lambda_max(sub, lf, chunks, k=3, tol=1e-7, max_hvps=400, model=model)
-    torch.testing.assert_close(res.values, torch.linalg.eigvalsh(truth).flip(0)[:3], rtol=1e-6, atol=0)
+    torch.testing.assert_close(res.values.cpu(), torch.linalg.eigvalsh(truth).flip(0)[:3].cpu(), rtol=1e-6, atol=0)
     full = dict(model.named_parameters())
-    v = torch.randn(sum(p.numel() for p in full.values()), generator=torch.Generator().manual_seed(2), dtype=D)
+    v = torch.randn(sum(p.numel() for p in full.values()), generator=torch.Generator().manual_seed(2),
+                    dtype=D).to(device)
     hv = HessianOperator(full, lf, chunks, mode="cache", model=model).matvec(v)
     fd = HessianOperator(full, lf, chunks, mode="fd", model=model).matvec(v)
     assert float((hv - fd).norm() / hv.norm()) < 1e-6
