@@ -11,7 +11,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench gpu-check clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,14 @@ bench: $(STAMP)
 	# (spread.py is the benches' summary helper, not a bench)
 	for f in $(filter-out %/learnability.py %/spread.py,$(wildcard experiments/bench/*.py)); do \
 		$(BIN)/python $$f || exit 1; done
+
+# The GPU path's checks, on a machine with CUDA (CI has none): the DEVICES-parametrized tests on the GPU, then
+# scale.py's 4x256 and Pythia-160m shapes with bf16 training and float32 probes. GPU_PY: a python that has the
+# project's dependencies and a CUDA build of torch (this venv's torch is the CPU build).
+GPU_PY ?= $(BIN)/python
+gpu-check:
+	$(GPU_PY) -m pytest -q -k cuda tests/test_run.py tests/test_probes_hvp.py tests/test_probes_memory.py
+	$(GPU_PY) experiments/bench/scale.py --models 4x256 160m --gap 10 --autocast bfloat16 --head-chunk 1024
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,6 +1,7 @@
 """What probes cost as the model grows: time and peak memory of a training step and of each probe, in training-step
 units, and the probe share of wall time at the default cadence, for the embedded model and random-init GPT-NeoX
-models at 4×256 and 6×512 (and, with ``--models 70m``, the Pythia-70m shape: 6×512, vocab 50304, 70.4M weights).
+models at 4×256 and 6×512 (and, with ``--models 70m``, the Pythia-70m shape: 6×512, vocab 50304, 70.4M weights;
+``160m``, Pythia-160m's: 12×768, vocab 50304, for a GPU).
 
 Each model trains in a fresh spawned process (glibc's mmap threshold pinned, so freed tensors leave the resident set
 and the trainer's ``memory/*`` peaks are measured above a true baseline: probes.memory) through experiments.run at
@@ -15,14 +16,16 @@ costs here are a lower bound, the cold ones an upper bound. Random-init models g
 replays its pre-training text, as its default does: its step costs ≈ 20 % more).
 
 Printed per model: a training step (median ``time/step_s``, seconds; peak ``memory/step_mb`` above the step's entry,
-and the process's, ``memory/step_peak_mb``), per probe kind its seconds and cost in training steps (cold at step 0;
-warm), each probe call's peak memory above its entry and over the training step's (goal ≤ 2×), and its absolute
-peak (process RSS) and that over the training step's absolute peak, and the probe share of wall time
-at the default cadence, Σ_kind cost_kind / cadence_kind over 1 + that sum (per training step), warm λ_max and
-critical costs, batch sharpness at its step-0 cost. Goals (issue 15): share ≤ 10 %, warm λ_max ≤ 10 steps, cold ≤ 20.
+and the absolute one, ``memory/step_peak_mb``: the process's resident set on a CPU, allocated tensor bytes on CUDA),
+per probe kind its seconds and cost in training steps (cold at step 0; warm), each probe call's peak memory above
+its entry and over the training step's (goal ≤ 2×), and its absolute peak and that over the training step's absolute
+peak, and the probe share of wall time at the default cadence, Σ_kind cost_kind / cadence_kind over 1 + that sum
+(per training step), warm λ_max and critical costs, batch sharpness at its step-0 cost. Goals (issue 15):
+share ≤ 10 %, warm λ_max ≤ 10 steps, cold ≤ 20.
 
 Run: ``python experiments/bench/scale.py [--models embedded 4x256 6x512] [--gap 10] [--mode recompute]
-[--chunk-size 4] [--memory-only] [--head-chunk 256]``; 6×512 takes tens of minutes on this 2-core CPU, ``70m``
+[--chunk-size 4] [--memory-only] [--head-chunk 256] [--autocast bfloat16]``; the model runs where ``model.device``
+"auto" puts it (CUDA when present: ``make gpu-check``). 6×512 takes tens of minutes on this 2-core CPU, ``70m``
 hours (``--gap 2 --memory-only``: the memory peaks of every call in much less).
 """
 from __future__ import annotations
@@ -42,7 +45,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
-SHAPES = {"4x256": (4, 256, None), "6x512": (6, 512, None), "70m": (6, 512, 50304)}  # layers, hidden, vocab
+SHAPES = {"4x256": (4, 256, None), "6x512": (6, 512, None), "70m": (6, 512, 50304),  # layers, hidden, vocab
+          "160m": (12, 768, 50304)}
 EVERY = ("thresholds", "step_sharpness", "update_sharpness", "lambda_max", "lambda_max_batch", "adam_lambda_max")
 CADENCE = {"batch_sharpness": "batch_sharpness_every", "rayleigh": "rayleigh_every",
            "alignment": "alignment_every", "critical_sharpness": "critical_every", **{k: "every" for k in EVERY}}
@@ -67,7 +71,7 @@ def build_model(shape: str, out: Path) -> str:
 
 
 def probed_run(model: str, gap: int, out_dir: str, mode: str = "cache", chunk: int = 0,
-               memory_only: bool = False, head_chunk: int = 0) -> tuple[int, list[dict]]:
+               memory_only: bool = False, head_chunk: int = 0, autocast: str = "") -> tuple[int, list[dict]]:
     """One short SFT run at the defaults with the shortened cadences (module docstring); (weights, metric rows)."""
     from probes.memory import pin_mmap_threshold
 
@@ -80,8 +84,8 @@ def probed_run(model: str, gap: int, out_dir: str, mode: str = "cache", chunk: i
     torch.set_num_threads(1)
     cfg = replace(default_config("sft"), model={"name": model, "head_chunk": head_chunk}, out_dir=out_dir,
                   name="scale",
-                  train={"steps": gap + 1, "eval_every": 0, "retention_every": 0, "checkpoint_every": 0,
-                         "n_samples": 0, "save_model": False},
+                  train={"steps": gap + 1, "autocast": autocast, "eval_every": 0, "retention_every": 0,
+                         "checkpoint_every": 0, "n_samples": 0, "save_model": False},
                   probe={"every": gap, "rayleigh_every": gap // 2, "alignment_every": gap // 2,
                          "critical_every": gap // 2, "batch_sharpness_every": 1000, "mode": mode,
                          "chunk_size": chunk})
@@ -126,7 +130,7 @@ def summarise(rows: list[dict], gap: int) -> dict:
 def report(name: str, n: int, s: dict) -> None:
     step_s = s["step_s"]
     print(f"\n{name}: {n / 1e6:.2f}M trainable weights; training step {step_s:.2f} s, peak +{s['step_mb']:.0f} MB "
-          f"(process peak {s['step_peak_mb'] / 1024:.2f} GB)")
+          f"(absolute peak {s['step_peak_mb'] / 1024:.2f} GB)")
     print(f"  {'probe kind':<18}{'cadence':>8}{'cold s':>9}{'steps':>7}{'warm s':>9}{'steps':>7}")
     family = {"cold": 0.0, "warm": 0.0}
     for kind, k in s["kinds"].items():
@@ -139,7 +143,7 @@ def report(name: str, n: int, s: dict) -> None:
           f"({s['warm_hvps']:.0f} HVPs); goals ≤ 20 and ≤ 10")
     for step, mb, peak in s["calls"]:
         print(f"  probe call at step {step}: peak +{mb:.0f} MB = {mb / max(s['step_mb'], 1e-9):.1f}× the training "
-              f"step's (goal ≤ 2×), process peak {peak / 1024:.2f} GB = {peak / s['step_peak_mb']:.2f}× the step's")
+              f"step's (goal ≤ 2×), absolute peak {peak / 1024:.2f} GB = {peak / s['step_peak_mb']:.2f}× the step's")
     print(f"  probe share of wall time at the default cadence: {s['share']:.1%} (goal ≤ 10 %)")
 
 
@@ -154,7 +158,7 @@ def argument_errors(models, gap: int) -> list[str]:
 
 
 def main(models=("embedded", "4x256", "6x512"), gap: int = 10, mode: str = "cache", chunk: int = 0,
-         memory_only: bool = False, head_chunk: int = 0) -> dict:
+         memory_only: bool = False, head_chunk: int = 0, autocast: str = "") -> dict:
     if errors := argument_errors(models, gap):
         raise ValueError("; ".join(errors))
     out = {}
@@ -163,9 +167,10 @@ def main(models=("embedded", "4x256", "6x512"), gap: int = 10, mode: str = "cach
             path = build_model(name, Path(tmp) / name) if name != "embedded" else "embedded"
             with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as ex:  # fresh process: clean RSS
                 n, rows = ex.submit(probed_run, path, gap, str(Path(tmp) / f"run-{name}"), mode, chunk,
-                                    memory_only, head_chunk).result()
+                                    memory_only, head_chunk, autocast).result()
             out[name] = summarise(rows, gap)
-            head = f", fused head in blocks of {head_chunk} tokens" if head_chunk else ""
+            head = (f", fused head in blocks of {head_chunk} tokens" if head_chunk else "") + \
+                (f", {autocast} autocast" if autocast else "")
             report(f"{name} (HVP mode {mode}, probe chunks of {chunk or 'a micro-batch'}{head})", n, out[name])
     return out
 
@@ -182,7 +187,9 @@ if __name__ == "__main__":
                     "every graph is still built, so the memory peaks hold; the times do not")
     ap.add_argument("--head-chunk", type=int, default=0, help="model.head_chunk: the fused LM head (agents.fused_head)"
                     " in blocks of this many tokens; 0 = the model's own head")
+    ap.add_argument("--autocast", default="", choices=("", "bfloat16", "float16"),
+                    help="train.autocast: half-precision training (GPUs), float32 probes")
     a = ap.parse_args()
     if errors := argument_errors(a.models, a.gap):
         ap.error("; ".join(errors))
-    main(tuple(a.models), a.gap, a.mode, a.chunk_size, a.memory_only, a.head_chunk)
+    main(tuple(a.models), a.gap, a.mode, a.chunk_size, a.memory_only, a.head_chunk, a.autocast)
