@@ -16,7 +16,7 @@ def test_a_short_run_is_summarised_per_kind_and_per_call(tiny_model_dir, tmp_pat
         n, rows = ex.submit(probed_run, str(tiny_model_dir), 2, str(tmp_path / "run"), "cache", 0, True, 0).result()
     s = summarise(rows, gap=2)
     assert n > 0 and s["step_s"] > 0 and set(s["kinds"]) == set(CADENCE)
-    assert [step for step, _, _ in s["calls"]] == [0, 1, 2]   # cold, the cheap traces, the warm family
+    assert [step for step, _, _ in s["calls"]] == [0, 1, 2, 3]   # cold, cheap traces, the warm family, traces
     assert s["kinds"]["lambda_max"]["cold"] > 0 and s["kinds"]["lambda_max"]["warm"] > 0
     assert 0 < s["share"] < 1 and s["cold_hvps"] >= 1
     if sys.platform.startswith("linux"):   # resident-set peaks: absolute ones at least the increments above entry

@@ -5,15 +5,18 @@ models at 4×256 and 6×512 (and, with ``--models 70m``, the Pythia-70m shape: 6
 
 Each model trains in a fresh spawned process (glibc's mmap threshold pinned, so freed tensors leave the resident set
 and the trainer's ``memory/*`` peaks are measured above a true baseline: probes.memory) through experiments.run at
-``eoslab sft``'s defaults (AdamW 1e-3, effective batch 64 = 16 × 4, the 64-example probe set, every probe setting at
-its default) but for the cadences, shortened so that one short run holds every call the default schedule makes:
+``eoslab sft``'s defaults (AdamW 1e-3, effective batch 64 = 16 × 4, 50 warm-up steps then cosine decay over the run,
+the 64-example probe set, every probe setting at its default) but for the run's length, 2·``gap`` steps (the warm
+call sits mid-schedule, as the default cadence's calls do: at ``--gap 500`` the run is ``eoslab sft``'s 1000 steps
+and the call at step 500 is the default one), and the cadences, shortened so that it holds every kind of call:
 - step 0: every kind, cold (λ_max of the probe set and of the batch, step and update sharpness, the Adam λ_max, batch
   sharpness, Rayleigh, alignment, critical sharpness);
 - step ``gap``/2: the cheap traces (Rayleigh, alignment, critical sharpness) alone;
-- step ``gap``: the λ_max family again, warm-started from step 0's eigenvectors, and critical sharpness.
-A warm solve ``gap`` steps after the last is easier than one 250 steps after it (the default cadence): the warm
-costs here are a lower bound, the cold ones an upper bound. Random-init models get no replay (the embedded model
-replays its pre-training text, as its default does: its step costs ≈ 20 % more).
+- step ``gap``: the λ_max family again, warm-started from step 0's eigenvectors, and critical sharpness (and the
+  cheap traces again at 3·``gap``/2).
+A warm solve fewer steps after the last than the default 500 (``every``) is easier than the default one: below
+``--gap 500`` the warm costs here are a lower bound, the cold ones (at random init) an upper bound. Random-init models
+get no replay (the embedded model replays its pre-training text, as its default does: its step costs ≈ 20 % more).
 
 Printed per model: a training step (median ``time/step_s``, seconds; peak ``memory/step_mb`` above the step's entry,
 and the absolute one, ``memory/step_peak_mb``: the process's resident set on a CPU, allocated tensor bytes on CUDA),
@@ -84,7 +87,7 @@ def probed_run(model: str, gap: int, out_dir: str, mode: str = "cache", chunk: i
     torch.set_num_threads(1)
     cfg = replace(default_config("sft"), model={"name": model, "head_chunk": head_chunk}, out_dir=out_dir,
                   name="scale",
-                  train={"steps": gap + 1, "autocast": autocast, "eval_every": 0, "retention_every": 0,
+                  train={"steps": 2 * gap, "autocast": autocast, "eval_every": 0, "retention_every": 0,
                          "checkpoint_every": 0, "n_samples": 0, "save_model": False},
                   probe={"every": gap, "rayleigh_every": gap // 2, "alignment_every": gap // 2,
                          "critical_every": gap // 2, "batch_sharpness_every": 1000, "mode": mode,
