@@ -60,9 +60,9 @@ from probes import HessianOperator, ProbeConfig, top_eigenvalues
 from probes.testing import neox_batch, neox_loss_fn, tiny_neox
 
 try:
-    from experiments.bench.spread import abba, paired_ratios, spread
+    from experiments.bench.spread import abba, paired_ratios
 except ImportError:   # run as a script: python experiments/bench/probe_speed.py
-    from spread import abba, paired_ratios, spread
+    from spread import abba, paired_ratios
 
 
 @dataclass(frozen=True)
