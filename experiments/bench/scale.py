@@ -179,6 +179,8 @@ def main(models=("embedded", "4x256", "6x512"), gap: int = 10, mode: str = "cach
 
 
 if __name__ == "__main__":
+    from agents.trainer import AUTOCAST
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=["embedded", "4x256", "6x512"],
                     help=f"embedded and/or {', '.join(SHAPES)}")
@@ -190,7 +192,7 @@ if __name__ == "__main__":
                     "every graph is still built, so the memory peaks hold; the times do not")
     ap.add_argument("--head-chunk", type=int, default=0, help="model.head_chunk: the fused LM head (agents.fused_head)"
                     " in blocks of this many tokens; 0 = the model's own head")
-    ap.add_argument("--autocast", default="", choices=("", "bfloat16", "float16"),
+    ap.add_argument("--autocast", default="", choices=AUTOCAST,
                     help="train.autocast: half-precision training (GPUs), float32 probes")
     a = ap.parse_args()
     if errors := argument_errors(a.models, a.gap):
